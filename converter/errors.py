@@ -1,0 +1,53 @@
+"""The project's own exceptions. Each names the file and tensor it is about, so the CLI can
+print one clear line and exit non-zero instead of a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MxconvError(Exception):
+    """Base class: anything the user can fix by changing input, options or environment."""
+
+    def __init__(self, message: str, *, file: str | Path | None = None, tensor: str | None = None):
+        self.file = str(file) if file is not None else None
+        self.tensor = tensor
+        self.message = message
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        where = []
+        if self.file:
+            where.append(f"file {self.file}")
+        if self.tensor:
+            where.append(f"tensor {self.tensor}")
+        prefix = f"{', '.join(where)}: " if where else ""
+        return prefix + self.message
+
+
+class SourceError(MxconvError):
+    """The source checkpoint is unreadable, inconsistent or unsupported."""
+
+
+class RecipeError(MxconvError):
+    """A recipe YAML is malformed or asks for something impossible."""
+
+
+class MappingError(MxconvError):
+    """A name mapping is malformed or does not cover the source tensors."""
+
+
+class NumericsError(MxconvError):
+    """A tensor cannot be quantized as asked (non-finite values, bad shape)."""
+
+
+class OutputError(MxconvError):
+    """The destination cannot be written or is in a state we refuse to touch."""
+
+
+class HubError(MxconvError):
+    """Talking to the Hugging Face Hub failed."""
+
+
+class VerifyError(MxconvError):
+    """A verification could not run at all (as opposed to a check that failed)."""
