@@ -1,0 +1,116 @@
+"""The `mxconv` command: each subcommand parses options and calls one library function."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import MxconvError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Convert DeepSeek V3 checkpoints to bit-exact MXFP8 for SGLang on Blackwell.")
+
+DEVICE_HELP = "where the numerics run: cpu, cuda (all visible GPUs) or cuda:N; output bytes are identical"
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"mxconv: error: {err}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="source checkpoint directory (Hugging Face layout)"),
+    dst: Path = typer.Argument(..., help="output directory (absent or empty, or an earlier run to resume)"),
+    recipe: str = typer.Option("deepseek_v3_mxfp8", help="built-in recipe name or path to a recipe YAML"),
+    mapping: str = typer.Option("auto", help="source tensor naming: auto, hf, megatron, deepseek, or a YAML path"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    workers: int = typer.Option(1, min=1, help="output shards converted in parallel"),
+    max_shard_size: str = typer.Option("5GB", help="largest output shard, in bytes: 5GB, 500MB, 4GiB"),
+    requantize: bool = typer.Option(False, "--requantize",
+                                    help="UE8M0 FP8 sources: dequantize and requantize with the recipe's scale "
+                                         "rule instead of the lossless re-layout"),
+    scale_rule: Optional[str] = typer.Option(None, help="override the recipe's scale rule: rceil or floor"),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
+                                         help="quantize NaN/Inf instead of failing (Inf saturates, NaN stays)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace whatever DST holds"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and write nothing"),
+    verify: bool = typer.Option(False, "--verify", help="run `mxconv verify` on the result"),
+    push_to: Optional[str] = typer.Option(None, help="push the result to this Hub repo id when done"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Convert SRC into an MXFP8 (or BF16) checkpoint in DST."""
+    from .pipeline import convert as run_convert
+    from .summary import describe_plan, describe_result
+
+    try:
+        result = run_convert(src, dst, recipe=recipe, mapping=mapping, device=device, workers=workers,
+                             max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run, quiet=quiet,
+                             requantize=True if requantize else None, scale_rule=scale_rule,
+                             allow_nonfinite=True if allow_nonfinite else None)
+        if dry_run:
+            typer.echo(describe_plan(result.source, result.plan, result.mapping, verbose=True))
+            typer.echo("dry run: nothing written")
+            return
+        typer.echo(describe_result(result))
+        if verify:
+            _run_verify(src, dst, device=device, workers=workers, quiet=quiet)
+        if push_to:
+            _run_push(dst, push_to)
+    except MxconvError as e:
+        _fail(e)
+
+
+def _run_verify(src: Path, dst: Path, **kwargs) -> None:
+    from .verify import format_summary, verify_checkpoint
+
+    report = verify_checkpoint(src, dst, **kwargs)
+    typer.echo(format_summary(report))
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def _run_push(dst: Path, repo_id: str, **kwargs) -> None:
+    from .hub import push_checkpoint
+
+    result = push_checkpoint(dst, repo_id, **kwargs)
+    typer.echo(str(result))
+
+
+@app.command()
+def demo(
+    directory: Path = typer.Argument(Path("mxconv-demo"), help="where to build the tiny checkpoint and its conversion"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Build a tiny DeepSeek V3 checkpoint (no download), convert it to MXFP8 and summarize."""
+    from .demo import build_checkpoint
+    from .pipeline import convert as run_convert
+    from .summary import describe_result
+
+    try:
+        src, dst = directory / "source-bf16", directory / "mxfp8"
+        build_checkpoint(src)
+        typer.echo(f"built a tiny DeepSeek V3 checkpoint (3 decoder layers + MTP, 4 routed experts, 3 shards) in {src}")
+        result = run_convert(src, dst, device=device, overwrite=True, quiet=quiet, max_shard_size="1MB")
+        typer.echo(describe_result(result))
+        q = (dst / "config.json").read_text()
+        typer.echo(f"quantization_config written to {dst / 'config.json'} ({len(q)} bytes); "
+                   f"try: mxconv inspect {dst}")
+    except MxconvError as e:
+        _fail(e)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("mxconv: interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

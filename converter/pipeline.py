@@ -1,0 +1,110 @@
+"""`convert()`: read -> map names -> plan -> validate -> execute -> write index, config, provenance.
+
+Shards are written atomically; the index, config and provenance (the completion marker) come
+last, so an interrupted run never looks complete, and rerunning the same call resumes it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .checkpoint import SourceCheckpoint
+from .errors import MxconvError
+from .execute import SourceHasher, execute, resolve_devices
+from .output import (check_free_space, copy_side_files, output_config, plan_fingerprint, prepare_destination,
+                     shard_file_size, write_index_and_config, write_provenance)
+from .plan import ConversionPlan, build_plan
+from .recipe import Recipe, load_recipe
+from .units import parse_size
+from .view import CanonicalView
+
+DEFAULT_RECIPE = "deepseek_v3_mxfp8"
+
+
+@dataclass
+class ConversionResult:
+    dst: Path
+    source: SourceCheckpoint
+    plan: ConversionPlan
+    mapping: str
+    seconds: float = 0.0
+    skipped_shards: int = 0
+    already_complete: bool = False
+    dry_run: bool = False
+    copied_files: list[str] = field(default_factory=list)
+
+
+def open_source(src: str | Path, mapping: str = "auto") -> tuple[SourceCheckpoint, CanonicalView, str]:
+    """The source checkpoint, its canonical view and the name of the mapping used."""
+    ckpt = SourceCheckpoint.open(src)
+    ckpt.check_architecture()
+    from .mapping import detect_mapping, load_mapping
+
+    name = detect_mapping(ckpt.tensors) if mapping == "auto" else mapping
+    m = load_mapping(name)
+    num_layers = int(ckpt.config.get("num_hidden_layers", 0))
+    derivations = m.plan({n: i.shape for n, i in ckpt.tensors.items()}, num_layers)
+    identity = all(d.op == "rename" and d.sources == (t,) for t, d in derivations.items())
+    return ckpt, CanonicalView(ckpt, None if identity else derivations), m.name
+
+
+def resolve_recipe(recipe: str | Path | Recipe, **overrides) -> Recipe:
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    return r.with_options(**overrides)
+
+
+def plan_conversion(src: str | Path, *, recipe: str | Path | Recipe = DEFAULT_RECIPE, mapping: str = "auto",
+                    max_shard_size: str | int = "5GB", **recipe_overrides
+                    ) -> tuple[SourceCheckpoint, CanonicalView, str, ConversionPlan]:
+    ckpt, view, mapping_name = open_source(src, mapping)
+    r = resolve_recipe(recipe, **recipe_overrides)
+    fmt = ckpt.detect_format(view.tensors)
+    plan = build_plan(view, fmt, r, int(ckpt.config.get("num_hidden_layers", 0)), parse_size(max_shard_size))
+    return ckpt, view, mapping_name, plan
+
+
+def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe = DEFAULT_RECIPE,
+            mapping: str = "auto", device: str = "cpu", workers: int = 1, max_shard_size: str | int = "5GB",
+            overwrite: bool = False, dry_run: bool = False, quiet: bool = False, requantize: bool | None = None,
+            scale_rule: str | None = None, allow_nonfinite: bool | None = None, hash_sources: bool = True) -> ConversionResult:
+    """Convert the checkpoint in `src` into `dst`; what `mxconv convert` does."""
+    if workers < 1:
+        raise MxconvError(f"--workers must be at least 1, got {workers}")
+    src, dst = Path(src), Path(dst)
+    ckpt, view, mapping_name, plan = plan_conversion(
+        src, recipe=recipe, mapping=mapping, max_shard_size=max_shard_size,
+        ue8m0_source=None if requantize is None else ("requantize" if requantize else "relayout"),
+        scale_rule=scale_rule, allow_nonfinite=allow_nonfinite)
+    result = ConversionResult(dst, ckpt, plan, mapping_name, dry_run=dry_run)
+    if dry_run:
+        return result
+    devices = resolve_devices(device, workers)
+    fingerprint = plan_fingerprint(ckpt, plan, mapping_name)
+    state = prepare_destination(src, dst, fingerprint, plan, overwrite)
+    if state.complete:
+        result.already_complete = True
+        result.skipped_shards = len(plan.shards)
+        return result
+    todo = [s for s in plan.shards if s.name not in state.done_shards]
+    result.skipped_shards = len(plan.shards) - len(todo)
+    check_free_space(dst, sum(shard_file_size(s) for s in todo))
+    start = time.perf_counter()
+    hasher = SourceHasher(ckpt.files if hash_sources else []).start()
+    total = sum(j.input_bytes for s in todo for j in s.jobs)
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
+              desc="convert", dynamic_ncols=True) as bar:
+        execute(todo, view, dst, plan.recipe, devices, bar.update)
+    result.copied_files = copy_side_files(src, dst)
+    moe_layout = None
+    if plan.recipe.moe_layout == "trtllm":
+        from .trtllm_layout import LAYOUT_METADATA as moe_layout
+    write_index_and_config(dst, plan, output_config(ckpt.config, plan, moe_layout))
+    options = {"device": device, "workers": workers, "max_shard_size": parse_size(max_shard_size),
+               "mapping": mapping_name}
+    write_provenance(dst, ckpt, plan, mapping=mapping_name, source_hashes=hasher.result(), options=options)
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,46 @@
+"""Running one planned job: source tensors in, output tensors out. No I/O of its own: tensors
+arrive through `load` (already on the compute device) and leave as a name -> tensor dict."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .numerics import dequantize_fp8_block, quantize_mxfp8, relayout_ue8m0
+from .plan import COPY, DEQUANT_BF16, FROM_FP8, FROM_UE8M0, MXFP8, TRTLLM_W13, TRTLLM_W2, Job, Operand
+from .recipe import Recipe
+
+Loader = Callable[[str], torch.Tensor]
+
+
+def to_mxfp8(op: Operand, load: Loader, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """One linear weight as canonical MXFP8 (e4m3 [N, K], uint8 [N, K/32])."""
+    weight = load(op.weight)
+    if op.prep == FROM_UE8M0:
+        return relayout_ue8m0(weight, load(op.scale), name=op.weight)
+    if op.prep == FROM_FP8:
+        weight = dequantize_fp8_block(weight, load(op.scale))
+    return quantize_mxfp8(weight, recipe.scale_rule, allow_nonfinite=recipe.allow_nonfinite, name=op.weight)
+
+
+def run_job(job: Job, load: Loader, recipe: Recipe) -> dict[str, torch.Tensor]:
+    names = [t.name for t in job.outputs]
+    if job.action == COPY:
+        return {names[0]: load(job.operands[0].weight)}
+    if job.action == DEQUANT_BF16:
+        op = job.operands[0]
+        return {names[0]: dequantize_fp8_block(load(op.weight), load(op.scale))}
+    if job.action == MXFP8:
+        return dict(zip(names, to_mxfp8(job.operands[0], load, recipe)))
+    if job.action == TRTLLM_W13:
+        from .trtllm_layout import pack_w13
+
+        gate_q, gate_s = to_mxfp8(job.operands[0], load, recipe)
+        up_q, up_s = to_mxfp8(job.operands[1], load, recipe)
+        return dict(zip(names, pack_w13(gate_q, gate_s, up_q, up_s)))
+    if job.action == TRTLLM_W2:
+        from .trtllm_layout import pack_w2
+
+        return dict(zip(names, pack_w2(*to_mxfp8(job.operands[0], load, recipe))))
+    raise ValueError(f"unknown job action {job.action!r}")
