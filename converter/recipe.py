@@ -74,12 +74,18 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError(f"not valid YAML: {e}", file=where) from e
+    return recipe_from_dict(data, where)
+
+
+def recipe_from_dict(data: object, where: str = "recipe") -> Recipe:
+    """A recipe from its dict form (a parsed YAML file, or `Recipe.to_dict()` from a provenance file)."""
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a YAML mapping", file=where)
     known = {f.name for f in dataclasses.fields(Recipe)} - {"source"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise RecipeError(f"unknown key(s) {unknown}; valid keys: {sorted(known)}", file=where)
+    data = dict(data)
     if "name" not in data:
         data["name"] = Path(where).stem
     for key in ("quantize", "keep_bf16"):
