@@ -1,0 +1,42 @@
+"""Small readers used by several test files: everything a test needs to look at an output
+checkpoint through the real safetensors library (not through converter's own reader)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+def load_all(root: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, read with the safetensors library."""
+    root = Path(root)
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(root.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                assert name not in out, f"{name} stored twice"
+                out[name] = f.get_tensor(name)
+    return out
+
+
+def tensor_files(root: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted(Path(root).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            out.update({name: path.name for name in f.keys()})
+    return out
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a), as_bytes(b))
