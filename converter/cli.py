@@ -81,6 +81,28 @@ def _run_push(dst: Path, repo_id: str, **kwargs) -> None:
 
 
 @app.command()
+def unshuffle(
+    src: Path = typer.Argument(..., help="a checkpoint converted with --recipe deepseek_v3_mxfp8_trtllm"),
+    dst: Path = typer.Argument(..., help="output directory for the canonical MXFP8 checkpoint"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    workers: int = typer.Option(1, min=1, help="output shards written in parallel"),
+    max_shard_size: str = typer.Option("5GB", help="largest output shard, in bytes: 5GB, 500MB, 4GiB"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace whatever DST holds"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Undo the FlashInfer TRT-LLM expert pre-shuffle: back to canonical gate/up/down MXFP8."""
+    from .summary import describe_result
+    from .unshuffle import unshuffle as run_unshuffle
+
+    try:
+        result = run_unshuffle(src, dst, device=device, workers=workers, max_shard_size=max_shard_size,
+                               overwrite=overwrite, quiet=quiet)
+        typer.echo(describe_result(result))
+    except MxconvError as e:
+        _fail(e)
+
+
+@app.command()
 def demo(
     directory: Path = typer.Argument(Path("mxconv-demo"), help="where to build the tiny checkpoint and its conversion"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),

@@ -15,9 +15,10 @@ from tqdm import tqdm
 from .checkpoint import SourceCheckpoint
 from .errors import MxconvError
 from .execute import SourceHasher, execute, resolve_devices
-from .output import (check_free_space, copy_side_files, output_config, plan_fingerprint, prepare_destination,
-                     shard_file_size, write_index_and_config, write_provenance)
+from .output import (copy_side_files, output_config, plan_fingerprint, prepare_destination, write_index_and_config,
+                     write_provenance)
 from .plan import ConversionPlan, build_plan
+from .preflight import check_source_tensors, preflight_destination
 from .recipe import Recipe, load_recipe
 from .units import parse_size
 from .view import CanonicalView
@@ -63,6 +64,7 @@ def plan_conversion(src: str | Path, *, recipe: str | Path | Recipe = DEFAULT_RE
     ckpt, view, mapping_name = open_source(src, mapping)
     r = resolve_recipe(recipe, **recipe_overrides)
     fmt = ckpt.detect_format(view.tensors)
+    check_source_tensors(ckpt, view, fmt)
     plan = build_plan(view, fmt, r, int(ckpt.config.get("num_hidden_layers", 0)), parse_size(max_shard_size))
     return ckpt, view, mapping_name, plan
 
@@ -82,29 +84,39 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe = D
     result = ConversionResult(dst, ckpt, plan, mapping_name, dry_run=dry_run)
     if dry_run:
         return result
+    moe_layout = None
+    if plan.recipe.moe_layout == "trtllm":
+        from .trtllm_layout import LAYOUT_METADATA as moe_layout
+    options = {"device": device, "workers": workers, "max_shard_size": parse_size(max_shard_size),
+               "mapping": mapping_name}
+    return write_checkpoint(result, view, output_config(ckpt.config, plan, moe_layout), device=device,
+                            workers=workers, overwrite=overwrite, quiet=quiet, hash_sources=hash_sources,
+                            options=options)
+
+
+def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict, *, device: str, workers: int,
+                     overwrite: bool, quiet: bool, hash_sources: bool, options: dict) -> ConversionResult:
+    """Execute a plan into result.dst: shards (resumable), side files, index and config, then the
+    provenance file that marks the checkpoint complete. Shared by convert and unshuffle."""
+    ckpt, plan, dst = result.source, result.plan, result.dst
     devices = resolve_devices(device, workers)
-    fingerprint = plan_fingerprint(ckpt, plan, mapping_name)
-    state = prepare_destination(src, dst, fingerprint, plan, overwrite)
+    fingerprint = plan_fingerprint(ckpt, plan, result.mapping)
+    state = preflight_destination(ckpt.root, dst, fingerprint, plan, overwrite)
     if state.complete:
         result.already_complete = True
         result.skipped_shards = len(plan.shards)
         return result
+    prepare_destination(dst, fingerprint, state)
     todo = [s for s in plan.shards if s.name not in state.done_shards]
     result.skipped_shards = len(plan.shards) - len(todo)
-    check_free_space(dst, sum(shard_file_size(s) for s in todo))
     start = time.perf_counter()
     hasher = SourceHasher(ckpt.files if hash_sources else []).start()
     total = sum(j.input_bytes for s in todo for j in s.jobs)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
               desc="convert", dynamic_ncols=True) as bar:
         execute(todo, view, dst, plan.recipe, devices, bar.update)
-    result.copied_files = copy_side_files(src, dst)
-    moe_layout = None
-    if plan.recipe.moe_layout == "trtllm":
-        from .trtllm_layout import LAYOUT_METADATA as moe_layout
-    write_index_and_config(dst, plan, output_config(ckpt.config, plan, moe_layout))
-    options = {"device": device, "workers": workers, "max_shard_size": parse_size(max_shard_size),
-               "mapping": mapping_name}
-    write_provenance(dst, ckpt, plan, mapping=mapping_name, source_hashes=hasher.result(), options=options)
+    result.copied_files = copy_side_files(ckpt.root, dst)
+    write_index_and_config(dst, plan, config)
+    write_provenance(dst, ckpt, plan, mapping=result.mapping, source_hashes=hasher.result(), options=options)
     result.seconds = time.perf_counter() - start
     return result

@@ -21,6 +21,8 @@ DEQUANT_BF16 = "dequant_bf16"  # FP8 block-scaled -> BF16 (DeepSeek's weight_deq
 MXFP8 = "mxfp8"  # one linear -> MXFP8 weight + uint8 scale
 TRTLLM_W13 = "trtllm_w13"  # routed expert gate + up -> FlashInfer TRT-LLM gemm1 operand
 TRTLLM_W2 = "trtllm_w2"  # routed expert down -> FlashInfer TRT-LLM gemm2 operand
+UNPACK_W13 = "unpack_w13"  # TRT-LLM gemm1 operand -> canonical gate + up (mxconv unshuffle)
+UNPACK_W2 = "unpack_w2"  # TRT-LLM gemm2 operand -> canonical down
 
 # How an operand becomes MXFP8, by source format
 FROM_HIGH_PRECISION = "quantize"
@@ -142,7 +144,7 @@ def build_plan(view: CanonicalView, fmt: SourceFormat, recipe: Recipe, num_hidde
             jobs.append(_job(COPY, (Operand(name),), (PlannedTensor(name, t.dtype, t.shape),), tensors))
     jobs.extend(_trtllm_jobs(experts, tensors))
     jobs.sort(key=lambda j: j.sort_key)
-    return ConversionPlan(fmt, recipe, _pack_shards(jobs, max_shard_bytes),
+    return ConversionPlan(fmt, recipe, pack_shards(jobs, max_shard_bytes),
                           sorted(set(not_converted), key=natural_key), counts)
 
 
@@ -184,7 +186,7 @@ def _trtllm_jobs(experts: dict[str, dict[str, Operand]], tensors: dict[str, Cano
     return jobs
 
 
-def _pack_shards(jobs: list[Job], max_bytes: int) -> list[ShardPlan]:
+def pack_shards(jobs: list[Job], max_bytes: int) -> list[ShardPlan]:
     """Greedy packing in read order; a job's outputs never straddle two shards."""
     groups: list[list[Job]] = [[]]
     size = 0

@@ -74,6 +74,13 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError(f"not valid YAML: {e}", file=where) from e
+    if isinstance(data, dict) and "extends" in data:
+        # a recipe may start from another one and override some keys
+        data = dict(data)
+        base = data.pop("extends")
+        if not isinstance(base, str) or Path(str(base)).name == Path(where).name.split(" ")[0]:
+            raise RecipeError(f"extends must name another recipe, got {base!r}", file=where)
+        data = load_recipe(base).to_dict() | data
     return recipe_from_dict(data, where)
 
 

@@ -8,7 +8,8 @@ from typing import Callable
 import torch
 
 from .numerics import dequantize_fp8_block, quantize_mxfp8, relayout_ue8m0
-from .plan import COPY, DEQUANT_BF16, FROM_FP8, FROM_UE8M0, MXFP8, TRTLLM_W13, TRTLLM_W2, Job, Operand
+from .plan import (COPY, DEQUANT_BF16, FROM_FP8, FROM_UE8M0, MXFP8, TRTLLM_W13, TRTLLM_W2, UNPACK_W13, UNPACK_W2,
+                   Job, Operand)
 from .recipe import Recipe
 
 Loader = Callable[[str], torch.Tensor]
@@ -43,4 +44,10 @@ def run_job(job: Job, load: Loader, recipe: Recipe) -> dict[str, torch.Tensor]:
         from .trtllm_layout import pack_w2
 
         return dict(zip(names, pack_w2(*to_mxfp8(job.operands[0], load, recipe))))
+    if job.action in (UNPACK_W13, UNPACK_W2):
+        from .trtllm_layout import unpack_w2, unpack_w13
+
+        op = job.operands[0]
+        unpack = unpack_w13 if job.action == UNPACK_W13 else unpack_w2
+        return dict(zip(names, unpack(load(op.weight), load(op.scale))))
     raise ValueError(f"unknown job action {job.action!r}")

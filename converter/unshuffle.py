@@ -1,0 +1,85 @@
+"""`mxconv unshuffle`: a checkpoint with routed experts pre-shuffled for FlashInfer's TRT-LLM
+MoE back to the canonical MXFP8 layout (gate_proj / up_proj / down_proj per expert), tensor
+for tensor byte-identical to a canonical conversion of the same source."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .checkpoint import SourceCheckpoint, SourceFormat
+from .errors import SourceError
+from .files import CONFIG_FILE, PROVENANCE_FILE
+from .numerics import MX_BLOCK
+from .pipeline import ConversionResult, write_checkpoint
+from .plan import COPY, UNPACK_W2, UNPACK_W13, ConversionPlan, Job, Operand, natural_key, pack_shards
+from .recipe import recipe_from_dict
+from .safetensors_io import PlannedTensor
+from .units import parse_size
+from .view import CanonicalView
+
+_PACKED_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.\d+)\.(w13|w2)_weight(_scale_inv)?$")
+
+
+def _mxfp8_pair(module: str, n: int, k: int) -> tuple[PlannedTensor, PlannedTensor]:
+    return (PlannedTensor(f"{module}.weight", "F8_E4M3", (n, k)),
+            PlannedTensor(f"{module}.weight_scale_inv", "U8", (n, k // MX_BLOCK)))
+
+
+def plan_unshuffle(ckpt: SourceCheckpoint, max_shard_bytes: int) -> tuple[ConversionPlan, str]:
+    """The plan that undoes the TRT-LLM layout, and the name mapping of the original conversion."""
+    qc = ckpt.config.get("quantization_config") or {}
+    layout = qc.get("moe_weight_layout") or {}
+    config_path = ckpt.root / CONFIG_FILE
+    if layout.get("format") != "flashinfer_trtllm_gen":
+        raise SourceError("not a pre-shuffled checkpoint: quantization_config has no FlashInfer TRT-LLM "
+                          "moe_weight_layout", file=config_path)
+    prov_path = ckpt.root / PROVENANCE_FILE
+    if not prov_path.exists():
+        raise SourceError("no mxconv.json: the pre-shuffled checkpoint is incomplete or was not written by mxconv",
+                          file=prov_path)
+    prov = json.loads(prov_path.read_text())
+    recipe = recipe_from_dict(dict(prov["recipe"], moe_layout="canonical"), str(prov_path))
+    jobs: list[Job] = []
+    for name, info in ckpt.tensors.items():
+        m = _PACKED_RE.match(name)
+        if m and m.group(3):
+            continue  # scales travel with their weights
+        if not m:
+            jobs.append(Job(COPY, (Operand(name),), (PlannedTensor(name, info.dtype, info.shape),), info.nbytes,
+                            (str(info.file), info.start, name)))
+            continue
+        prefix, which = m.group(1), m.group(2)
+        scale = name + "_scale_inv"
+        if scale not in ckpt.tensors:
+            raise SourceError(f"packed expert weight has no {scale}", file=info.file, tensor=name)
+        rows, k = info.shape
+        if which == "w13":
+            outputs = _mxfp8_pair(f"{prefix}.gate_proj", rows // 2, k) + _mxfp8_pair(f"{prefix}.up_proj", rows // 2, k)
+        else:
+            outputs = _mxfp8_pair(f"{prefix}.down_proj", rows, k)
+        jobs.append(Job(UNPACK_W13 if which == "w13" else UNPACK_W2, (Operand(name, scale),), outputs,
+                        info.nbytes + ckpt.tensors[scale].nbytes, (str(info.file), info.start, name)))
+    jobs.sort(key=lambda j: j.sort_key)
+    counts = dict(prov.get("output", {}).get("tensors", {}))
+    plan = ConversionPlan(SourceFormat(prov["source"]["format"]), recipe, pack_shards(jobs, max_shard_bytes),
+                          sorted(qc.get("modules_to_not_convert", []), key=natural_key),
+                          {"mxfp8": counts.get("mxfp8", 0), "dequantized_bf16": counts.get("bf16", 0),
+                           "copied": counts.get("copied", 0)})
+    return plan, prov["source"].get("mapping", "hf")
+
+
+def unshuffle(src: str | Path, dst: str | Path, *, device: str = "cpu", workers: int = 1,
+              max_shard_size: str | int = "5GB", overwrite: bool = False, quiet: bool = False) -> ConversionResult:
+    """What `mxconv unshuffle SRC DST` does."""
+    ckpt = SourceCheckpoint.open(src)
+    ckpt.check_architecture()
+    plan, mapping = plan_unshuffle(ckpt, parse_size(max_shard_size))
+    config = json.loads(json.dumps(ckpt.config))
+    config["quantization_config"].pop("moe_weight_layout")
+    result = ConversionResult(Path(dst), ckpt, plan, mapping)
+    options = {"operation": "unshuffle", "device": device, "workers": workers,
+               "max_shard_size": parse_size(max_shard_size)}
+    return write_checkpoint(result, CanonicalView(ckpt), config, device=device, workers=workers,
+                            overwrite=overwrite, quiet=quiet, hash_sources=True, options=options)
