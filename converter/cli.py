@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .errors import MxconvError
+from .errors import MxconvError, MxconvWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert DeepSeek V3 checkpoints to bit-exact MXFP8 for SGLang on Blackwell.")
@@ -36,7 +37,9 @@ def convert(
     scale_rule: Optional[str] = typer.Option(None, help="override the recipe's scale rule: rceil or floor"),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
                                          help="quantize NaN/Inf instead of failing (Inf saturates, NaN stays)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace whatever DST holds"),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="replace whatever DST holds (an interrupted run of this same "
+                                        "conversion is resumed, not redone)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and write nothing"),
     verify: bool = typer.Option(False, "--verify", help="run `mxconv verify` on the result"),
     push_to: Optional[str] = typer.Option(None, help="push the result to this Hub repo id when done"),
@@ -56,10 +59,10 @@ def convert(
             typer.echo("dry run: nothing written")
             return
         typer.echo(describe_result(result))
-        if verify:
+        if verify or push_to:  # a push refuses unverified conversions, so --push-to verifies first
             _run_verify(src, dst, device=device, workers=workers, quiet=quiet)
         if push_to:
-            _run_push(dst, push_to)
+            _run_push(dst, push_to, quiet=quiet)
     except MxconvError as e:
         _fail(e)
 
@@ -75,9 +78,45 @@ def _run_verify(src: Path, dst: Path, **kwargs) -> None:
 
 def _run_push(dst: Path, repo_id: str, **kwargs) -> None:
     from .hub import push_checkpoint
+    from .units import format_size
 
-    result = push_checkpoint(dst, repo_id, **kwargs)
-    typer.echo(str(result))
+    r = push_checkpoint(dst, repo_id, **kwargs)
+    for warning in r.warnings:
+        typer.echo(f"mxconv: warning: {warning}", err=True)
+    if r.model_card:
+        typer.echo(f"wrote model card {r.model_card}")
+    if r.dry_run:
+        typer.echo(f"dry run: would upload {len(r.uploaded)} file(s) to {r.repo_id}"
+                   + (f" (revision {r.revision})" if r.revision else "") + "; nothing sent")
+        for name in r.uploaded:
+            typer.echo(f"  {name}")
+        return
+    typer.echo(f"pushed to {r.url}: {len(r.uploaded)} file(s) uploaded ({format_size(r.bytes_uploaded)}), "
+               f"{len(r.skipped)} already there ({format_size(r.bytes_skipped)}), {len(r.commits)} commit(s)"
+               + (f" via {r.transfer}" if r.transfer else ""))
+    if r.remote_only:
+        typer.echo(f"mxconv: warning: {len(r.remote_only)} file(s) in the repo are not in {dst} and were left "
+                   f"alone, e.g. {r.remote_only[0]}", err=True)
+
+
+@app.command()
+def push(
+    dst: Path = typer.Argument(..., help="a finished conversion"),
+    repo_id: str = typer.Argument(..., help="Hub repo id, e.g. my-org/DeepSeek-V3-MXFP8"),
+    private: bool = typer.Option(False, "--private", help="create the repo private"),
+    revision: Optional[str] = typer.Option(None, help="branch to push to (created if missing)"),
+    token: Optional[str] = typer.Option(None, help="Hub token (default: HF_TOKEN or the stored login)"),
+    commit_message: Optional[str] = typer.Option(None, help="message of the upload commits"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="write the model card, list what would be uploaded"),
+    force: bool = typer.Option(False, "--force", help="push even if DST is incomplete or not verified"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Upload DST to the Hugging Face Hub with a model card (resumable; re-runs upload only what is missing)."""
+    try:
+        _run_push(dst, repo_id, private=private, revision=revision, token=token, commit_message=commit_message,
+                  dry_run=dry_run, force=force, quiet=quiet)
+    except MxconvError as e:
+        _fail(e)
 
 
 @app.command()
@@ -126,7 +165,22 @@ def demo(
         _fail(e)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, MxconvWarning):
+        from tqdm import tqdm
+
+        tqdm.write(f"mxconv: warning: {message}", file=sys.stderr)  # clears and redraws a progress bar
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main() -> None:
+    # Our warnings (e.g. NaN quantized under --allow-nonfinite) always reach the user, one line each.
+    warnings.simplefilter("default", MxconvWarning)
+    warnings.showwarning = _show_warning
     try:
         app()
     except KeyboardInterrupt:
