@@ -24,6 +24,14 @@ class MxconvError(Exception):
         prefix = f"{', '.join(where)}: " if where else ""
         return prefix + self.message
 
+    def in_file(self, file: str | Path) -> "MxconvError":
+        """Name `file` as where this happened, unless a file is already named (numerics know the
+        tensor but not which file it came from); returns self, for `raise e.in_file(...)`."""
+        if self.file is None:
+            self.file = str(file)
+            self.args = (self.describe(),)
+        return self
+
 
 class SourceError(MxconvError):
     """The source checkpoint is unreadable, inconsistent or unsupported."""
@@ -51,3 +59,11 @@ class HubError(MxconvError):
 
 class VerifyError(MxconvError):
     """A verification could not run at all (as opposed to a check that failed)."""
+
+
+class MxconvWarning(UserWarning):
+    """Something the user asked for but should hear about; the CLI prints `mxconv: warning: ...`."""
+
+
+class NonFiniteWarning(MxconvWarning):
+    """NaN/Inf values were quantized because --allow-nonfinite was given."""

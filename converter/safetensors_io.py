@@ -77,8 +77,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise SourceError(f"cannot read: {e.strerror}", file=path) from e
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"header is not valid JSON: {e}", file=path) from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int too long, nesting
+        raise SourceError(f"header is not valid JSON: {e}", file=path) from None
     if not isinstance(header, dict):
         raise SourceError("header is not a JSON object", file=path)
     data_start = 8 + n
@@ -106,7 +106,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
     if not isinstance(entry, dict):
         raise SourceError("header entry is not an object", file=path, tensor=name)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise SourceError(f"unsupported dtype {dtype!r}", file=path, tensor=name)
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
@@ -261,10 +261,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a small file under a temporary name, fsync, rename."""
+def write_bytes_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """Write a small file under a temporary name (in `tmp_dir`, by default next to it), fsync, rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = (Path(tmp_dir) if tmp_dir is not None else path.parent) / f".{path.name}.tmp"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
