@@ -96,7 +96,11 @@ def run_shard(shard: ShardPlan, view: CanonicalView, dst: Path, recipe: Recipe, 
             inputs = pending.result()
             if i + 1 < len(shard.jobs):
                 pending = reader.submit(_load_inputs, view, shard.jobs[i + 1], device)
-            for name, tensor in run_job(job, inputs.__getitem__, recipe).items():
+            try:
+                outputs = run_job(job, inputs.__getitem__, recipe)
+            except MxconvError as e:  # numerics name the tensor; add the file it came from
+                raise e.in_file((view.tensors.get(e.tensor) or view.tensors[job.inputs[0]]).file)
+            for name, tensor in outputs.items():
                 writer.write(name, tensor)
             del inputs
             progress(job.input_bytes)

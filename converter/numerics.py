@@ -9,10 +9,11 @@ round-to-nearest-even).
 from __future__ import annotations
 
 import enum
+import warnings
 
 import torch
 
-from .errors import NumericsError
+from .errors import NonFiniteWarning, NumericsError
 
 MX_BLOCK = 32
 E4M3_MAX = 448.0
@@ -107,6 +108,9 @@ def quantize_mxfp8(
                 "use --allow-nonfinite to saturate Inf and keep NaN",
                 tensor=name,
             )
+        bad_blocks = int((~torch.isfinite(amax)).sum())
+        warnings.warn(NonFiniteWarning(f"tensor {name}: {bad_blocks} block(s) hold NaN/Inf; quantized anyway "
+                                       "(--allow-nonfinite): Inf saturated to +-448, NaN kept"), stacklevel=2)
         finite = torch.where(torch.isfinite(xf), xf, torch.zeros_like(xf))
         amax = block_amax(finite)
     exp = rceil_exponent(amax) if rule is ScaleRule.RCEIL else floor_exponent(amax)
@@ -176,13 +180,22 @@ def ue8m0_exponents(scale: torch.Tensor, name: str | None = None) -> torch.Tenso
     return torch.where(tiny, torch.zeros_like(exp), exp).to(torch.uint8)
 
 
-def relayout_ue8m0(weight: torch.Tensor, scale: torch.Tensor, name: str | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def relayout_ue8m0(weight: torch.Tensor, scale: torch.Tensor, name: str | None = None, *,
+                   allow_nonfinite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Lossless FP8 (128x128 power-of-two scales) -> MXFP8: keep the e4m3 bytes, give every
-    1x32 block the exponent of the 128x128 tile it lies in."""
+    1x32 block the exponent of the 128x128 tile it lies in. NaN bytes (e4m3 has no Inf) are an
+    error, as in `quantize_mxfp8`, unless allow_nonfinite (then they stay NaN)."""
     n, k = weight.shape
     if k % MX_BLOCK:
         raise NumericsError(f"K={k} is not a multiple of {MX_BLOCK}", tensor=name)
+    nan = (weight.view(torch.uint8) & 0x7F) == 0x7F
+    if nan.any():
+        if not allow_nonfinite:
+            r, c = nan.nonzero()[0].tolist()
+            raise NumericsError(f"NaN in block {(r, c // MX_BLOCK)} (32 elements along K); "
+                                "use --allow-nonfinite to keep NaN", tensor=name)
+        warnings.warn(NonFiniteWarning(f"tensor {name}: {int(nan.sum())} NaN value(s); kept as NaN "
+                                       "(--allow-nonfinite)"), stacklevel=2)
     exps = ue8m0_exponents(scale, name)
     per_block = FP8_TILE // MX_BLOCK
     mx_scale = exps.repeat_interleave(FP8_TILE, dim=0)[:n].repeat_interleave(per_block, dim=1)[:, : k // MX_BLOCK]

@@ -19,7 +19,7 @@ def to_mxfp8(op: Operand, load: Loader, recipe: Recipe) -> tuple[torch.Tensor, t
     """One linear weight as canonical MXFP8 (e4m3 [N, K], uint8 [N, K/32])."""
     weight = load(op.weight)
     if op.prep == FROM_UE8M0:
-        return relayout_ue8m0(weight, load(op.scale), name=op.weight)
+        return relayout_ue8m0(weight, load(op.scale), name=op.weight, allow_nonfinite=recipe.allow_nonfinite)
     if op.prep == FROM_FP8:
         weight = dequantize_fp8_block(weight, load(op.scale))
     return quantize_mxfp8(weight, recipe.scale_rule, allow_nonfinite=recipe.allow_nonfinite, name=op.weight)
