@@ -76,6 +76,44 @@ def _run_verify(src: Path, dst: Path, **kwargs) -> None:
         raise typer.Exit(1)
 
 
+@app.command()
+def verify(
+    src: Path = typer.Argument(..., help="the source checkpoint DST was converted from"),
+    dst: Path = typer.Argument(..., help="a conversion made by `mxconv convert`"),
+    report: Optional[Path] = typer.Option(None, "--report", help="also write the JSON report here (it always "
+                                                                  "goes to DST/mxconv_verify.json)"),
+    html: Optional[Path] = typer.Option(None, "--html", help="write an HTML page with per-layer plots here"),
+    logits: bool = typer.Option(False, "--logits", help="also compare the logits of SRC and of the dequantized "
+                                                        "DST in transformers (models that fit in memory)"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    workers: int = typer.Option(1, min=1, help="DST shards checked in parallel"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Check DST against SRC (coverage, config, bytes, numerics, logits); exit 0 only if every check passes."""
+    try:
+        _run_verify(src, dst, device=device, workers=workers, quiet=quiet, report_path=report, html_path=html,
+                    logits=logits)
+    except MxconvError as e:
+        _fail(e)
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="a checkpoint directory (a source or a conversion)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Say what a checkpoint is: architecture, precision, quantization, MoE layout, sizes, completeness."""
+    import json
+
+    from .inspect_ckpt import format_inspect, inspect_checkpoint
+
+    try:
+        info = inspect_checkpoint(path)
+    except MxconvError as e:
+        _fail(e)
+    typer.echo(json.dumps(info, indent=2) if as_json else format_inspect(info))
+
+
 def _run_push(dst: Path, repo_id: str, **kwargs) -> None:
     from .hub import push_checkpoint
     from .units import format_size
