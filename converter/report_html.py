@@ -57,7 +57,8 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     start = math.floor(lo / step) * step
-    return [start + i * step for i in range(int((hi - start) / step) + 2) if start + i * step <= hi + 1e-12]
+    ticks = (start + i * step for i in range(int((hi - start) / step) + 2))
+    return [t for t in ticks if lo - 1e-12 <= t <= hi + 1e-12]
 
 
 def _fmt_tick(v: float) -> str:
