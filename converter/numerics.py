@@ -109,8 +109,8 @@ def quantize_mxfp8(
                 tensor=name,
             )
         bad_blocks = int((~torch.isfinite(amax)).sum())
-        warnings.warn(NonFiniteWarning(f"tensor {name}: {bad_blocks} block(s) hold NaN/Inf; quantized anyway "
-                                       "(--allow-nonfinite): Inf saturated to +-448, NaN kept"), stacklevel=2)
+        warnings.warn(NonFiniteWarning(f"tensor {name or '?'}: {bad_blocks} block(s) hold NaN/Inf; quantized "
+                                       "anyway (--allow-nonfinite): Inf saturated to +-448, NaN kept"), stacklevel=2)
         finite = torch.where(torch.isfinite(xf), xf, torch.zeros_like(xf))
         amax = block_amax(finite)
     exp = rceil_exponent(amax) if rule is ScaleRule.RCEIL else floor_exponent(amax)
@@ -194,7 +194,7 @@ def relayout_ue8m0(weight: torch.Tensor, scale: torch.Tensor, name: str | None =
             r, c = nan.nonzero()[0].tolist()
             raise NumericsError(f"NaN in block {(r, c // MX_BLOCK)} (32 elements along K); "
                                 "use --allow-nonfinite to keep NaN", tensor=name)
-        warnings.warn(NonFiniteWarning(f"tensor {name}: {int(nan.sum())} NaN value(s); kept as NaN "
+        warnings.warn(NonFiniteWarning(f"tensor {name or '?'}: {int(nan.sum())} NaN value(s); kept as NaN "
                                        "(--allow-nonfinite)"), stacklevel=2)
     exps = ue8m0_exponents(scale, name)
     per_block = FP8_TILE // MX_BLOCK
