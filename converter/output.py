@@ -3,6 +3,7 @@ resume safe, and the small files written after the shards (index, config, proven
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ _SKIP_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 _SAMPLE = 64 * 1024  # bytes per window of the source data sample in the manifest
 _COPY_CHUNK = 16 * 1024 * 1024
 _TEMP_SUFFIXES = (".partial", ".tmp")  # what mxconv leaves in the state directory when killed
+LOCK_FILE = "lock"  # in the state directory; flock'ed while a conversion writes DST
 
 
 def _json_bytes(data: dict) -> bytes:
@@ -47,9 +49,10 @@ def plan_fingerprint(src: SourceCheckpoint, plan: ConversionPlan, mapping: str) 
             raise SourceError(f"cannot read: {e.strerror}", file=path) from e
     layout = hashlib.sha256(json.dumps(
         [[s.name, [[t.name, t.dtype, list(t.shape)] for t in s.tensors]] for s in plan.shards]).encode()).hexdigest()
+    config = hashlib.sha256(json.dumps(src.config, sort_keys=True).encode()).hexdigest()
     return {"mxconv_version": __version__, "recipe": plan.recipe.to_dict(), "mapping": mapping,
-            "source_format": plan.source_format.value, "sources": sources, "layout_sha256": layout,
-            "shards": {s.name: shard_file_size(s) for s in plan.shards}}
+            "source_format": plan.source_format.value, "sources": sources, "source_config_sha256": config,
+            "layout_sha256": layout, "shards": {s.name: shard_file_size(s) for s in plan.shards}}
 
 
 def _file_identity(path: Path) -> dict:
@@ -108,14 +111,20 @@ def inspect_destination(dst: Path, fingerprint: dict, plan: ConversionPlan, over
 
 def prepare_destination(dst: Path, fingerprint: dict, state: DestinationState) -> None:
     """Make DST ready for writing: empty it when clearing, remove an interrupted run's temporary
-    files and its completion marker, index and config (a DST being resumed or repaired must not
-    look complete), then record the manifest."""
+    files and its completion marker, verify report, index and config (a DST being resumed or
+    repaired must not look complete), then record the manifest.
+
+    Takes DST's lock first (held until `write_provenance` or the end of the process), so a second
+    mxconv started on the same DST, say by a job scheduler re-queueing a job that is still running,
+    is refused instead of writing the same temporary files."""
     dst = Path(dst)
     try:
+        (dst / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        _lock(dst)
         if state.clear:
             _clear(dst)
-        (dst / STATE_DIR).mkdir(parents=True, exist_ok=True)
-        for name in (PROVENANCE_FILE, INDEX_FILE, CONFIG_FILE):  # the marker first
+        # the marker first; a verify report from before a repair no longer vouches for anything
+        for name in (PROVENANCE_FILE, VERIFY_REPORT_FILE, INDEX_FILE, CONFIG_FILE):
             (dst / name).unlink(missing_ok=True)
         for path in state.leftovers:
             path.unlink(missing_ok=True)
@@ -206,11 +215,11 @@ def _leftovers(dst: Path) -> list[Path]:
 
 
 def _only_state_dir(dst: Path) -> bool:
-    """DST holds nothing but a state directory with temporary files in it."""
+    """DST holds nothing but a state directory with temporary files (and the lock) in it."""
     for child in dst.iterdir():
         if child.name != STATE_DIR or not child.is_dir():
             return False
-    return all(p.suffix in _TEMP_SUFFIXES for p in (dst / STATE_DIR).iterdir())
+    return all(p.suffix in _TEMP_SUFFIXES or p.name == LOCK_FILE for p in (dst / STATE_DIR).iterdir())
 
 
 def _size(path: Path) -> int:
@@ -238,12 +247,44 @@ def shard_file_size(shard: ShardPlan) -> int:
 
 def _clear(dst: Path) -> None:
     # The manifest goes first: a crash half-way leaves a DST that is refused, never resumed.
+    # The lock file stays: deleting it while held would let another process lock a new one.
     (dst / STATE_DIR / MANIFEST_FILE).unlink(missing_ok=True)
-    for child in dst.iterdir():
+    for child in [*dst.iterdir(), *(dst / STATE_DIR).iterdir()]:
+        if child.name == STATE_DIR or child.parent.name == STATE_DIR and child.name == LOCK_FILE:
+            continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+# DST path -> open lock file of this process (flock is per open file: a kill releases it)
+_held_locks: dict[Path, int] = {}
+
+
+def _lock(dst: Path) -> None:
+    key = dst.resolve()
+    if key in _held_locks:  # this process already holds it (an earlier call that failed)
+        return
+    path = dst / STATE_DIR / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise OutputError(f"another mxconv process{f' (pid {holder})' if holder else ''} is writing this "
+                          "destination; wait for it to finish or stop it, then rerun", file=dst) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks[key] = fd
+
+
+def _unlock(dst: Path) -> None:
+    fd = _held_locks.pop(dst.resolve(), None)
+    if fd is not None:
+        os.ftruncate(fd, 0)  # no stale pid in a finished DST
+        os.close(fd)  # releases the flock; the file stays (see _clear)
 
 
 def check_free_space(dst: Path, needed: int, reclaimable: int = 0) -> None:
@@ -345,4 +386,5 @@ def write_provenance(dst: Path, src: SourceCheckpoint, plan: ConversionPlan, *, 
                    "modules_to_not_convert": plan.modules_to_not_convert},
     }
     write_bytes_atomic(dst / PROVENANCE_FILE, _json_bytes(data), tmp_dir=dst / STATE_DIR)
+    _unlock(dst)
     return data

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
+import converter.output
 from cli_process import MxconvProcess, run_mxconv
 from converter.errors import NonFiniteWarning, OutputError
-from converter.files import CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, PROVENANCE_FILE, STATE_DIR
+from converter.files import (CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, PROVENANCE_FILE, STATE_DIR,
+                             VERIFY_REPORT_FILE)
 from converter.hub import check_publishable
 from converter.output import incomplete_reason
 from converter.pipeline import convert
@@ -187,6 +189,7 @@ def test_damaged_finished_destination_is_unmarked_then_repaired(src, small_refer
     data = bytearray(shards[0].read_bytes())
     data[20] ^= 0x01  # same size, different header: not a shard of this plan
     shards[0].write_bytes(bytes(data))
+    (dst / VERIFY_REPORT_FILE).write_text('{"passed": true}')  # from `mxconv verify` before the damage
 
     import converter.pipeline
 
@@ -198,7 +201,7 @@ def test_damaged_finished_destination_is_unmarked_then_repaired(src, small_refer
         convert(src, dst, max_shard_size="1MB", quiet=True)
     # while being repaired the DST does not look complete
     assert not (dst / PROVENANCE_FILE).exists() and not (dst / INDEX_FILE).exists()
-    assert not (dst / CONFIG_FILE).exists()
+    assert not (dst / CONFIG_FILE).exists() and not (dst / VERIFY_REPORT_FILE).exists()
     assert incomplete_reason(dst) is not None
     monkeypatch.undo()
     result = convert(src, dst, max_shard_size="1MB", quiet=True)
@@ -272,12 +275,44 @@ def test_changed_source_data_with_the_same_headers_is_refused(src, small_referen
         convert(copy, dst, max_shard_size="1MB", quiet=True)
 
 
+def test_changed_source_config_is_refused(src, small_reference, tmp_path):
+    copy = clone(src, tmp_path / "src")
+    dst = tmp_path / "dst"
+    shutil.copytree(small_reference, dst)
+    config = json.loads((copy / "config.json").read_text())
+    config["rope_theta"] = 50000.0  # changes the output config.json, not a single shard
+    replace_file(copy / "config.json", json.dumps(config).encode())
+    with pytest.raises(OutputError, match="different source_config_sha256"):
+        convert(copy, dst, max_shard_size="1MB", quiet=True)
+
+
 def test_overwrite_of_an_interrupted_same_conversion_resumes(src, small_reference, tmp_path, monkeypatch):
     dst = tmp_path / "dst"
     partial_run(src, dst, monkeypatch, max_shard_size="1MB")
     result = convert(src, dst, max_shard_size="1MB", quiet=True, overwrite=True)
     assert result.skipped_shards == 1
     assert_same_tree(dst, small_reference)
+
+
+def test_second_process_on_the_same_destination_is_refused(src, tmp_path, monkeypatch):
+    """E.g. a scheduler re-queues a job that is still running: two writers of the same partial
+    files could leave a shard with the right size and header but half-written data."""
+    import fcntl
+    import os
+
+    dst = tmp_path / "dst"
+    partial_run(src, dst, monkeypatch, max_shard_size="1MB")
+    converter.output._unlock(dst)  # the interrupted run's lock, as if its process had ended
+    other = os.open(dst / STATE_DIR / "lock", os.O_RDWR)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.pwrite(other, b"4242\n", 0)
+    try:
+        with pytest.raises(OutputError, match=r"another mxconv process \(pid 4242\) is writing this destination"):
+            convert(src, dst, max_shard_size="1MB", quiet=True)
+    finally:
+        os.close(other)
+    result = convert(src, dst, max_shard_size="1MB", quiet=True)  # the lock is free again: resumes
+    assert result.skipped_shards == 1
 
 
 def test_destination_not_written_by_mxconv_is_refused(src, tmp_path):
