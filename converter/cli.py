@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -185,7 +186,7 @@ def demo(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Build a tiny DeepSeek V3 checkpoint (no download), convert it to MXFP8 and summarize."""
+    """Build a tiny DeepSeek V3 checkpoint (no download), convert it to MXFP8, verify it, summarize."""
     from .demo import build_checkpoint
     from .pipeline import convert as run_convert
     from .summary import describe_result
@@ -193,12 +194,13 @@ def demo(
     try:
         src, dst = directory / "source-bf16", directory / "mxfp8"
         build_checkpoint(src)
-        typer.echo(f"built a tiny DeepSeek V3 checkpoint (3 decoder layers + MTP, 4 routed experts, 3 shards) in {src}")
+        typer.echo(f"built a tiny DeepSeek V3 checkpoint in {src}: 3 decoder layers (1 dense, 2 MoE with 4 routed "
+                   "experts + 1 shared) and an MTP layer, real tensor names, 3 shards with weights split from their "
+                   "partners")
         result = run_convert(src, dst, device=device, overwrite=True, quiet=quiet, max_shard_size="1MB")
         typer.echo(describe_result(result))
-        q = (dst / "config.json").read_text()
-        typer.echo(f"quantization_config written to {dst / 'config.json'} ({len(q)} bytes); "
-                   f"try: mxconv inspect {dst}")
+        _run_verify(src, dst, device=device, quiet=True)
+        typer.echo(f"next: mxconv inspect {dst}   |   mxconv convert YOUR_DEEPSEEK_V3 OUT --dry-run")
     except MxconvError as e:
         _fail(e)
 
@@ -224,6 +226,15 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("mxconv: interrupted; rerun the same command to resume", err=True)
         sys.exit(130)
+    except MxconvError as e:
+        typer.echo(f"mxconv: error: {e}", err=True)
+        sys.exit(1)
+    except Exception as e:  # a bug or the machine (out of memory...): still one line, unless debugging
+        if os.environ.get("MXCONV_DEBUG"):
+            raise
+        typer.echo(f"mxconv: internal error: {type(e).__name__}: {e} (rerun with MXCONV_DEBUG=1 for the "
+                   "traceback; an interrupted convert resumes when rerun)", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
