@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from .files import CONFIG_FILE, INDEX_FILE, PROVENANCE_FILE, VERIFY_REPORT_FILE
+from .units import format_size
 
 CARD_FILE = "README.md"
 TP_SIZE = 8
@@ -225,8 +226,8 @@ def _files_section(dst: Path, output: dict) -> str:
     if not shards and not total:
         return ""
     count = len(shards) or output.get("shards") or 0
-    lines = [f"- {count} safetensors shard{'s' if count != 1 else ''}, {_size(total)} in all "
-             f"(about {_size(total / TP_SIZE)} of weights per GPU at tensor parallelism {TP_SIZE})."]
+    lines = [f"- {count} safetensors shard{'s' if count != 1 else ''}, {format_size(total)} in all "
+             f"(about {format_size(total / TP_SIZE)} of weights per GPU at tensor parallelism {TP_SIZE})."]
     if (dst / INDEX_FILE).exists():
         lines.append(f"- `{INDEX_FILE}` maps every tensor to its shard.")
     lines.append(f"- `{PROVENANCE_FILE}`: provenance (mxconv version, source shards and their sha256, "
@@ -333,10 +334,3 @@ def _code(value) -> str:
 def _num(value, digits: int) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
 
-
-def _size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
