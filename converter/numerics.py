@@ -88,8 +88,12 @@ def quantize_mxfp8(
     *,
     allow_nonfinite: bool = False,
     name: str | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize x [..., K] to MXFP8: (data float8_e4m3fn [..., K], scale uint8 [..., K/32]).
+
+    `out`: optional buffers of those shapes the result may be written into (a hint, to reuse
+    memory; the returned tensors are the result either way).
 
     Non-finite inputs raise NumericsError naming the tensor and the first bad block, unless
     allow_nonfinite: then NaN stays NaN, +-Inf saturate to +-448 and the block scale comes from
@@ -98,6 +102,12 @@ def quantize_mxfp8(
     rule = ScaleRule(rule)
     if x.shape[-1] % MX_BLOCK:
         raise NumericsError(f"last dimension {x.shape[-1]} is not a multiple of {MX_BLOCK}", tensor=name)
+    if x.dtype == torch.bfloat16 and x.numel():
+        from .kernels import quantize_bf16  # the same bytes, about 10x faster; None on NaN/Inf
+
+        fast = quantize_bf16(x, rule.value, out)
+        if fast is not None:
+            return fast
     xf = x.to(torch.float32)
     amax = block_amax(xf)
     if not torch.isfinite(amax).all():
@@ -145,15 +155,37 @@ def fp8_block_scale_shape(shape: tuple[int, ...], tile: int = FP8_TILE) -> tuple
     return (-(-n // tile), -(-k // tile))
 
 
-def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor | None = None
+                         ) -> torch.Tensor:
     """DeepSeek's weight_dequant: fp8 [N, K] * scale_inv of its 128x128 tile in float32, rounded to bf16.
 
-    scale_inv may be float32 or E8M0 exponent bytes (uint8 / float8_e8m0fnu).
+    scale_inv may be float32 or E8M0 exponent bytes (uint8 / float8_e8m0fnu). `out`: an optional
+    BF16 [N, K] buffer the result may be written into.
     """
     n, k = weight.shape
+    if scale_inv.dtype == torch.float32 and weight.numel():
+        from .kernels import dequantize_fp8  # the same bytes without torch's slow float8 casts
+
+        fast = dequantize_fp8(weight, scale_inv, out)
+        if fast is not None:
+            return fast
     s = scale_inv if scale_inv.dtype == torch.float32 else e8m0_to_float(ue8m0_exponents(scale_inv))
     prod = weight.to(torch.float32) * _expand_tiles(s, n, k)
     return prod.to(torch.bfloat16)
+
+
+def requantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, rule: ScaleRule | str = ScaleRule.RCEIL,
+                         *, allow_nonfinite: bool = False, name: str | None = None,
+                         out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_mxfp8(dequantize_fp8_block(weight, scale_inv)): DeepSeek's BF16 value, quantized.
+    `out` as for quantize_mxfp8."""
+    if scale_inv.dtype == torch.float32 and weight.numel():
+        from .kernels import requantize_fp8  # one pass, no BF16 tensor; None when it cannot be exact
+
+        fast = requantize_fp8(weight, scale_inv, ScaleRule(rule).value, out)
+        if fast is not None:
+            return fast
+    return quantize_mxfp8(dequantize_fp8_block(weight, scale_inv), rule, allow_nonfinite=allow_nonfinite, name=name)
 
 
 def ue8m0_exponents(scale: torch.Tensor, name: str | None = None) -> torch.Tensor:
