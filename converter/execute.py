@@ -1,34 +1,51 @@
-"""Executing a plan: output shards run in a pool of workers; inside a worker the next job's
-reads overlap the current job's compute and writes (torch and file I/O release the GIL)."""
+"""Executing a plan as a pipeline over row pieces of jobs (not over shards), so one big output
+shard, or one big tensor, still uses every worker:
+
+    reader --(pieces loaded into pooled buffers, bounded by bytes in flight)--> N workers
+        --(outputs)--> writer (O_DIRECT, at planned offsets, any order) --> shard finisher
+
+torch ops, file reads and writes and sha256 all release the GIL, so on a 2-core machine the
+reader, the workers, the writer and the source hasher keep both cores busy. Shards are finished
+(fsync + atomic rename) strictly in plan order, so an interrupted run leaves a prefix of finished
+shards, as a sequential one would. With --device cuda each worker owns a stream on its GPU:
+inputs are read into pinned host memory, copied in and out without blocking, and the worker
+waits only for its own stream.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import threading
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .errors import MxconvError
+from .errors import MxconvError, NumericsError
 from .files import STATE_DIR
-from .plan import COPY, Job, ShardPlan
+from .pieces import BufferPool, Piece, compute, load, split
+from .plan import ShardPlan
 from .recipe import Recipe
 from .safetensors_io import ShardWriter
-from .transform import run_job
 from .view import CanonicalView
 
 _HASH_CHUNK = 16 * 1024 * 1024
+# Source bytes read ahead of the workers, per worker (a piece bigger than that runs alone): two
+# pieces each keep the workers fed; more only costs memory (and page faults to fill it).
+_INFLIGHT_PER_WORKER = 32 * 1024 * 1024
+_MIN_INFLIGHT = 64 * 1024 * 1024
 
 
 class Cancelled(Exception):
-    """Another worker failed; this one stops at the next job boundary."""
+    """Another thread failed; this one stops at the next job boundary."""
 
 
 def resolve_devices(device: str, workers: int) -> list[torch.device]:
-    """One compute device per worker. `cuda` spreads workers over every visible GPU."""
+    """One compute device per worker. `cuda` uses every visible GPU (at least one worker each)."""
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -38,104 +55,227 @@ def resolve_devices(device: str, workers: int) -> list[torch.device]:
             if dev.index >= count:
                 raise MxconvError(f"--device {device}: only {count} CUDA device(s) visible")
             return [dev] * workers
-        return [torch.device("cuda", i % count) for i in range(workers)]
+        return [torch.device("cuda", i % count) for i in range(max(workers, count))]
     if dev.type != "cpu":
         raise MxconvError(f"unsupported --device {device!r}; use cpu, cuda or cuda:N")
     return [dev] * workers
 
 
 class SourceHasher:
-    """sha256 of every source file, computed in a background thread during the conversion."""
+    """sha256 of every source file, computed in background threads during the conversion.
 
-    def __init__(self, files: list[Path]):
-        self.files = files
+    The cost is sha256 itself (about 1.5 GB/s per core with SHA-NI), not the re-read from the page
+    cache; files are hashed in parallel only where cores are left over for it."""
+
+    def __init__(self, files: list[Path], threads: int | None = None):
+        self.files = list(files)
         self.hashes: dict[str, str] = {}
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="mxconv-hash", daemon=True)
+        self.threads = threads or max(1, min(len(self.files), (os.cpu_count() or 1) // 4))
+        self.pool: ThreadPoolExecutor | None = None
+        self.futures: list = []
 
-    def _run(self) -> None:
-        try:
-            buf = bytearray(_HASH_CHUNK)
-            view = memoryview(buf)
-            for path in self.files:
-                h = hashlib.sha256()
-                with open(path, "rb", buffering=0) as f:
-                    while n := f.readinto(buf):
-                        h.update(view[:n])
-                self.hashes[path.name] = h.hexdigest()
-        except BaseException as e:  # reported by result()
-            self.error = e
+    def _hash(self, path: Path) -> None:
+        buf = bytearray(_HASH_CHUNK)
+        view = memoryview(buf)
+        h = hashlib.sha256()
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
+        self.hashes[path.name] = h.hexdigest()
 
     def start(self) -> "SourceHasher":
-        self.thread.start()
+        if self.files:
+            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mxconv-hash")
+            self.futures = [self.pool.submit(self._hash, p) for p in self.files]
         return self
 
     def result(self) -> dict[str, str]:
-        self.thread.join()
-        if self.error is not None:
-            raise MxconvError(f"hashing the source failed: {self.error}")
-        return self.hashes
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            for f in self.futures:
+                if f.exception() is not None:
+                    raise MxconvError(f"hashing the source failed: {f.exception()}")
+        return dict(self.hashes)
 
 
-def _load_inputs(view: CanonicalView, job: Job, device: torch.device) -> dict[str, torch.Tensor]:
-    # Copies never need the accelerator: their bytes go straight back to disk.
-    where = torch.device("cpu") if job.action == COPY else device
-    return {name: view.load(name, where) for name in job.inputs}
+class _Budget:
+    """Bytes of loaded-but-unfinished jobs; a job that alone exceeds the limit runs by itself."""
 
+    def __init__(self, limit: int, cancel: threading.Event):
+        self.limit, self.used, self.cancel = limit, 0, cancel
+        self.cond = threading.Condition()
 
-def run_shard(shard: ShardPlan, view: CanonicalView, dst: Path, recipe: Recipe, device: torch.device,
-              progress: Callable[[int], None], cancel: threading.Event) -> None:
-    tmp = dst / STATE_DIR / f"{shard.name}.partial"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    with ShardWriter(dst / shard.name, tmp, shard.tensors) as writer, ThreadPoolExecutor(1) as reader:
-        pending = reader.submit(_load_inputs, view, shard.jobs[0], device)
-        for i, job in enumerate(shard.jobs):
-            if cancel.is_set():
+    def acquire(self, n: int) -> None:
+        with self.cond:
+            while self.used and self.used + n > self.limit and not self.cancel.is_set():
+                self.cond.wait()
+            if self.cancel.is_set():
                 raise Cancelled()
-            inputs = pending.result()
-            if i + 1 < len(shard.jobs):
-                pending = reader.submit(_load_inputs, view, shard.jobs[i + 1], device)
-            try:
-                outputs = run_job(job, inputs.__getitem__, recipe)
-            except MxconvError as e:  # numerics name the tensor; add the file it came from
-                raise e.in_file((view.tensors.get(e.tensor) or view.tensors[job.inputs[0]]).file)
-            for name, tensor in outputs.items():
-                writer.write(name, tensor)
-            del inputs
-            progress(job.input_bytes)
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+
+@contextmanager
+def _intra_op_threads(devices: list[torch.device]):
+    """Workers parallelize over jobs; torch's own thread pool on top of that would oversubscribe
+    the cores (N workers x N OpenMP threads busy-waiting), so it gets the cores left over."""
+    before = torch.get_num_threads()
+    cpu_workers = sum(d.type == "cpu" for d in devices)
+    if cpu_workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cpu_workers // 2))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Recipe, devices: list[torch.device],
             progress: Callable[[int], None]) -> None:
-    """Run every shard; the first error cancels the rest and is raised as is."""
+    """Run every shard; the first error cancels the rest and is raised as is. Shards finished
+    before the error stay finished (a rerun resumes after them); the others leave nothing."""
     if not shards:
         return
+    pieces = [p for i, shard in enumerate(shards) for job in shard.jobs for p in split(i, job, view, recipe)]
     cancel = threading.Event()
-    workers = min(len(devices), len(shards))
-    if workers == 1:  # inline: easy to debug, same code path
-        for shard in shards:
-            run_shard(shard, view, dst, recipe, devices[0], progress, cancel)
-        return
-    free_devices: queue.SimpleQueue = queue.SimpleQueue()
-    for dev in devices[:workers]:
-        free_devices.put(dev)
+    errors: list[BaseException] = []
+    inflight = max(_MIN_INFLIGHT, _INFLIGHT_PER_WORKER * len(devices))
+    budget = _Budget(inflight, cancel)
+    pool = BufferPool(pin=any(d.type == "cuda" for d in devices), limit=4 * inflight)  # inputs and outputs in flight
+    ready: queue.Queue = queue.Queue()  # loaded pieces, for the workers
+    computed: queue.Queue = queue.Queue()  # outputs, for the writer
+    done_shards: queue.Queue = queue.Queue()  # shards whose every piece is written, for the finisher
+    writers: list[ShardWriter | None] = [None] * len(shards)
+    remaining = [0] * len(shards)
+    for p in pieces:
+        remaining[p.shard] += 1
+    finished = [False] * len(shards)
+    lock = threading.Lock()
 
-    def task(shard: ShardPlan) -> None:
-        dev = free_devices.get()  # each running shard holds one device slot
+    def fail(e: BaseException) -> None:
+        with lock:
+            if not isinstance(e, Cancelled):
+                errors.append(e)
+        cancel.set()
+        budget.wake()
+
+    def reader() -> None:
         try:
-            run_shard(shard, view, dst, recipe, dev, progress, cancel)
+            for p in pieces:
+                budget.acquire(p.input_bytes)
+                if writers[p.shard] is None:
+                    shard = shards[p.shard]
+                    w = ShardWriter(dst / shard.name, dst / STATE_DIR / f"{shard.name}.partial", shard.tensors)
+                    writers[p.shard] = w.__enter__()
+                bufs: list = []
+                ready.put((p, load(p, view, pool, writers[p.shard], bufs), bufs))
+        except BaseException as e:
+            fail(e)
         finally:
-            free_devices.put(dev)
+            for _ in devices:
+                ready.put(None)
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="mxconv-shard") as pool:
-        futures = [pool.submit(task, s) for s in shards]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in done if f.exception() is not None and not isinstance(f.exception(), Cancelled)]
-        if failed:
-            cancel.set()
-            for f in futures:
-                f.cancel()
-            raise failed[0].exception()
-        for f in futures:
-            f.result()
+    def run(p: Piece, inputs: dict, device: torch.device, stream, bufs: list) -> dict:
+        try:
+            return compute(p, inputs, recipe, device, stream, pool, writers[p.shard], bufs)
+        except NumericsError as e:
+            if p.rows is not None:  # report it as the whole tensor does (block indices, counts)
+                whole = Piece(p.shard, p.job, None, p.job.input_bytes)
+                extra: list = []
+                compute(whole, load(whole, view, pool, writers[p.shard], extra), recipe, device, stream, pool,
+                        writers[p.shard], extra)
+            raise e
+
+    def worker(device: torch.device) -> None:
+        stream = None
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            stream = torch.cuda.Stream(device)
+        while (item := ready.get()) is not None:
+            if cancel.is_set():
+                continue  # drain: the reader stops at its next piece
+            p, inputs, bufs = item
+            try:
+                try:
+                    outputs = run(p, inputs, device, stream, bufs)
+                except MxconvError as e:  # numerics name the tensor; add the file it came from
+                    raise e.in_file((view.tensors.get(e.tensor) or view.tensors[p.job.inputs[0]]).file)
+                computed.put((p, outputs, bufs))
+            except BaseException as e:
+                fail(e)
+
+    def writer() -> None:
+        # Separate from the workers: an O_DIRECT write waits for the disk, a worker should not.
+        while (item := computed.get()) is not None:
+            if cancel.is_set():
+                continue
+            p, outputs, bufs = item
+            try:
+                for name, tensor in outputs.items():
+                    if p.rows is None:
+                        writers[p.shard].write(name, tensor)
+                    else:
+                        writers[p.shard].write_rows(name, p.rows[0], tensor)
+                del outputs
+                pool.give(bufs)
+                budget.release(p.input_bytes)
+                progress(p.input_bytes)
+                remaining[p.shard] -= 1
+                if remaining[p.shard] == 0:
+                    done_shards.put(p.shard)
+            except BaseException as e:
+                fail(e)
+
+    def finisher() -> None:
+        complete: set[int] = set()
+        nxt = 0
+        while nxt < len(shards):
+            i = done_shards.get()
+            if i is None:
+                return
+            complete.add(i)
+            while nxt in complete and not cancel.is_set():  # in plan order
+                try:
+                    writers[nxt].finish()
+                    finished[nxt] = True
+                except BaseException as e:
+                    fail(e)
+                    return
+                nxt += 1
+
+    producers = [threading.Thread(target=reader, name="mxconv-read", daemon=True)]
+    producers += [threading.Thread(target=worker, args=(d,), name=f"mxconv-work-{n}", daemon=True)
+                  for n, d in enumerate(devices)]
+    consumers = [threading.Thread(target=writer, name="mxconv-write", daemon=True),
+                 threading.Thread(target=finisher, name="mxconv-finish", daemon=True)]
+    with _intra_op_threads(devices):
+        for t in producers + consumers:
+            t.start()
+        try:
+            for t in producers:
+                t.join()
+        except BaseException as e:  # KeyboardInterrupt in the main thread: stop the others first
+            fail(e)
+            for t in producers:
+                t.join()
+            raise
+        finally:
+            computed.put(None)
+            consumers[0].join()
+            done_shards.put(None)  # lets the finisher stop if a shard never completed
+            consumers[1].join()
+            for i, w in enumerate(writers):
+                if w is not None and not finished[i]:
+                    w.abort()
+    if errors:
+        raise errors[0]
+    if not all(finished):  # cannot happen without an error; never report success for it
+        raise MxconvError("internal error: a shard was not finished")
