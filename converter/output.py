@@ -18,7 +18,7 @@ from .errors import OutputError, SourceError
 from .files import (CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, PROVENANCE_FILE, SINGLE_FILE, STATE_DIR,
                     VERIFY_REPORT_FILE)
 from .plan import ConversionPlan, ShardPlan
-from .safetensors_io import build_header, fsync_dir, write_bytes_atomic
+from .safetensors_io import build_header, fsync_dir, write_atomic, write_bytes_atomic
 from .units import format_size
 
 # Source files never copied into the destination: weights and what mxconv writes itself.
@@ -325,19 +325,13 @@ def _side_files_present(src_root: Path, dst: Path) -> bool:
 def copy_side_files(src_root: Path, dst: Path) -> list[str]:
     """Copy the side files, each through a fsynced temporary file in DST's state directory."""
     copied = []
-    tmp = dst / STATE_DIR / ".side-file.tmp"
     for rel in side_files(src_root):
         target = dst / rel
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            with open(src_root / rel, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, _COPY_CHUNK)
-                fout.flush()
-                os.fsync(fout.fileno())
-            os.replace(tmp, target)
-            fsync_dir(target.parent)
+            with open(src_root / rel, "rb") as fin:
+                write_atomic(target, lambda fout: shutil.copyfileobj(fin, fout, _COPY_CHUNK), dst / STATE_DIR)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise OutputError(f"cannot copy {rel}: {e.strerror}", file=e.filename or target) from e
         copied.append(str(rel))
     return copied
