@@ -1,0 +1,477 @@
+#!/usr/bin/env python
+"""Benchmark: mxconv convert against `cp -r` (the physical limit) on a DeepSeek-V3-shaped checkpoint.
+
+Builds BF16 and FP8 checkpoints with real DeepSeek V3 matrix dimensions, then times, in one run
+and in the same page-cache state, `cp -r SRC DST && sync` and every conversion: mxconv on CPU
+(1 and 2 workers), on CUDA when a GPU is present, the FlashInfer-layout recipe when it exists, and
+llm-compressor's model-free MXFP8 path when it is installed. Each conversion runs in its own
+subprocess, so its peak RSS is its own. Prints a table and writes JSON.
+
+    python scripts/bench.py                  # full size: 5.6 GB BF16 + 3.2 GB FP8, 3 repeats
+    python scripts/bench.py --quick          # small smoke run
+    python scripts/bench.py --json out.json --workdir /big/disk --keep
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# Peak RSS is measured per run with wait4(). A child forked from this process would report this
+# process's RSS (torch and all) as its own high-water mark, so every run is started by a small
+# launcher process forked now, before torch is imported.
+_LAUNCHER = r"""
+import json, os, subprocess, sys, tempfile, time
+for line in sys.stdin:
+    job = json.loads(line)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(job["argv"], stdout=out, stderr=err, env=job["env"], cwd=job["cwd"])
+        _, status, usage = os.wait4(proc.pid, 0)
+        if job["sync"]:
+            subprocess.run(["sync"], check=True)
+        wall = time.perf_counter() - start
+        out.seek(0); err.seek(0)
+        print(json.dumps({"wall_s": round(wall, 3), "returncode": os.waitstatus_to_exitcode(status),
+                          "peak_rss_bytes": usage.ru_maxrss * 1024, "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+                          "stdout": out.read().decode(errors="replace")[-2000:],
+                          "stderr": err.read().decode(errors="replace")[-4000:]}), flush=True)
+"""
+_launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True) if __name__ == "__main__" else None
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from converter.demo import TINY_CONFIG, is_fp8_release_linear, quantize_fp8_block, tensor_shapes  # noqa: E402
+from converter.files import INDEX_FILE  # noqa: E402
+
+# Real DeepSeek V3 matrix dimensions (layer 0 dense with intermediate 18432, layers 1-2 MoE with 16
+# routed experts of 2048): fewer layers and experts than the real model (1.3 TB), and a
+# vocabulary of 24576 instead of 129280 so that the embeddings do not dominate. FP8 comes to
+# 3.16 GB, BF16 to 5.62 GB.
+FULL_CONFIG = dict(
+    TINY_CONFIG, _name_or_path="mxconv/bench-deepseek-v3", vocab_size=24576, hidden_size=7168,
+    intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=3, first_k_dense_replace=1,
+    num_attention_heads=128, num_key_value_heads=128, n_routed_experts=16, n_shared_experts=1,
+    num_experts_per_tok=8, n_group=8, topk_group=4, q_lora_rank=1536, kv_lora_rank=512,
+    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, num_nextn_predict_layers=0,
+    max_position_embeddings=4096)
+QUICK_CONFIG = dict(
+    FULL_CONFIG, vocab_size=2048, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+    num_attention_heads=16, num_key_value_heads=16, n_routed_experts=8, q_lora_rank=384, kv_lora_rank=256,
+    num_experts_per_tok=2, n_group=2, topk_group=1)
+
+
+# ----------------------------------------------------------------------------- the checkpoints
+
+_POOL_ELEMS = 1 << 26  # Gaussian BF16 values every tensor is cut from: building is I/O-bound
+
+
+class _Gaussian:
+    """Standard normal BF16 values, cut from one pool at random offsets (fast and realistic
+    enough: per-block statistics are those of a Gaussian weight)."""
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.pool = torch.randn(_POOL_ELEMS, generator=self.gen, dtype=torch.bfloat16)
+
+    def take(self, shape: tuple[int, ...], std: float, base: float = 0.0) -> torch.Tensor:
+        n = math.prod(shape)
+        start = int(torch.randint(0, _POOL_ELEMS, (1,), generator=self.gen))
+        parts, left = [], n
+        while left:
+            k = min(left, _POOL_ELEMS - start)
+            parts.append(self.pool[start:start + k])
+            left, start = left - k, 0
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return (flat.view(shape) * std + base).to(torch.bfloat16)
+
+
+def _fp8_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's release format (e4m3 + float32 128x128 scale_inv), one 128-row band at a time."""
+    n, k = w.shape
+    if n % 128 or k % 128:
+        return quantize_fp8_block(w)
+    q = torch.empty((n, k), dtype=torch.float8_e4m3fn)
+    scales = torch.empty((n // 128, k // 128), dtype=torch.float32)
+    for b in range(n // 128):
+        band = w[b * 128:(b + 1) * 128].float().view(128, k // 128, 128)
+        s = band.abs().amax(dim=(0, 2)).clamp(min=1e-12) / 448.0
+        scales[b] = s
+        q[b * 128:(b + 1) * 128] = (band / s[None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(128, k)
+    return q, scales
+
+
+def _stored(config: dict, precision: str):
+    """(name, shape, dtype, fp8) of every source tensor, in checkpoint order."""
+    for name, (shape, dtype) in tensor_shapes(config).items():
+        yield name, shape, dtype, precision == "fp8" and is_fp8_release_linear(name)
+
+
+def _nbytes(shape, dtype, fp8: bool) -> int:
+    if fp8:
+        return shape[0] * shape[1] + math.ceil(shape[0] / 128) * math.ceil(shape[1] / 128) * 4
+    return math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+
+
+def build_source(root: Path, config: dict, precision: str, shards: int, seed: int = 0) -> dict:
+    """A DeepSeek V3 checkpoint in `shards` files of about equal size (a weight and its scale
+    in the same file, as in the release), built one shard at a time."""
+    root.mkdir(parents=True, exist_ok=True)
+    items = list(_stored(config, precision))
+    total = sum(_nbytes(s, d, f) for _, s, d, f in items)
+    groups: list[list[tuple]] = [[]]
+    done = 0
+    for item in items:
+        if groups[-1] and done >= total * len(groups) / shards and len(groups) < shards:
+            groups.append([])
+        groups[-1].append(item)
+        done += _nbytes(*item[1:])
+    rng = _Gaussian(seed)
+    weight_map: dict[str, str] = {}
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name, shape, dtype, fp8 in group:
+            if len(shape) == 1:
+                t = rng.take(shape, 0.05, 1.0 if name.endswith("norm.weight") else 0.0).to(dtype)
+            else:
+                t = rng.take(shape, 1.0 / shape[1] ** 0.5).to(dtype)
+            if fp8:
+                tensors[name], tensors[name + "_scale_inv"] = _fp8_block(t)
+            else:
+                tensors[name] = t
+        save_file(tensors, str(root / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in tensors})
+        del tensors
+    cfg = dict(config)
+    if precision == "fp8":
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": [128, 128]}
+    (root / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (root / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                              indent=2) + "\n")
+    (root / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}) + "\n")
+    return source_facts(root)
+
+
+def source_facts(root: Path) -> dict:
+    files = sorted(root.glob("*.safetensors"))
+    return {"path": str(root), "bytes": sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
+            "weight_bytes": sum(p.stat().st_size for p in files), "shards": len(files),
+            "largest_shard_bytes": max(p.stat().st_size for p in files)}
+
+
+# ----------------------------------------------------------------------------- running things
+
+def _drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _warm(src: Path) -> None:
+    """Read the source once (untimed) so that every timed run starts with it in the page cache."""
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            with open(p, "rb", buffering=0) as f:
+                while f.read(64 << 20):
+                    pass
+
+
+def _prepare(src: Path, dst: Path, drop: bool) -> None:
+    """The same state before every timed run: no destination (its page cache freed), nothing
+    dirty, the source in the page cache; with `drop`, nothing else cached either (then the
+    source is read again, from disk: slow)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    subprocess.run(["sync"], check=True)
+    if drop:
+        _drop_caches()
+        _warm(src)
+
+
+def _timed(argv: list[str], env: dict | None = None, sync: bool = True) -> dict:
+    """Wall time, CPU time and peak RSS of one command run by the launcher, then a `sync`
+    (timed, as for cp)."""
+    job = {"argv": argv, "env": env or dict(os.environ), "cwd": str(REPO), "sync": sync}
+    _launcher.stdin.write(json.dumps(job) + "\n")
+    _launcher.stdin.flush()
+    return json.loads(_launcher.stdout.readline())
+
+
+# llm-compressor's model-free PTQ (compressed-tensors format), run in its own interpreter: it
+# pins other versions of torch/transformers than mxconv's environment may have.
+LLMC_DRIVER = r"""
+import sys
+from llmcompressor import model_free_ptq
+src, dst, precision, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+# what mxconv's deepseek_v3_mxfp8 recipe keeps in BF16 (norms are skipped automatically)
+ignore = ["lm_head", "re:.*embed_tokens$", "re:.*mlp\\.gate$", "re:.*kv_b_proj$", "re:.*eh_proj$",
+          "re:.*shared_head.*"]
+converter = None
+if precision == "fp8":
+    from compressed_tensors.entrypoints.convert import FP8BlockDequantizer
+    converter = FP8BlockDequantizer(targets=[
+        "re:.*(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|down_proj)$"])
+model_free_ptq(model_stub=src, save_directory=dst, scheme="MXFP8", ignore=ignore, max_workers=workers,
+               device="cpu", converter=converter)
+"""
+
+
+def find_llmc_python(explicit: str | None) -> tuple[str | None, str]:
+    """An interpreter that can import llmcompressor, and why not if none."""
+    candidates = [explicit] if explicit else [sys.executable, "/tmp/llmc-venv/bin/python"]
+    for py in candidates:
+        if py and Path(py).exists():
+            r = subprocess.run([py, "-c", "import llmcompressor.entrypoints.model_free"], capture_output=True)
+            if r.returncode == 0:
+                return py, ""
+    return None, ("llmcompressor is not importable from " + ", ".join(c for c in candidates if c)
+                  + " (pip install llmcompressor, ideally in its own venv; pass --llmc-python)")
+
+
+def recipe_exists(name: str) -> bool:
+    from converter.recipe import builtin_recipes
+    return name in builtin_recipes()
+
+
+def output_digest(dst: Path) -> str:
+    """sha256 over the output tensor files, in name order (to check that variants agree)."""
+    h = hashlib.sha256()
+    for p in sorted(dst.glob("*.safetensors")):
+        with open(p, "rb") as f:
+            while chunk := f.read(64 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 1e9, 1), "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform(), "gpus": []}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def plan_runs(args, precision: str, llmc_python: str | None) -> list[dict]:
+    """The rows of one precision: what to run and how to name it."""
+    mx = [sys.executable, "-m", "converter.cli", "convert"]
+    runs = [{"name": "cp -r + sync", "kind": "cp"}]
+    for w in args.workers:
+        runs.append({"name": f"mxconv cpu, {w} worker{'s' if w > 1 else ''}", "kind": "mxconv",
+                     "argv": mx + ["--device", "cpu", "--workers", str(w)], "digest_group": "canonical"})
+    if args.cuda:
+        n = torch.cuda.device_count()
+        w = args.gpu_workers or 2 * n
+        runs.append({"name": f"mxconv cuda ({n} GPU{'s' if n > 1 else ''}, {w} workers)", "kind": "mxconv",
+                     "argv": mx + ["--device", "cuda", "--workers", str(w)], "digest_group": "canonical",
+                     "gpu": True})
+    if recipe_exists(TRTLLM_RECIPE):
+        dev, w = ("cuda", args.gpu_workers or 2 * torch.cuda.device_count()) if args.cuda else ("cpu", max(args.workers))
+        runs.append({"name": f"mxconv FlashInfer layout ({dev}, {w} workers)", "kind": "mxconv",
+                     "argv": mx + ["--device", dev, "--workers", str(w), "--recipe", TRTLLM_RECIPE],
+                     "digest_group": "trtllm", "gpu": args.cuda})
+    if llmc_python:
+        w = max(args.workers)
+        runs.append({"name": f"llm-compressor model_free_ptq MXFP8 (cpu, {w} workers)", "kind": "llmc",
+                     "argv": [llmc_python, "-c", LLMC_DRIVER], "workers": w})
+    return runs
+
+
+TRTLLM_RECIPE = "deepseek_v3_mxfp8_trtllm"
+
+
+def run_one(run: dict, src: Path, dst: Path, precision: str) -> dict:
+    if run["kind"] == "cp":
+        return _timed(["cp", "-r", str(src), str(dst)])
+    if run["kind"] == "llmc":
+        return _timed(run["argv"] + [str(src), str(dst), precision, str(run["workers"])])
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return _timed(run["argv"] + [str(src), str(dst), "-q"], env=env)
+
+
+def summarize(rows: dict[str, list[dict]], facts: dict) -> list[dict]:
+    cp = statistics.median(r["wall_s"] for r in rows["cp -r + sync"] if r["returncode"] == 0)
+    out = []
+    for name, runs in rows.items():
+        ok = [r for r in runs if r["returncode"] == 0]
+        if not ok:
+            out.append({"name": name, "error": (runs[-1]["stderr"].strip().splitlines() or ["failed"])[-1]})
+            continue
+        wall = statistics.median(r["wall_s"] for r in ok)
+        out.append({"name": name, "wall_s": round(wall, 2), "min_wall_s": min(r["wall_s"] for r in ok),
+                    "runs": len(ok), "input_gb_per_s": round(facts["weight_bytes"] / wall / 1e9, 2),
+                    "ratio_to_cp": round(wall / cp, 2), "peak_rss_gb": round(max(r["peak_rss_bytes"] for r in ok) / 1e9, 2),
+                    "cpu_s": statistics.median(r["cpu_s"] for r in ok)})
+    return out
+
+
+def table(precision: str, facts: dict, summary: list[dict]) -> str:
+    lines = [f"{precision.upper()} source: {facts['weight_bytes'] / 1e9:.2f} GB in {facts['shards']} shards "
+             f"(largest {facts['largest_shard_bytes'] / 1e9:.2f} GB)",
+             f"{'':52s} {'wall s':>7s} {'GB/s in':>8s} {'x cp':>6s} {'peak RSS GB':>12s}"]
+    for s in summary:
+        if "error" in s:
+            lines.append(f"{s['name']:52s} failed: {s['error'][:80]}")
+        else:
+            lines.append(f"{s['name']:52s} {s['wall_s']:7.2f} {s['input_gb_per_s']:8.2f} {s['ratio_to_cp']:6.2f} "
+                         f"{s['peak_rss_gb']:12.2f}")
+    return "\n".join(lines)
+
+
+def targets(precision: str, facts: dict, summary: list[dict]) -> list[str]:
+    """The issue's targets, checked against this run."""
+    by = {s["name"]: s for s in summary if "error" not in s}
+    cpu = [s for n, s in by.items() if n.startswith("mxconv cpu")]
+    out = []
+    if cpu:
+        best = min(cpu, key=lambda s: s["wall_s"])
+        out.append(f"{precision}: best CPU run {best['ratio_to_cp']:.2f} x cp (target <= 2.0): "
+                   f"{'met' if best['ratio_to_cp'] <= 2.0 else 'NOT met'}")
+        limit = facts["largest_shard_bytes"] / 1e9 + 2.0
+        rss = max(s["peak_rss_gb"] for s in cpu)
+        out.append(f"{precision}: peak RSS {rss:.2f} GB (target <= largest shard + 2 GB = {limit:.2f}): "
+                   f"{'met' if rss <= limit else 'NOT met'}")
+        llmc = next((s for n, s in by.items() if n.startswith("llm-compressor")), None)
+        if llmc:
+            speedup = llmc["wall_s"] / best["wall_s"]
+            out.append(f"{precision}: {speedup:.1f} x faster than llm-compressor (target >= 5): "
+                       f"{'met' if speedup >= 5 else 'NOT met'}")
+    gpu = [s for n, s in by.items() if n.startswith("mxconv cuda")]
+    if gpu:
+        g = gpu[0]
+        out.append(f"{precision}: CUDA {g['ratio_to_cp']:.2f} x cp (target <= 1.2 on one H100): "
+                   f"{'met' if g['ratio_to_cp'] <= 1.2 else 'NOT met'}")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, help="where the checkpoints and outputs go (default: a new "
+                    "directory under /work if it exists, else the system temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the workdir (and reuse its sources next time)")
+    ap.add_argument("--quick", action="store_true", help="small checkpoints, one repeat: a smoke run")
+    ap.add_argument("--json", type=Path, help="write every run and the summary here")
+    ap.add_argument("--repeats", type=int, help="timed runs of every row (default 3, --quick 1); the median counts")
+    ap.add_argument("--precisions", default="bf16,fp8", help="source precisions: bf16,fp8")
+    ap.add_argument("--workers", default="1,2", help="CPU worker counts to time")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto: also time --device cuda when a GPU is present")
+    ap.add_argument("--gpu-workers", type=int, help="workers for the CUDA rows (default 2 per GPU)")
+    ap.add_argument("--shards", type=int, default=4, help="source shards (at least 3)")
+    ap.add_argument("--llmc-python", help="python of an environment with llmcompressor (default: this one, "
+                    "then /tmp/llmc-venv/bin/python)")
+    ap.add_argument("--no-llmc", action="store_true", help="skip llm-compressor")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="drop the page cache before each run and re-read the source (needs root; slow: the "
+                         "source is read from disk every time). Default: the source stays cached, every "
+                         "destination is deleted and synced before the next run")
+    ap.add_argument("--llmc-repeats", type=int, default=1, help="timed llm-compressor runs (it is slow)")
+    args = ap.parse_args()
+    args.workers = [int(w) for w in args.workers.split(",")]
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    config = QUICK_CONFIG if args.quick else FULL_CONFIG
+
+    workdir = args.workdir
+    if workdir is None:
+        parent = Path("/work") if Path("/work").is_dir() and os.access("/work", os.W_OK) else None
+        workdir = Path(tempfile.mkdtemp(prefix="mxconv-bench-", dir=parent))
+    workdir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(workdir).free
+    need = (3 if args.quick else 25) * 10**9
+    if free < need:
+        print(f"bench: {workdir} has {free / 1e9:.0f} GB free, needs about {need / 1e9:.0f} GB", file=sys.stderr)
+        return 2
+    llmc_python, llmc_why = (None, "--no-llmc") if args.no_llmc else find_llmc_python(args.llmc_python)
+    drop = args.drop_caches and os.access("/proc/sys/vm/drop_caches", os.W_OK) and _drop_caches()
+    report = {"machine": machine(), "config": {k: config[k] for k in ("hidden_size", "intermediate_size",
+              "moe_intermediate_size", "n_routed_experts", "num_hidden_layers", "vocab_size")},
+              "cache": "page cache dropped, then the source read again, before every timed run" if drop
+              else "source in the page cache; previous destination deleted and synced before every run",
+              "repeats": args.repeats, "llm_compressor": llmc_python or f"skipped: {llmc_why}",
+              "load_before": os.getloadavg(), "precisions": {}}
+    print(f"bench: workdir {workdir}; {report['cache']}; llm-compressor: {report['llm_compressor']}", flush=True)
+    try:
+        for precision in args.precisions.split(","):
+            src = workdir / f"src-{precision}" / ("quick" if args.quick else "full")
+            if (src / INDEX_FILE).exists():
+                facts = source_facts(src)
+            else:
+                t = time.perf_counter()
+                facts = build_source(src, config, precision, args.shards)
+                print(f"bench: built {precision} source, {facts['weight_bytes'] / 1e9:.2f} GB, in "
+                      f"{time.perf_counter() - t:.0f} s", flush=True)
+            dst = workdir / "dst"
+            runs = plan_runs(args, precision, llmc_python)
+            _prepare(src, dst, drop)
+            _warm(src)
+            run_one(runs[0], src, dst, precision)  # warm-up copy, untimed
+            rows: dict[str, list[dict]] = {r["name"]: [] for r in runs}
+            digests: dict[str, set[str]] = {}
+            for rep in range(args.repeats):
+                for r in runs:  # alternate, so that every row sees the same machine conditions
+                    if r["kind"] == "llmc" and rep >= args.llmc_repeats:
+                        continue
+                    _prepare(src, dst, drop)
+                    res = run_one(r, src, dst, precision)
+                    if res["returncode"] == 0 and r.get("digest_group") and rep == 0:
+                        digests.setdefault(r["digest_group"], set()).add(output_digest(dst))
+                    rows[r["name"]].append(res)
+                    status = f"{res['wall_s']:.2f} s" if res["returncode"] == 0 else \
+                        f"FAILED: {(res['stderr'].strip().splitlines() or ['?'])[-1][:200]}"
+                    print(f"bench: {precision} {r['name']}: {status}", flush=True)
+            summary = summarize(rows, facts)
+            identical = {g: len(d) == 1 for g, d in digests.items()}
+            report["precisions"][precision] = {"source": facts, "runs": rows, "summary": summary,
+                                               "outputs_identical_across_devices_and_workers": identical,
+                                               "targets": targets(precision, facts, summary)}
+            if dst.exists():
+                shutil.rmtree(dst)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report["load_after"] = os.getloadavg()
+    m = report["machine"]
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM"
+          + (f", {', '.join(m['gpus'])}" if m["gpus"] else "") + f"; torch {m['torch']}; "
+          f"load average {report['load_before'][0]:.1f} before, {report['load_after'][0]:.1f} after")
+    print(f"{report['cache']}; median of {args.repeats} run(s) ({args.llmc_repeats} for llm-compressor); "
+          f"llm-compressor: {report['llm_compressor']}")
+    for precision, r in report["precisions"].items():
+        print()
+        print(table(precision, r["source"], r["summary"]))
+        for group, same in r["outputs_identical_across_devices_and_workers"].items():
+            print(f"  {group} outputs byte-identical across rows: {'yes' if same else 'NO'}")
+        for line in r["targets"]:
+            print("  " + line)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
