@@ -29,7 +29,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+try:  # the installed project (pip install -e . or pip install .), else the checkout itself
+    import converter.configs  # noqa: F401
+    _PYTHONPATH = None
+except ImportError:
+    sys.path.insert(0, str(REPO))
+    _PYTHONPATH = str(REPO)
 
 # Peak RSS is measured per run with wait4(). A child forked from this process would report this
 # process's RSS (torch and all) as its own high-water mark, so every run is started by a small
@@ -212,7 +217,8 @@ def _prepare(src: Path, dst: Path, drop: bool) -> None:
 def _timed(argv: list[str], env: dict | None = None, sync: bool = True) -> dict:
     """Wall time, CPU time and peak RSS of one command run by the launcher, then a `sync`
     (timed, as for cp)."""
-    job = {"argv": argv, "env": env or dict(os.environ), "cwd": str(REPO), "sync": sync}
+    # not from the checkout: `python -m` would import its converter/ ahead of the installed one
+    job = {"argv": argv, "env": env or dict(os.environ), "cwd": tempfile.gettempdir(), "sync": sync}
     _launcher.stdin.write(json.dumps(job) + "\n")
     _launcher.stdin.flush()
     return json.loads(_launcher.stdout.readline())
@@ -251,7 +257,11 @@ def find_llmc_python(explicit: str | None) -> tuple[str | None, str]:
 
 def recipe_exists(name: str) -> bool:
     from converter.recipe import builtin_recipes
-    return name in builtin_recipes()
+    try:
+        return name in builtin_recipes()
+    except ImportError:  # a checkout that is not installed: the recipes are not a package yet
+        sys.exit("bench: converter.configs cannot be imported; install the project first: "
+                 "pip install -e .  (or pip install . --no-deps)")
 
 
 def output_digest(dst: Path) -> str:
@@ -308,7 +318,9 @@ def run_one(run: dict, src: Path, dst: Path, precision: str) -> dict:
         return _timed(["cp", "-r", str(src), str(dst)])
     if run["kind"] == "llmc":
         return _timed(run["argv"] + [str(src), str(dst), precision, str(run["workers"])])
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ)
+    if _PYTHONPATH:
+        env["PYTHONPATH"] = _PYTHONPATH + os.pathsep + env.get("PYTHONPATH", "")
     return _timed(run["argv"] + [str(src), str(dst), "-q"], env=env)
 
 
@@ -381,6 +393,9 @@ def main() -> int:
                     help="auto: also time --device cuda when a GPU is present")
     ap.add_argument("--gpu-workers", type=int, help="workers for the CUDA rows (default 2 per GPU)")
     ap.add_argument("--shards", type=int, default=4, help="source shards (at least 3)")
+    ap.add_argument("--layers", type=int, help="decoder layers (default 3: one dense, two MoE); each MoE layer "
+                    "adds about 1.45 GB in FP8, 2.9 GB in BF16. Startup (Python, torch, CUDA) costs seconds, "
+                    "so on fast machines a bigger checkpoint measures the steady state better")
     ap.add_argument("--llmc-python", help="python of an environment with llmcompressor (default: this one, "
                     "then /tmp/llmc-venv/bin/python)")
     ap.add_argument("--no-llmc", action="store_true", help="skip llm-compressor")
@@ -393,7 +408,9 @@ def main() -> int:
     args.workers = [int(w) for w in args.workers.split(",")]
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    config = QUICK_CONFIG if args.quick else FULL_CONFIG
+    config = dict(QUICK_CONFIG if args.quick else FULL_CONFIG)
+    if args.layers:
+        config["num_hidden_layers"] = args.layers
 
     workdir = args.workdir
     if workdir is None:
@@ -401,7 +418,8 @@ def main() -> int:
         workdir = Path(tempfile.mkdtemp(prefix="mxconv-bench-", dir=parent))
     workdir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(workdir).free
-    need = (3 if args.quick else 25) * 10**9
+    # a source, its copy and a conversion at a time, for each precision's source
+    need = sum(3 * sum(_nbytes(*t[1:]) for t in _stored(config, p)) for p in args.precisions.split(","))
     if free < need:
         print(f"bench: {workdir} has {free / 1e9:.0f} GB free, needs about {need / 1e9:.0f} GB", file=sys.stderr)
         return 2
@@ -416,7 +434,7 @@ def main() -> int:
     print(f"bench: workdir {workdir}; {report['cache']}; llm-compressor: {report['llm_compressor']}", flush=True)
     try:
         for precision in args.precisions.split(","):
-            src = workdir / f"src-{precision}" / ("quick" if args.quick else "full")
+            src = workdir / f"src-{precision}" / f"{'quick' if args.quick else 'full'}-{config['num_hidden_layers']}"
             if (src / INDEX_FILE).exists():
                 facts = source_facts(src)
             else:

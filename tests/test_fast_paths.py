@@ -1,0 +1,213 @@
+"""The performance paths (GitHub issue 7) against the reference: fast kernels, O_DIRECT shard
+writes, row pieces. Every test here compares bytes, never just shapes."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+
+import pytest
+import torch
+
+import converter
+from converter import direct_io, kernels, pieces
+from converter.errors import NumericsError
+from converter.numerics import dequantize_fp8_block, quantize_mxfp8, requantize_fp8_block
+from converter.safetensors_io import PlannedTensor, ShardWriter, build_header
+from helpers import load_all, same_bytes
+from mutate import clone, edit_tensors, put_nan
+from reference import reference_fp8_dequant, reference_mxfp8
+
+
+def _adversarial_bf16(n: int, k: int, seed: int) -> torch.Tensor:
+    """Gaussian rows at exponents from 2^-140 to 2^120, zero blocks, subnormals, ties, and rows
+    of random finite bit patterns."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=g) * torch.exp2(torch.randint(-140, 120, (n, 1), generator=g).float())
+    if k >= 64:
+        x[:, :32] = 0
+        x[0, 40] = 2.0**-133
+        x[min(1, n - 1), 33:40] = torch.tensor([1.0, 1.0625, 1.1875, 448.0, -448.0, 1.75, 1.9])
+    xb = x.to(torch.bfloat16)
+    bits = torch.randint(-32768, 32767, (n, k), generator=g, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    rows = slice(2, min(n, 6))
+    xb[rows] = torch.where(torch.isfinite(bits[rows]), bits[rows], torch.zeros_like(bits[rows]))
+    return xb
+
+
+@pytest.mark.parametrize("rule", ["rceil", "floor"])
+@pytest.mark.parametrize("shape", [(7, 64), (300, 7168), (129, 2048), (1, 32), (4, 3, 96)])
+def test_bf16_kernel_matches_the_reference(monkeypatch, rule, shape):
+    monkeypatch.setattr(kernels, "CPU_CHUNK_ELEMS", 4096)  # many chunks, a ragged last one
+    x = _adversarial_bf16(int(torch.tensor(shape[:-1]).prod()), shape[-1], seed=len(shape) + shape[-1])
+    x = x.view(shape)
+    q, s = quantize_mxfp8(x, rule)  # dispatches to kernels.quantize_bf16
+    ref_q, ref_s = quantize_mxfp8(x.float(), rule)  # float32 input: the reference path, same values
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.uint8
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(s, ref_s)
+    if x.numel() <= 1 << 16:  # and the independent reference, where it is fast enough
+        rq, rs = reference_mxfp8(x, rule)
+        assert torch.equal(q.view(torch.uint8), rq) and torch.equal(s, rs)
+
+
+def _fp8_source(n: int, k: int, seed: int, scale_exp: tuple[int, int] = (-20, 4)):
+    from converter.demo import quantize_fp8_block
+
+    g = torch.Generator().manual_seed(seed)
+    w, s = quantize_fp8_block(torch.randn(n, k, generator=g) * torch.exp2(torch.randint(-30, 30, (n, 1), generator=g).float()))
+    s = s * torch.exp2(torch.randint(*scale_exp, s.shape, generator=g).float())
+    return w, s * torch.where(torch.rand(s.shape, generator=g) < 0.1, -1.0, 1.0)  # a few negative scales
+
+
+@pytest.mark.parametrize("rule", ["rceil", "floor"])
+@pytest.mark.parametrize("shape", [(256, 512), (576, 7168 // 4), (300, 160), (129, 96)])
+def test_fp8_kernels_match_deepseek_dequant_then_quantize(monkeypatch, rule, shape):
+    monkeypatch.setattr(kernels, "CPU_CHUNK_ELEMS", 4096)
+    w, s = _fp8_source(*shape, seed=shape[0])
+    ref_bf16 = reference_fp8_dequant(w, s)
+    assert same_bytes(dequantize_fp8_block(w, s), ref_bf16)
+    q, sc = requantize_fp8_block(w, s, rule)
+    ref_q, ref_s = quantize_mxfp8(ref_bf16.float(), rule)
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(sc, ref_s)
+
+
+@pytest.mark.parametrize("scale", [2.0**-125, 2.0**110, 0.0, float("inf")])
+def test_fp8_scales_outside_the_fast_range_fall_back_exactly(scale):
+    w, s = _fp8_source(256, 256, seed=5)
+    s[1, 0] = scale
+    assert kernels.requantize_fp8(w, s, "rceil") is None  # the fast path declines...
+    ref = reference_fp8_dequant(w, s)
+    assert same_bytes(dequantize_fp8_block(w, s), ref)  # ...and the result is still the reference
+    if torch.isfinite(ref.float()).all():
+        q, sc = requantize_fp8_block(w, s)
+        rq, rs = quantize_mxfp8(ref.float())
+        assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(sc, rs)
+
+
+@pytest.mark.parametrize("code", [0x7F, 0xFF])
+def test_fp8_nan_code_is_the_same_error_as_the_reference(code):
+    w, s = _fp8_source(256, 256, seed=6)
+    w.view(torch.uint8)[130, 70] = code
+    with pytest.raises(NumericsError, match=r"block \(130, 2\)"):
+        requantize_fp8_block(w, s, name="t")
+
+
+def test_out_buffers_are_filled_and_returned():
+    x = _adversarial_bf16(64, 256, seed=7)
+    q0, s0 = quantize_mxfp8(x)
+    q, s = torch.empty_like(q0), torch.empty_like(s0)
+    q1, s1 = quantize_mxfp8(x, out=(q, s))
+    assert q1.data_ptr() == q.data_ptr() and s1.data_ptr() == s.data_ptr()
+    assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_shard_writer_assembles_any_order_any_alignment(tmp_path, direct):
+    """Tensors and row pieces of odd sizes, written from 4 threads in random order, some from
+    memory at the right O_DIRECT phase and some not: the file is the header then the bytes."""
+    rng = random.Random(11)
+    planned = [PlannedTensor(f"t{i}", "U8", (rng.randint(1, 40), rng.choice([1, 7, 100, 4096, 5000])))
+               for i in range(40)]
+    data = {t.name: torch.randint(0, 256, t.shape, dtype=torch.uint8) for t in planned}
+    parts = []
+    for t in planned:  # whole tensors and row pieces
+        rows = t.shape[0]
+        cut = sorted(rng.sample(range(1, rows), min(rows - 1, rng.randint(0, 3)))) if rows > 1 else []
+        for a, b in zip([0] + cut, cut + [rows]):
+            parts.append((t.name, a, b))
+    rng.shuffle(parts)
+    with ShardWriter(tmp_path / "s.safetensors", tmp_path / "s.partial", planned, direct=direct) as w:
+        assert (w.direct is not None) == (direct and direct_io.open_direct(tmp_path / "probe", 1) is not None)
+
+        def write(chunk):
+            for name, a, b in chunk:
+                src = data[name][a:b]
+                if rng.random() < 0.5:  # at the phase that lets O_DIRECT take it without a copy
+                    base = torch.empty(src.numel() + 4096, dtype=torch.uint8)
+                    skip = (w.phase(name, a) - base.data_ptr()) % 4096
+                    src = base[skip:skip + src.numel()].view(src.shape).copy_(src)
+                if a == 0 and b == len(data[name]):
+                    w.write(name, src)
+                else:
+                    w.write_rows(name, a, src)
+
+        threads = [threading.Thread(target=write, args=(parts[i::4],)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    header, _ = build_header(planned)
+    expected = header + b"".join(data[t.name].numpy().tobytes() for t in planned)
+    assert (tmp_path / "s.safetensors").read_bytes() == expected
+
+
+def test_shard_writer_refuses_overlapping_rows(tmp_path):
+    planned = [PlannedTensor("t", "U8", (10, 3))]
+    with pytest.raises(Exception, match="written twice"):
+        with ShardWriter(tmp_path / "s", tmp_path / "p", planned) as w:
+            w.write_rows("t", 0, torch.zeros(6, 3, dtype=torch.uint8))
+            w.write_rows("t", 5, torch.zeros(5, 3, dtype=torch.uint8))
+    assert not (tmp_path / "p").exists() and not (tmp_path / "s").exists()
+
+
+@pytest.fixture(scope="module")
+def unsplit(tiny_sources, tmp_path_factory):
+    out = {}
+    for name in ("bf16", "fp8", "fp8_ue8m0"):
+        dst = tmp_path_factory.mktemp("unsplit") / name
+        converter.convert(tiny_sources[name], dst, quiet=True)
+        out[name] = dst
+    return out
+
+
+@pytest.mark.parametrize("source", ["bf16", "fp8", "fp8_ue8m0"])
+@pytest.mark.parametrize("workers", [1, 3])
+def test_row_pieces_give_the_same_bytes(tiny_sources, unsplit, tmp_path, monkeypatch, source, workers):
+    monkeypatch.setattr(pieces, "PIECE_BYTES", 2000)  # tiny pieces: every 2-D tensor is cut
+    monkeypatch.setattr(kernels, "CPU_CHUNK_ELEMS", 1000)
+    calls = []
+    real = pieces.split
+    monkeypatch.setattr(pieces, "split", lambda *a: calls.append(len(r := real(*a))) or r)
+    import converter.execute as ex
+    monkeypatch.setattr(ex, "split", pieces.split)
+    converter.convert(tiny_sources[source], tmp_path / "o", quiet=True, workers=workers, max_shard_size="300KB")
+    assert max(calls) > 4  # really cut
+    got, want = load_all(tmp_path / "o"), load_all(unsplit[source])
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert same_bytes(got[name], want[name]), name
+
+
+def test_nan_in_a_later_piece_names_the_block_of_the_whole_tensor(tiny_sources, tmp_path, monkeypatch):
+    src = clone(tiny_sources["bf16"], tmp_path / "src")
+    name = "model.layers.0.mlp.down_proj.weight"  # 256 x 384
+    edit_tensors(src, put_nan(name, row=200, col=70))
+    monkeypatch.setattr(pieces, "PIECE_BYTES", 4096)
+    with pytest.raises(NumericsError, match=r"block \(200, 2\)") as err:
+        converter.convert(src, tmp_path / "o", quiet=True, workers=2)
+    assert name in str(err.value)
+
+
+def test_o_direct_unavailable_falls_back_to_buffered_writes(tiny_sources, unsplit, tmp_path, monkeypatch):
+    import converter.safetensors_io as sio
+
+    monkeypatch.setattr(sio, "open_direct", lambda path, size: None)
+    converter.convert(tiny_sources["fp8"], tmp_path / "o", quiet=True, workers=2)
+    got, want = load_all(tmp_path / "o"), load_all(unsplit["fp8"])
+    assert all(same_bytes(got[n], want[n]) for n in want) and sorted(got) == sorted(want)
+
+
+def test_file_smaller_than_a_block_and_odd_sizes(tmp_path):
+    for size in (1, 7, 4095, 4096, 4097, 12289):
+        path = tmp_path / f"f{size}"
+        f = direct_io.open_direct(path, size)
+        if f is None:
+            pytest.skip("no O_DIRECT on this file system")
+        payload = torch.randint(0, 256, (size,), dtype=torch.uint8)
+        cut = size // 3
+        f.write(payload[cut:], cut)
+        f.write(payload[:cut], 0)
+        f.close()
+        os.close(f.fd)
+        assert path.read_bytes() == payload.numpy().tobytes()
