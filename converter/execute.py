@@ -14,11 +14,9 @@ waits only for its own stream.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -31,9 +29,9 @@ from .pieces import BufferPool, Piece, compute, load, split
 from .plan import ShardPlan
 from .recipe import Recipe
 from .safetensors_io import ShardWriter
+from .source_hash import SourceHasher  # noqa: F401  (where pipeline imports it from)
 from .view import CanonicalView
 
-_HASH_CHUNK = 16 * 1024 * 1024
 # Source bytes read ahead of the workers, per worker (a piece bigger than that runs alone): two
 # pieces each keep the workers fed; more only costs memory (and page faults to fill it).
 _INFLIGHT_PER_WORKER = 32 * 1024 * 1024
@@ -59,44 +57,6 @@ def resolve_devices(device: str, workers: int) -> list[torch.device]:
     if dev.type != "cpu":
         raise MxconvError(f"unsupported --device {device!r}; use cpu, cuda or cuda:N")
     return [dev] * workers
-
-
-class SourceHasher:
-    """sha256 of every source file, computed in background threads during the conversion.
-
-    The cost is sha256 itself (about 1.5 GB/s per core with SHA-NI), not the re-read from the page
-    cache; files are hashed in parallel only where cores are left over for it."""
-
-    def __init__(self, files: list[Path], threads: int | None = None):
-        self.files = list(files)
-        self.hashes: dict[str, str] = {}
-        self.error: BaseException | None = None
-        self.threads = threads or max(1, min(len(self.files), (os.cpu_count() or 1) // 4))
-        self.pool: ThreadPoolExecutor | None = None
-        self.futures: list = []
-
-    def _hash(self, path: Path) -> None:
-        buf = bytearray(_HASH_CHUNK)
-        view = memoryview(buf)
-        h = hashlib.sha256()
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                h.update(view[:n])
-        self.hashes[path.name] = h.hexdigest()
-
-    def start(self) -> "SourceHasher":
-        if self.files:
-            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mxconv-hash")
-            self.futures = [self.pool.submit(self._hash, p) for p in self.files]
-        return self
-
-    def result(self) -> dict[str, str]:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-            for f in self.futures:
-                if f.exception() is not None:
-                    raise MxconvError(f"hashing the source failed: {f.exception()}")
-        return dict(self.hashes)
 
 
 class _Budget:

@@ -211,3 +211,21 @@ def test_file_smaller_than_a_block_and_odd_sizes(tmp_path):
         f.close()
         os.close(f.fd)
         assert path.read_bytes() == payload.numpy().tobytes()
+
+
+def test_early_source_hash_is_adopted_and_rechecked(tiny_sources, tmp_path):
+    """Hashing started before torch is imported is reused, unless a file changed since."""
+    import hashlib
+
+    from converter.source_hash import SourceHasher, start_early
+
+    src = clone(tiny_sources["bf16"], tmp_path / "src")
+    files = sorted(src.glob("*.safetensors"))
+    want = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    start_early(src)
+    h = SourceHasher(files).start()
+    assert h.adopted is not None and h.result() == want
+    start_early(src)
+    h = SourceHasher(files).start()
+    os.utime(files[0], ns=(1, 1))  # "changed" after the early start: hashed again
+    assert h.result() == want and h.adopted is None
