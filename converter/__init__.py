@@ -1,7 +1,17 @@
-"""mxconv: DeepSeek V3 checkpoints -> bit-exact MXFP8 checkpoints for SGLang on Blackwell."""
+"""mxconv: DeepSeek V3 checkpoints -> bit-exact MXFP8 checkpoints for SGLang on Blackwell.
+
+`converter.convert(src, dst, ...)` is the Python API of `mxconv convert`. It is imported on first
+use, so that `import converter` (and the CLI's start) does not wait for torch.
+"""
 
 __version__ = "0.1.0"
 
-from .pipeline import convert  # noqa: E402  (the Python API: converter.convert(src, dst, ...))
-
 __all__ = ["__version__", "convert"]
+
+
+def __getattr__(name: str):
+    if name == "convert":
+        from .pipeline import convert
+
+        return convert
+    raise AttributeError(f"module 'converter' has no attribute {name!r}")

@@ -30,7 +30,8 @@ def convert(
     recipe: str = typer.Option("deepseek_v3_mxfp8", help="built-in recipe name or path to a recipe YAML"),
     mapping: str = typer.Option("auto", help="source tensor naming: auto, hf, megatron, deepseek, or a YAML path"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
-    workers: int = typer.Option(1, min=1, help="output shards converted in parallel"),
+    workers: Optional[int] = typer.Option(None, min=1, help="jobs computed in parallel (default: one per CPU "
+                                                            "core; with --device cuda, two per GPU)"),
     max_shard_size: str = typer.Option("5GB", help="largest output shard, in bytes: 5GB, 500MB, 4GiB"),
     requantize: bool = typer.Option(False, "--requantize",
                                     help="UE8M0 FP8 sources: dequantize and requantize with the recipe's scale "
@@ -47,6 +48,10 @@ def convert(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Convert SRC into an MXFP8 (or BF16) checkpoint in DST."""
+    if not dry_run:  # hash the source on a spare core while torch imports
+        from .source_hash import start_early
+
+        start_early(src)
     from .pipeline import convert as run_convert
     from .summary import describe_plan, describe_result
 
@@ -87,7 +92,8 @@ def verify(
     logits: bool = typer.Option(False, "--logits", help="also compare the logits of SRC and of the dequantized "
                                                         "DST in transformers (models that fit in memory)"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
-    workers: int = typer.Option(1, min=1, help="DST shards checked in parallel"),
+    workers: Optional[int] = typer.Option(None, min=1, help="DST shards checked in parallel (default: one per "
+                                                            "CPU core)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Check DST against SRC (coverage, config, bytes, numerics, logits); exit 0 only if every check passes."""
@@ -163,7 +169,7 @@ def unshuffle(
     src: Path = typer.Argument(..., help="a checkpoint converted with --recipe deepseek_v3_mxfp8_trtllm"),
     dst: Path = typer.Argument(..., help="output directory for the canonical MXFP8 checkpoint"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
-    workers: int = typer.Option(1, min=1, help="output shards written in parallel"),
+    workers: Optional[int] = typer.Option(None, min=1, help="jobs computed in parallel (default: one per CPU core)"),
     max_shard_size: str = typer.Option("5GB", help="largest output shard, in bytes: 5GB, 500MB, 4GiB"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace whatever DST holds"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),

@@ -42,9 +42,13 @@ class Cancelled(Exception):
     """Another thread failed; this one stops at the next job boundary."""
 
 
-def resolve_devices(device: str, workers: int) -> list[torch.device]:
-    """One compute device per worker. `cuda` uses every visible GPU (at least one worker each)."""
+def resolve_devices(device: str, workers: int | None) -> list[torch.device]:
+    """One compute device per worker. `cuda` uses every visible GPU (at least one worker each).
+    workers None: one per CPU core, or two per GPU (one computes while the other's copies run)."""
     dev = torch.device(device)
+    if workers is None:
+        gpus = torch.cuda.device_count() if dev.type == "cuda" and dev.index is None else 1
+        workers = 2 * gpus if dev.type == "cuda" else max(1, len(os.sched_getaffinity(0)))
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise MxconvError(f"--device {device} asked for, but no CUDA device is available")

@@ -70,11 +70,11 @@ def plan_conversion(src: str | Path, *, recipe: str | Path | Recipe = DEFAULT_RE
 
 
 def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe = DEFAULT_RECIPE,
-            mapping: str = "auto", device: str = "cpu", workers: int = 1, max_shard_size: str | int = "5GB",
+            mapping: str = "auto", device: str = "cpu", workers: int | None = None, max_shard_size: str | int = "5GB",
             overwrite: bool = False, dry_run: bool = False, quiet: bool = False, requantize: bool | None = None,
             scale_rule: str | None = None, allow_nonfinite: bool | None = None, hash_sources: bool = True) -> ConversionResult:
     """Convert the checkpoint in `src` into `dst`; what `mxconv convert` does."""
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise MxconvError(f"--workers must be at least 1, got {workers}")
     src, dst = Path(src), Path(dst)
     ckpt, view, mapping_name, plan = plan_conversion(
@@ -94,7 +94,8 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe = D
                             options=options)
 
 
-def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict, *, device: str, workers: int,
+def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict, *, device: str,
+                     workers: int | None,
                      overwrite: bool, quiet: bool, hash_sources: bool, options: dict) -> ConversionResult:
     """Execute a plan into result.dst: shards (resumable), side files, index and config, then the
     provenance file that marks the checkpoint complete. Shared by convert and unshuffle."""

@@ -70,7 +70,7 @@ def plan_unshuffle(ckpt: SourceCheckpoint, max_shard_bytes: int) -> tuple[Conver
     return plan, prov["source"].get("mapping", "hf")
 
 
-def unshuffle(src: str | Path, dst: str | Path, *, device: str = "cpu", workers: int = 1,
+def unshuffle(src: str | Path, dst: str | Path, *, device: str = "cpu", workers: int | None = None,
               max_shard_size: str | int = "5GB", overwrite: bool = False, quiet: bool = False) -> ConversionResult:
     """What `mxconv unshuffle SRC DST` does."""
     ckpt = SourceCheckpoint.open(src)

@@ -151,7 +151,7 @@ def _default_recipe(dst: Path) -> Recipe:
     return load_recipe(DEFAULT_RECIPE).with_options(moe_layout="trtllm" if trtllm else None)
 
 
-def verify_checkpoint(src: str | Path, dst: str | Path, *, device: str = "cpu", workers: int = 1,
+def verify_checkpoint(src: str | Path, dst: str | Path, *, device: str = "cpu", workers: int | None = None,
                       quiet: bool = False, report_path: str | Path | None = None,
                       html_path: str | Path | None = None, logits: bool = False,
                       thresholds: Thresholds | None = None) -> VerifyReport:
@@ -160,7 +160,7 @@ def verify_checkpoint(src: str | Path, dst: str | Path, *, device: str = "cpu", 
 
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise VerifyError(f"--workers must be at least 1, got {workers}")
     if not dst.is_dir():
         raise VerifyError("destination is not a directory", file=dst)
