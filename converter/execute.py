@@ -187,7 +187,7 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
                     if p.rows is None:
                         writers[p.shard].write(name, tensor)
                     else:
-                        writers[p.shard].write_rows(name, p.rows[0], tensor)
+                        writers[p.shard].write_rows(name, p.output_row, tensor)
                 del outputs
                 pool.give(bufs)
                 budget.release(p.input_bytes)

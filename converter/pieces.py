@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint
 from .direct_io import ALIGN
-from .plan import COPY, DEQUANT_BF16, FROM_HIGH_PRECISION, MXFP8, Job
+from .plan import COPY, DEQUANT_BF16, FROM_HIGH_PRECISION, MXFP8, TRTLLM_W2, TRTLLM_W13, Job
 from .recipe import Recipe
 from .safetensors_io import DTYPES, PlannedTensor, ShardWriter
 from .transform import run_job
@@ -38,6 +38,13 @@ class Piece:
     rows: tuple[int, int] | None  # of the job's tensors; None: the whole job
     input_bytes: int
 
+    @property
+    def output_row(self) -> int:
+        """First row of the job's outputs this piece fills: gemm1 of the TRT-LLM layout holds two
+        rows (up, gate) per source row, interleaved, so its pieces land at twice the source row."""
+        r0 = self.rows[0] if self.rows else 0
+        return 2 * r0 if self.job.action == TRTLLM_W13 else r0
+
 
 def split(shard: int, job: Job, view: CanonicalView, recipe: Recipe) -> list[Piece]:
     """The job as pieces of about PIECE_BYTES (one piece if it is small or cannot be cut)."""
@@ -48,6 +55,10 @@ def split(shard: int, job: Job, view: CanonicalView, recipe: Recipe) -> list[Pie
         step = 1
     elif job.action in (MXFP8, DEQUANT_BF16) and not recipe.allow_nonfinite:
         step = 1 if job.operands[0].prep == FROM_HIGH_PRECISION and job.action == MXFP8 else _TILE
+    elif job.action in (TRTLLM_W13, TRTLLM_W2) and not recipe.allow_nonfinite:
+        # The row shuffle stays inside 32-row blocks and the scale swizzle inside 128-row tiles, so
+        # 128-row bands of the source map onto bands of the packed output (twice as tall for w13).
+        step = _TILE
     else:
         return whole
     first = view.tensors[job.operands[0].weight]
@@ -110,11 +121,12 @@ def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWrite
     if view.derivations is not None:  # renamed, split or fused: the mapping materializes them
         return {name: view.load(name, "cpu") for name in job.inputs}
     inputs = {}
+    scales = {op.scale for op in job.operands}
     for name in job.inputs:
         info = view.ckpt.tensors[name]
         if piece.rows is not None:
             r0, r1 = piece.rows
-            if name != job.operands[0].weight:  # the FP8 scale: its tile rows
+            if name in scales:  # an FP8 scale: its tile rows
                 r0, r1 = r0 // _TILE, -(-r1 // _TILE)
             row_bytes = info.nbytes // info.shape[0]
             info = dataclasses.replace(info, shape=_sub_rows(info.shape, (r0, r1)), start=info.start + r0 * row_bytes,
@@ -129,7 +141,7 @@ def compute(piece: Piece, inputs: dict[str, torch.Tensor], recipe: Recipe, devic
             pool: BufferPool, writer: ShardWriter, bufs: list) -> dict[str, torch.Tensor]:
     """Run a piece on `device`; outputs come back in host memory, in pooled buffers (listed in
     `bufs`) where the job can fill them."""
-    job, r0 = piece.job, piece.rows[0] if piece.rows else 0
+    job, r0 = piece.job, piece.output_row
     if device.type == "cpu" or job.action == COPY:  # copies never need the accelerator
         out = None
         if job.action in _FILLS_OUT:
