@@ -104,6 +104,7 @@ class DirectFile:
         for block, entry in sorted(self.partial.items()):
             self._pwrite_all(memoryview(entry[0]), block * ALIGN)
         self.partial.clear()
+        self.local = threading.local()  # drop the per-thread bounce buffers with the file
         os.ftruncate(self.fd, self.size)
         os.fsync(self.fd)
 

@@ -160,9 +160,12 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
 
     def worker(device: torch.device) -> None:
         stream = None
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-            stream = torch.cuda.Stream(device)
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+                stream = torch.cuda.Stream(device)
+        except BaseException as e:  # no device: fail the run (cancel frees the reader), then drain
+            fail(e)
         while (item := ready.get()) is not None:
             if cancel.is_set():
                 continue  # drain: the reader stops at its next piece
@@ -210,6 +213,7 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
                 try:
                     writers[nxt].finish()
                     finished[nxt] = True
+                    writers[nxt] = None  # its buffers (O_DIRECT bounce, edge blocks) go now, not at the end
                 except BaseException as e:
                     fail(e)
                     return
