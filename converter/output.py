@@ -359,8 +359,10 @@ def write_index_and_config(dst: Path, plan: ConversionPlan, config: dict) -> Non
 
 
 def write_provenance(dst: Path, src: SourceCheckpoint, plan: ConversionPlan, *, mapping: str,
-                     source_hashes: dict[str, str], options: dict) -> dict:
-    """Written last of all: its presence marks the conversion complete."""
+                     source_hashes: dict[str, str], options: dict, origin: dict | None = None) -> dict:
+    """Written last of all: its presence marks the conversion complete. `origin`: the `source`
+    block of an earlier conversion that `src` came from (unshuffle), which then stays the source,
+    `src` being recorded as `derived_from`."""
     tensors = {"mxfp8": plan.counts.get("mxfp8", 0), "bf16": plan.counts.get("dequantized_bf16", 0),
                "copied": plan.counts.get("copied", 0)}
     data = {
@@ -379,6 +381,8 @@ def write_provenance(dst: Path, src: SourceCheckpoint, plan: ConversionPlan, *, 
         "output": {"shards": len(plan.shards), "total_size": plan.total_size, "tensors": tensors,
                    "modules_to_not_convert": plan.modules_to_not_convert},
     }
+    if origin is not None:
+        data["derived_from"], data["source"] = data["source"], origin
     write_bytes_atomic(dst / PROVENANCE_FILE, _json_bytes(data), tmp_dir=dst / STATE_DIR)
     _unlock(dst)
     return data

@@ -95,8 +95,8 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe = D
 
 
 def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict, *, device: str,
-                     workers: int | None,
-                     overwrite: bool, quiet: bool, hash_sources: bool, options: dict) -> ConversionResult:
+                     workers: int | None, overwrite: bool, quiet: bool, hash_sources: bool, options: dict,
+                     origin: dict | None = None) -> ConversionResult:
     """Execute a plan into result.dst: shards (resumable), side files, index and config, then the
     provenance file that marks the checkpoint complete. Shared by convert and unshuffle."""
     ckpt, plan, dst = result.source, result.plan, result.dst
@@ -118,6 +118,7 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
         execute(todo, view, dst, plan.recipe, devices, bar.update)
     result.copied_files = copy_side_files(ckpt.root, dst)
     write_index_and_config(dst, plan, config)
-    write_provenance(dst, ckpt, plan, mapping=result.mapping, source_hashes=hasher.result(), options=options)
+    write_provenance(dst, ckpt, plan, mapping=result.mapping, source_hashes=hasher.result(), options=options,
+                     origin=origin)
     result.seconds = time.perf_counter() - start
     return result

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from .checkpoint import SourceCheckpoint, SourceFormat
-from .errors import SourceError
+from .errors import MxconvError, SourceError
 from .files import CONFIG_FILE, PROVENANCE_FILE
 from .numerics import MX_BLOCK
 from .pipeline import ConversionResult, write_checkpoint
@@ -27,20 +27,35 @@ def _mxfp8_pair(module: str, n: int, k: int) -> tuple[PlannedTensor, PlannedTens
             PlannedTensor(f"{module}.weight_scale_inv", "U8", (n, k // MX_BLOCK)))
 
 
-def plan_unshuffle(ckpt: SourceCheckpoint, max_shard_bytes: int) -> tuple[ConversionPlan, str]:
-    """The plan that undoes the TRT-LLM layout, and the name mapping of the original conversion."""
+def _finished_provenance(path: Path) -> dict:
+    """The mxconv.json of a finished conversion, or a SourceError saying why not."""
+    try:
+        prov = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SourceError("no mxconv.json: the pre-shuffled checkpoint is incomplete or was not written by mxconv",
+                          file=path) from None
+    except (OSError, ValueError) as e:
+        raise SourceError(f"unreadable provenance file: {e}", file=path) from e
+    if not isinstance(prov, dict) or prov.get("complete") is not True:
+        raise SourceError("the pre-shuffled checkpoint is not marked complete", file=path)
+    if not isinstance(prov.get("recipe"), dict) or not isinstance(prov.get("source"), dict) \
+            or "format" not in prov["source"]:
+        raise SourceError("provenance file lacks its recipe or source", file=path)
+    return prov
+
+
+def plan_unshuffle(ckpt: SourceCheckpoint, max_shard_bytes: int) -> tuple[ConversionPlan, dict]:
+    """The plan that undoes the TRT-LLM layout, and the provenance of the original conversion."""
     qc = ckpt.config.get("quantization_config") or {}
     layout = qc.get("moe_weight_layout") or {}
     config_path = ckpt.root / CONFIG_FILE
     if layout.get("format") != "flashinfer_trtllm_gen":
         raise SourceError("not a pre-shuffled checkpoint: quantization_config has no FlashInfer TRT-LLM "
                           "moe_weight_layout", file=config_path)
-    prov_path = ckpt.root / PROVENANCE_FILE
-    if not prov_path.exists():
-        raise SourceError("no mxconv.json: the pre-shuffled checkpoint is incomplete or was not written by mxconv",
-                          file=prov_path)
-    prov = json.loads(prov_path.read_text())
-    recipe = recipe_from_dict(dict(prov["recipe"], moe_layout="canonical"), str(prov_path))
+    prov = _finished_provenance(ckpt.root / PROVENANCE_FILE)
+    recipe = recipe_from_dict(dict(prov["recipe"], moe_layout="canonical",
+                                   name=f"{prov['recipe'].get('name', 'recipe')} (unshuffled)"),
+                              str(ckpt.root / PROVENANCE_FILE))
     jobs: list[Job] = []
     for name, info in ckpt.tensors.items():
         m = _PACKED_RE.match(name)
@@ -67,19 +82,24 @@ def plan_unshuffle(ckpt: SourceCheckpoint, max_shard_bytes: int) -> tuple[Conver
                           sorted(qc.get("modules_to_not_convert", []), key=natural_key),
                           {"mxfp8": counts.get("mxfp8", 0), "dequantized_bf16": counts.get("bf16", 0),
                            "copied": counts.get("copied", 0)})
-    return plan, prov["source"].get("mapping", "hf")
+    return plan, prov
 
 
 def unshuffle(src: str | Path, dst: str | Path, *, device: str = "cpu", workers: int | None = None,
               max_shard_size: str | int = "5GB", overwrite: bool = False, quiet: bool = False) -> ConversionResult:
-    """What `mxconv unshuffle SRC DST` does."""
+    """What `mxconv unshuffle SRC DST` does. The result's mxconv.json keeps the original source
+    (so `mxconv verify ORIGINAL_SRC DST` checks it) and records SRC as `derived_from`."""
+    if workers is not None and workers < 1:
+        raise MxconvError(f"--workers must be at least 1, got {workers}")
     ckpt = SourceCheckpoint.open(src)
     ckpt.check_architecture()
-    plan, mapping = plan_unshuffle(ckpt, parse_size(max_shard_size))
+    plan, prov = plan_unshuffle(ckpt, parse_size(max_shard_size))
+    mapping = prov["source"].get("mapping", "hf")
     config = json.loads(json.dumps(ckpt.config))
     config["quantization_config"].pop("moe_weight_layout")
     result = ConversionResult(Path(dst), ckpt, plan, mapping)
     options = {"operation": "unshuffle", "device": device, "workers": workers,
                "max_shard_size": parse_size(max_shard_size)}
     return write_checkpoint(result, CanonicalView(ckpt), config, device=device, workers=workers,
-                            overwrite=overwrite, quiet=quiet, hash_sources=True, options=options)
+                            overwrite=overwrite, quiet=quiet, hash_sources=True, options=options,
+                            origin=prov["source"])

@@ -93,10 +93,38 @@ def test_unshuffle_restores_the_canonical_checkpoint(conversions, tmp_path, kind
     assert all(same_bytes(a[n], b[n]) for n in a)
     assert read_json(restored / "config.json") == read_json(canonical / "config.json")
     recipe = read_json(restored / "mxconv.json")["recipe"]
-    assert recipe.pop("name") == "deepseek_v3_mxfp8_trtllm"  # what it was converted with ...
+    assert recipe.pop("name") == "deepseek_v3_mxfp8_trtllm (unshuffled)"  # what it was converted with ...
     want = read_json(canonical / "mxconv.json")["recipe"]
     want.pop("name")
     assert recipe == want  # ... and in every other respect the canonical recipe
+    prov = read_json(restored / "mxconv.json")
+    assert prov["source"] == read_json(shuffled / "mxconv.json")["source"]  # the original source stays
+    assert prov["derived_from"]["path"] == str(shuffled.resolve())
+
+
+def test_unshuffled_checkpoint_verifies_against_the_original_source(tiny_sources, conversions, tmp_path):
+    from converter.verify import verify_checkpoint
+
+    restored = tmp_path / "restored"
+    unshuffle(conversions["bf16"][1], restored, quiet=True)
+    report = verify_checkpoint(tiny_sources["bf16"], restored, quiet=True)
+    assert report.passed, [f.message for f in report.failures]
+
+
+@pytest.mark.parametrize("text, message", [("{bad", "unreadable"), ("{}", "not marked complete"),
+                                           ('{"complete": false}', "not marked complete"),
+                                           ('{"complete": true}', "lacks its recipe")])
+def test_unshuffle_refuses_a_bad_provenance_file(conversions, tmp_path, text, message):
+    import shutil
+
+    from converter.errors import SourceError
+
+    src = tmp_path / "src"
+    shutil.copytree(conversions["bf16"][1], src)
+    (src / "mxconv.json").write_text(text)
+    with pytest.raises(SourceError, match=message):
+        unshuffle(src, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_unshuffle_refuses_a_canonical_checkpoint(conversions, tmp_path):
