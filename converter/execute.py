@@ -29,7 +29,6 @@ from .pieces import BufferPool, Piece, compute, load, split
 from .plan import ShardPlan
 from .recipe import Recipe
 from .safetensors_io import ShardWriter
-from .source_hash import SourceHasher  # noqa: F401  (where pipeline imports it from)
 from .view import CanonicalView
 
 # Source bytes read ahead of the workers, per worker (a piece bigger than that runs alone): two

@@ -9,6 +9,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from .checkpoint import scale_name
 from .errors import MxconvError
 from .files import PROVENANCE_FILE, STATE_DIR, VERIFY_REPORT_FILE
 from .numerics import MX_BLOCK
@@ -17,7 +18,6 @@ from .units import format_size
 from .verify_checks import HIGH_PRECISION_DTYPES, Failure, read_destination, read_json
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
-_SCALE = "_scale_inv"
 _SHOWN_MODULES = 6
 
 
@@ -25,7 +25,7 @@ def _precision(tensors: dict, qc: dict | None) -> str:
     """What the weights are: mxfp8, fp8, fp8_ue8m0, or the dtype of the linear weights."""
     fp8 = [n for n, i in tensors.items() if i.dtype == "F8_E4M3"]
     if fp8:
-        scales = [tensors.get(n + _SCALE) for n in fp8]
+        scales = [tensors.get(scale_name(n)) for n in fp8]
         mx = [s for s, n in zip(scales, fp8, strict=True) if s is not None and s.dtype == "U8"
               and s.shape == (*tensors[n].shape[:-1], tensors[n].shape[-1] // MX_BLOCK)]
         if len(mx) == len(fp8):

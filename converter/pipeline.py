@@ -14,12 +14,13 @@ from tqdm import tqdm
 
 from .checkpoint import SourceCheckpoint
 from .errors import MxconvError
-from .execute import SourceHasher, execute, resolve_devices
+from .execute import execute, resolve_devices
 from .output import (copy_side_files, output_config, plan_fingerprint, prepare_destination, write_index_and_config,
                      write_provenance)
 from .plan import ConversionPlan, build_plan
 from .preflight import check_source_tensors, preflight_destination
 from .recipe import Recipe, load_recipe
+from .source_hash import SourceHasher
 from .units import parse_size
 from .view import CanonicalView
 

@@ -15,9 +15,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .files import INDEX_FILE, SINGLE_FILE  # files.py imports nothing: still light
+
 _CHUNK = 16 * 1024 * 1024
-_INDEX = "model.safetensors.index.json"  # as files.INDEX_FILE; not imported, to stay light
-_SINGLE = "model.safetensors"
 
 _early: dict[tuple[str, ...], "SourceHasher"] = {}
 _early_lock = threading.Lock()
@@ -91,10 +91,10 @@ def start_early(src: str | os.PathLike) -> None:
     source that cannot be read this way is simply hashed later, by the conversion."""
     try:
         root = Path(src)
-        if (root / _INDEX).is_file():
-            names = sorted({str(v) for v in json.loads((root / _INDEX).read_text())["weight_map"].values()})
-        elif (root / _SINGLE).is_file():
-            names = [_SINGLE]
+        if (root / INDEX_FILE).is_file():
+            names = sorted({str(v) for v in json.loads((root / INDEX_FILE).read_text())["weight_map"].values()})
+        elif (root / SINGLE_FILE).is_file():
+            names = [SINGLE_FILE]
         else:
             return
         files = [root / n for n in names]

@@ -42,8 +42,9 @@ def describe_result(result: ConversionResult) -> str:
     rate = format_size(plan.input_bytes / result.seconds) + "/s" if result.seconds else "-"
     resumed = f", resumed ({result.skipped_shards} shard(s) already done)" if result.skipped_shards else ""
     c = plan.counts
+    kept = (f"{len(plan.modules_to_not_convert)} linear modules kept in BF16 (modules_to_not_convert)"
+            if plan.recipe.target == "mxfp8" else "plain BF16 checkpoint, no quantization_config")
     return (f"wrote {result.dst}: {len(plan.shards)} shard(s), {format_size(plan.total_size)} "
             f"in {result.seconds:.1f} s ({rate} of input){resumed}\n"
             f"  {c.get('mxfp8', 0)} MXFP8, {c.get('dequantized_bf16', 0)} dequantized to BF16, "
-            f"{c.get('copied', 0)} copied; {len(plan.modules_to_not_convert)} linear modules kept in BF16 "
-            f"(modules_to_not_convert); {len(result.copied_files)} other file(s) copied")
+            f"{c.get('copied', 0)} copied; " + kept + f"; {len(result.copied_files)} other file(s) copied")

@@ -106,11 +106,6 @@ def _cached_row_indices(kind: str, m: int, epilogue_tile_m: int, device: torch.d
     return _build_row_indices(kind, m, epilogue_tile_m).to(device)
 
 
-def clear_row_index_cache() -> None:
-    """Forget every cached index tensor (e.g. after device memory was released)."""
-    _cached_row_indices.cache_clear()
-
-
 def _row_indices(kind: str, m: int, epilogue_tile_m: int, device) -> torch.Tensor:
     if m <= 0:
         raise NumericsError(f"row count must be positive, got {m}")

@@ -8,23 +8,17 @@ import json
 import re
 from pathlib import Path
 
-from .checkpoint import SourceCheckpoint, SourceFormat
+from .checkpoint import SourceCheckpoint, SourceFormat, scale_name
 from .errors import MxconvError, SourceError
 from .files import CONFIG_FILE, PROVENANCE_FILE
-from .numerics import MX_BLOCK
 from .pipeline import ConversionResult, write_checkpoint
-from .plan import COPY, UNPACK_W2, UNPACK_W13, ConversionPlan, Job, Operand, natural_key, pack_shards
+from .plan import COPY, UNPACK_W2, UNPACK_W13, ConversionPlan, Job, Operand, mxfp8_outputs, natural_key, pack_shards
 from .recipe import recipe_from_dict
 from .safetensors_io import PlannedTensor
 from .units import parse_size
 from .view import CanonicalView
 
 _PACKED_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.\d+)\.(w13|w2)_weight(_scale_inv)?$")
-
-
-def _mxfp8_pair(module: str, n: int, k: int) -> tuple[PlannedTensor, PlannedTensor]:
-    return (PlannedTensor(f"{module}.weight", "F8_E4M3", (n, k)),
-            PlannedTensor(f"{module}.weight_scale_inv", "U8", (n, k // MX_BLOCK)))
 
 
 def _finished_provenance(path: Path) -> dict:
@@ -66,14 +60,15 @@ def plan_unshuffle(ckpt: SourceCheckpoint, max_shard_bytes: int) -> tuple[Conver
                             (str(info.file), info.start, name)))
             continue
         prefix, which = m.group(1), m.group(2)
-        scale = name + "_scale_inv"
+        scale = scale_name(name)
         if scale not in ckpt.tensors:
             raise SourceError(f"packed expert weight has no {scale}", file=info.file, tensor=name)
         rows, k = info.shape
         if which == "w13":
-            outputs = _mxfp8_pair(f"{prefix}.gate_proj", rows // 2, k) + _mxfp8_pair(f"{prefix}.up_proj", rows // 2, k)
+            outputs = (mxfp8_outputs(f"{prefix}.gate_proj", (rows // 2, k))
+                       + mxfp8_outputs(f"{prefix}.up_proj", (rows // 2, k)))
         else:
-            outputs = _mxfp8_pair(f"{prefix}.down_proj", rows, k)
+            outputs = mxfp8_outputs(f"{prefix}.down_proj", (rows, k))
         jobs.append(Job(UNPACK_W13 if which == "w13" else UNPACK_W2, (Operand(name, scale),), outputs,
                         info.nbytes + ckpt.tensors[scale].nbytes, (str(info.file), info.start, name)))
     jobs.sort(key=lambda j: j.sort_key)

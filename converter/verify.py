@@ -28,13 +28,13 @@ from . import __version__
 from .errors import MxconvError, VerifyError
 from .execute import resolve_devices
 from .files import CONFIG_FILE, PROVENANCE_FILE, VERIFY_REPORT_FILE
+from .pipeline import DEFAULT_RECIPE
 from .recipe import Recipe, load_recipe, recipe_from_dict
 from .safetensors_io import write_bytes_atomic
 from .verify_checks import (BYTES, CHECKS, CONFIG, COVERAGE, LOGITS, NUMERICS, Failure, check_config,
                             check_coverage, read_destination, read_json, source_sizes_changed)
 from .verify_jobs import TensorNumerics, Thresholds, check_jobs
 
-DEFAULT_RECIPE = "deepseek_v3_mxfp8"
 _SHOWN_FAILURES = 8  # per check, in the terminal summary
 
 

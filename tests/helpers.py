@@ -15,11 +15,16 @@ def load_all(root: Path) -> dict[str, torch.Tensor]:
     root = Path(root)
     out: dict[str, torch.Tensor] = {}
     for path in sorted(root.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                assert name not in out, f"{name} stored twice"
-                out[name] = f.get_tensor(name)
+        for name, t in load_all_from(path).items():
+            assert name not in out, f"{name} stored twice"
+            out[name] = t
     return out
+
+
+def load_all_from(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file."""
+    with safe_open(str(path), framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
 
 
 def tensor_files(root: Path) -> dict[str, str]:

@@ -225,7 +225,9 @@ def test_source_without_its_mtp_layer_is_fine(case):
 def test_mtp_layer_may_lack_the_tensors_megatron_shares(case):
     src, _dst, _logs = case()
     edit_tensors(src, lambda t: [t.pop(MTP + n, None) for n in ("embed_tokens.weight", "shared_head.head.weight")])
-    dry_run(src)
+    planned = dry_run(src).plan.weight_map()
+    assert MTP + "eh_proj.weight" in planned and MTP + "mlp.experts.0.up_proj.weight_scale_inv" in planned
+    assert MTP + "embed_tokens.weight" not in planned and MTP + "shared_head.head.weight" not in planned
 
 
 def test_partial_mtp_layer_is_refused(case):
