@@ -1,0 +1,130 @@
+"""The compiled CPU kernels (converter/native): every input code and bit pattern against the
+references, byte for byte, and the build: cached, optional, never required."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from converter import kernels, native
+from converter.numerics import quantize_mxfp8, requantize_fp8_block
+from reference import reference_fp8_dequant, reference_mxfp8
+
+
+@pytest.fixture(scope="module")
+def lib():
+    built = native.load()
+    if built is None:
+        pytest.fail("the compiled kernels did not build (is there a C compiler?)")
+    return built
+
+
+def _all_finite_bf16() -> torch.Tensor:
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    return bits[torch.isfinite(bits)]
+
+
+@pytest.mark.parametrize("rule", ["rceil", "floor"])
+def test_every_finite_bf16_pattern(lib, rule):
+    """All 65280 finite BF16 values, in blocks of similar magnitude (sorted) and of mixed ones."""
+    x = _all_finite_bf16()
+    g = torch.Generator().manual_seed(1)
+    x = x[: len(x) // 32 * 32]
+    for arranged in (x[x.float().abs().argsort()], x[torch.randperm(len(x), generator=g)]):
+        q, s = quantize_mxfp8(arranged.view(-1, 256), rule)
+        rq, rs = reference_mxfp8(arranged.view(-1, 256), rule)
+        assert torch.equal(q.view(torch.uint8), rq) and torch.equal(s, rs)
+
+
+def _tile_scales(count: int, g: torch.Generator) -> torch.Tensor:
+    """Tile scales from subnormal to huge, both signs, DeepSeek's typical amax/448 among them."""
+    edges = torch.tensor([2.0**-149, 2.0**-130, 1e-38, 2.0**-117, 1 / 448, 0.0, -0.0, 1.0, 2.0**100, 3.0e30])
+    rand = torch.rand(count, generator=g) * torch.exp2(torch.randint(-140, 110, (count,), generator=g).float())
+    s = torch.cat([edges, rand])
+    return s * torch.where(torch.rand(len(s), generator=g) < 0.3, -1.0, 1.0)
+
+
+@pytest.mark.parametrize("rule", ["rceil", "floor"])
+def test_every_fp8_code_under_many_tile_scales(lib, rule):
+    """Each 128x128 tile holds every non-NaN code, in blocks whose largest code varies (so a tile
+    needs several block exponents), under 270 tile scales; bytes equal DeepSeek's dequant then the
+    reference quantizer."""
+    g = torch.Generator().manual_seed(2)
+    scales = _tile_scales(260, g)
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    tiles = []
+    for _ in range(len(scales)):
+        tile = codes[torch.randint(0, len(codes), (128, 128), generator=g)]
+        tile.view(-1)[: len(codes)] = codes
+        caps = torch.randint(0, 0x7F, (128, 4, 1), generator=g, dtype=torch.uint8)  # largest |code| per block
+        mag = torch.minimum(tile.view(128, 4, 32) & 0x7F, caps)
+        tile = ((tile.view(128, 4, 32) & 0x80) | mag).view(128, 128)
+        tile.view(-1)[: len(codes)] = codes
+        tiles.append(tile)
+    w = torch.cat(tiles, dim=1).view(torch.float8_e4m3fn)  # [128, 128 * tiles]
+    s = scales.view(1, -1)
+    ref = reference_fp8_dequant(w, s)
+    q, sc = kernels.requantize_fp8(w, s, rule)
+    rq, rs = quantize_mxfp8(ref.float(), rule)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(sc, rs)
+
+
+def test_piece_rows_not_a_multiple_of_128_and_partial_tiles(lib):
+    """A 200 x 160 weight: a ragged last band and a 32-column last tile."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randint(0, 256, (200, 160), generator=g, dtype=torch.uint8)
+    w[(w & 0x7F) == 0x7F] = 0
+    w = w.view(torch.float8_e4m3fn)
+    s = _tile_scales(0, g)[:4].abs().view(2, 2) + 1e-3
+    q, sc = requantize_fp8_block(w, s)
+    rq, rs = quantize_mxfp8(reference_fp8_dequant(w, s).float())
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(sc, rs)
+
+
+def test_too_few_scale_tiles_are_refused_before_any_read(lib):
+    w = torch.zeros(256, 256, dtype=torch.float8_e4m3fn)
+    assert kernels.requantize_fp8(w, torch.ones(1, 2), "rceil") is None
+    assert kernels.requantize_fp8(w, torch.ones(2, 1), "rceil") is None
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty kernel cache and no library loaded in this process."""
+    monkeypatch.setenv("MXCONV_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_loaded", {})
+    return tmp_path / "cache"
+
+
+def test_built_once_then_reused_from_the_cache(fresh):
+    assert native.load() is not None
+    built = list(fresh.glob("mxfp8-*.so"))
+    assert len(built) == 1 and not list(fresh.glob(".build-*"))
+    stamp = built[0].stat().st_mtime_ns
+    code = "from converter import native; assert native.load() is not None"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ})
+    assert built[0].stat().st_mtime_ns == stamp and list(fresh.glob("mxfp8-*.so")) == built
+
+
+@pytest.mark.parametrize("how", ["disabled", "no compiler", "compiler fails"])
+def test_without_the_compiled_kernels_the_bytes_are_the_same(fresh, monkeypatch, tmp_path, how):
+    x = torch.randn(64, 256).to(torch.bfloat16)
+    if how == "disabled":
+        monkeypatch.setenv("MXCONV_NATIVE", "0")
+    elif how == "no compiler":
+        monkeypatch.setattr(native, "_compiler", lambda: None)
+    else:
+        broken = tmp_path / "cc"
+        broken.write_text("#!/bin/sh\necho 'cc: internal compiler error' >&2\nexit 1\n")
+        broken.chmod(0o755)
+        monkeypatch.setattr(native, "_compiler", lambda: str(broken))
+    if how == "disabled":
+        assert native.load() is None
+    else:
+        with pytest.warns(native.NativeBuildWarning, match="torch kernels"):
+            assert native.load() is None
+    got, want = quantize_mxfp8(x), reference_mxfp8(x)
+    assert torch.equal(got[0].view(torch.uint8), want[0]) and torch.equal(got[1], want[1])
+    assert not list(fresh.glob("*.so"))  # nothing half-built left behind
