@@ -45,6 +45,6 @@ def describe_result(result: ConversionResult) -> str:
     kept = (f"{len(plan.modules_to_not_convert)} linear modules kept in BF16 (modules_to_not_convert)"
             if plan.recipe.target == "mxfp8" else "plain BF16 checkpoint, no quantization_config")
     return (f"wrote {result.dst}: {len(plan.shards)} shard(s), {format_size(plan.total_size)} "
-            f"in {result.seconds:.1f} s ({rate} of input){resumed}\n"
+            f"in {result.seconds:.2f} s ({rate} of input){resumed}\n"
             f"  {c.get('mxfp8', 0)} MXFP8, {c.get('dequantized_bf16', 0)} dequantized to BF16, "
             f"{c.get('copied', 0)} copied; " + kept + f"; {len(result.copied_files)} other file(s) copied")

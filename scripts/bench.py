@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -324,6 +325,9 @@ def run_one(run: dict, src: Path, dst: Path, precision: str) -> dict:
     return _timed(run["argv"] + [str(src), str(dst), "-q"], env=env)
 
 
+_CONVERT_TIME = re.compile(r" in ([0-9.]+) s \(")
+
+
 def summarize(rows: dict[str, list[dict]], facts: dict) -> list[dict]:
     cp = statistics.median(r["wall_s"] for r in rows["cp -r + sync"] if r["returncode"] == 0)
     out = []
@@ -333,7 +337,10 @@ def summarize(rows: dict[str, list[dict]], facts: dict) -> list[dict]:
             out.append({"name": name, "error": (runs[-1]["stderr"].strip().splitlines() or ["failed"])[-1]})
             continue
         wall = statistics.median(r["wall_s"] for r in ok)
+        # mxconv's own summary line: the conversion without Python/torch/CUDA start-up
+        inside = [float(m.group(1)) for r in ok if (m := _CONVERT_TIME.search(r["stdout"]))]
         out.append({"name": name, "wall_s": round(wall, 2), "min_wall_s": min(r["wall_s"] for r in ok),
+                    "convert_s": round(statistics.median(inside), 2) if inside else None,
                     "runs": len(ok), "input_gb_per_s": round(facts["weight_bytes"] / wall / 1e9, 2),
                     "ratio_to_cp": round(wall / cp, 2), "peak_rss_gb": round(max(r["peak_rss_bytes"] for r in ok) / 1e9, 2),
                     "cpu_s": statistics.median(r["cpu_s"] for r in ok)})
@@ -343,13 +350,14 @@ def summarize(rows: dict[str, list[dict]], facts: dict) -> list[dict]:
 def table(precision: str, facts: dict, summary: list[dict]) -> str:
     lines = [f"{precision.upper()} source: {facts['weight_bytes'] / 1e9:.2f} GB in {facts['shards']} shards "
              f"(largest {facts['largest_shard_bytes'] / 1e9:.2f} GB)",
-             f"{'':52s} {'wall s':>7s} {'GB/s in':>8s} {'x cp':>6s} {'peak RSS GB':>12s}"]
+             f"{'':52s} {'wall s':>7s} {'GB/s in':>8s} {'x cp':>6s} {'peak RSS GB':>12s} {'start+exit s':>13s}"]
     for s in summary:
         if "error" in s:
             lines.append(f"{s['name']:52s} failed: {s['error'][:80]}")
         else:
+            startup = f"{s['wall_s'] - s['convert_s']:13.2f}" if s.get("convert_s") else f"{'':13s}"
             lines.append(f"{s['name']:52s} {s['wall_s']:7.2f} {s['input_gb_per_s']:8.2f} {s['ratio_to_cp']:6.2f} "
-                         f"{s['peak_rss_gb']:12.2f}")
+                         f"{s['peak_rss_gb']:12.2f} {startup}")
     return "\n".join(lines)
 
 
@@ -412,14 +420,16 @@ def main() -> int:
     if args.layers:
         config["num_hidden_layers"] = args.layers
 
-    workdir = args.workdir
+    workdir = args.workdir.resolve() if args.workdir else None  # the runs start in another directory
     if workdir is None:
         parent = Path("/work") if Path("/work").is_dir() and os.access("/work", os.W_OK) else None
         workdir = Path(tempfile.mkdtemp(prefix="mxconv-bench-", dir=parent))
     workdir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(workdir).free
-    # a source, its copy and a conversion at a time, for each precision's source
-    need = sum(3 * sum(_nbytes(*t[1:]) for t in _stored(config, p)) for p in args.precisions.split(","))
+    # every precision's source, and one destination at a time (a copy or a conversion, no bigger
+    # than the largest source plus its MXFP8 scales)
+    sizes = [sum(_nbytes(*t[1:]) for t in _stored(config, p)) for p in args.precisions.split(",")]
+    need = sum(sizes) + 1.1 * max(sizes)
     if free < need:
         print(f"bench: {workdir} has {free / 1e9:.0f} GB free, needs about {need / 1e9:.0f} GB", file=sys.stderr)
         return 2
