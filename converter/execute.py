@@ -34,7 +34,7 @@ from .view import CanonicalView
 # Source bytes read ahead of the workers, per worker (a piece bigger than that runs alone): two
 # pieces each keep the workers fed; more only costs memory (and page faults to fill it).
 _INFLIGHT_PER_WORKER = 32 * 1024 * 1024
-_MIN_INFLIGHT = 64 * 1024 * 1024
+_MIN_INFLIGHT = 128 * 1024 * 1024
 
 
 class Cancelled(Exception):

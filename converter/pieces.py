@@ -65,7 +65,8 @@ def split(shard: int, job: Job, view: CanonicalView, recipe: Recipe) -> list[Pie
     if len(first.shape) < 2 or first.shape[0] < 2 * step:
         return whole
     rows = first.shape[0]
-    per = max(step, PIECE_BYTES // (first.nbytes // rows) // step * step)
+    # every input of the job (gate and up for w13, the FP8 scales) is cut at the same rows
+    per = max(step, PIECE_BYTES // max(1, job.input_bytes // rows) // step * step)
     starts = list(range(0, rows, per))
     share = [job.input_bytes * (min(rows, r + per) - r) // rows for r in starts]
     share[-1] += job.input_bytes - sum(share)  # the pieces' bytes add up to the job's exactly

