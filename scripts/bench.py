@@ -283,6 +283,9 @@ def machine() -> dict:
             "torch": torch.__version__, "platform": platform.platform(), "gpus": []}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    # pip compiles bytecode at install; an environment without it (PYTHONDONTWRITEBYTECODE and no
+    # __pycache__, as some container images) compiles torch's sources on every import: seconds
+    info["torch_bytecode_cached"] = any((Path(torch.__file__).parent / "__pycache__").glob("__init__.*.pyc"))
     return info
 
 
@@ -483,6 +486,10 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     report["load_after"] = os.getloadavg()
     m = report["machine"]
+    if not m["torch_bytecode_cached"]:
+        print("\nbench: NOTE torch has no cached bytecode here, so every run compiles its sources on import "
+              "(seconds of start-up a normal pip install does not have); `python -m compileall -q "
+              f"{Path(torch.__file__).parent.parent}` fixes that")
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM"
           + (f", {', '.join(m['gpus'])}" if m["gpus"] else "") + f"; torch {m['torch']}; "
           f"load average {report['load_before'][0]:.1f} before, {report['load_after'][0]:.1f} after")
