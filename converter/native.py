@@ -67,11 +67,12 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build(cc: str, out: Path) -> str | None:
-    """Compile SOURCE into `out` (atomically); returns None or the compiler's complaint."""
+def _build(cc: str, out: Path, flag_sets: tuple[list[str], ...] = (FLAGS, PORTABLE_FLAGS)) -> str | None:
+    """Compile SOURCE into `out` (atomically) with the first flags that work; returns None or the
+    compiler's complaint."""
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    for flags in (FLAGS, PORTABLE_FLAGS):
+    for flags in flag_sets:
         with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".build-", suffix=".so", delete=False) as tmp:
             tmp_path = Path(tmp.name)
         try:
@@ -88,7 +89,7 @@ def _build(cc: str, out: Path) -> str | None:
     return "; ".join(e[0] for e in errors)
 
 
-def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.mx_quantize_bf16.argtypes = [p, i64, i64, p, p, i, p, p]
     lib.mx_requantize_fp8.argtypes = [p, i64, i64, p, i64, p, p, i, p, p]
@@ -117,7 +118,7 @@ def load() -> ctypes.CDLL | None:
                 problem = _build(cc, path)
             if problem is None:
                 try:
-                    lib = _bind(ctypes.CDLL(str(path)))
+                    lib = bind(ctypes.CDLL(str(path)))
                 except (OSError, AttributeError) as exc:
                     problem = f"cannot load {path}: {exc}"
         if problem is not None:

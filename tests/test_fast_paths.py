@@ -42,8 +42,10 @@ def backend(request, monkeypatch):
     """Each fast-path test runs twice: on the compiled kernels and on the torch ones."""
     if request.param == "torch":
         monkeypatch.setattr(kernels, "_native", lambda device: None)
-    elif native.load() is None:
-        pytest.fail("the compiled kernels did not build (is there a C compiler?)")
+    elif native._compiler() is None:
+        pytest.skip("no C compiler here: mxconv uses the torch kernels")
+    else:
+        assert native.load() is not None, "the compiled kernels did not build"
     return request.param
 
 
