@@ -50,6 +50,29 @@ def cache_dir() -> Path:
     return Path(base) / "mxconv"
 
 
+def _cache_dirs() -> list[Path]:
+    """Where a build may live: the user's cache, else (read-only home) a per-user temp folder."""
+    return [cache_dir(), Path(tempfile.gettempdir()) / f"mxconv-{os.getuid()}"]
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _digest(cc: str) -> str:
+    """What a build depends on: our source, the flags, the compiler and the CPU it targets."""
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = cc
+    parts = [SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags(), sys.platform]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
@@ -70,11 +93,13 @@ def _cpu_flags() -> str:
 def _build(cc: str, out: Path, flag_sets: tuple[list[str], ...] = (FLAGS, PORTABLE_FLAGS)) -> str | None:
     """Compile SOURCE into `out` (atomically) with the first flags that work; returns None or the
     compiler's complaint."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for flags in flag_sets:
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".build-", suffix=".so", delete=False) as tmp:
-            tmp_path = Path(tmp.name)
+        try:
+            with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".build-", suffix=".so", delete=False) as tmp:
+                tmp_path = Path(tmp.name)
+        except OSError as exc:
+            return f"cannot write in {out.parent}: {exc.strerror}"
         try:
             done = subprocess.run([cc, *flags, "-o", str(tmp_path), str(SOURCE), "-lm"],
                                   capture_output=True, text=True, timeout=120)
@@ -110,12 +135,17 @@ def load() -> ctypes.CDLL | None:
         if cc is None:
             problem = "no C compiler (cc, gcc or clang) on PATH"
         else:
-            version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-            digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags(),
-                                              sys.platform]).encode()).hexdigest()[:20]
-            path = cache_dir() / f"mxfp8-{digest}.so"
-            if not path.exists():
-                problem = _build(cc, path)
+            name = f"mxfp8-{_digest(cc)}.so"
+            built = [d / name for d in _cache_dirs() if (d / name).is_file()]
+            if built:
+                path = built[0]
+            else:
+                writable = [d for d in _cache_dirs() if _writable(d)]
+                if not writable:
+                    problem = f"no writable cache directory ({', '.join(map(str, _cache_dirs()))})"
+                else:
+                    path = writable[0] / name
+                    problem = _build(cc, path)
             if problem is None:
                 try:
                     lib = bind(ctypes.CDLL(str(path)))

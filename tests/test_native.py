@@ -15,6 +15,9 @@ from converter.numerics import quantize_mxfp8, requantize_fp8_block
 from reference import reference_fp8_dequant, reference_mxfp8
 
 
+_REAL_DISPATCH = kernels._native
+
+
 def _native_or_skip():
     """The compiled kernels; skipped only where there is no compiler at all (then mxconv runs the
     torch kernels, tested everywhere). A compiler that fails on our source fails the test."""
@@ -113,6 +116,7 @@ def fresh(monkeypatch, tmp_path):
     """An empty kernel cache and no library loaded in this process."""
     monkeypatch.setenv("MXCONV_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(kernels, "_native", _REAL_DISPATCH)  # not a `lib` fixture's build
     return tmp_path / "cache"
 
 
@@ -146,3 +150,13 @@ def test_without_the_compiled_kernels_the_bytes_are_the_same(fresh, monkeypatch,
     got, want = quantize_mxfp8(x), reference_mxfp8(x)
     assert torch.equal(got[0].view(torch.uint8), want[0]) and torch.equal(got[1], want[1])
     assert not list(fresh.glob("*.so"))  # nothing half-built left behind
+
+
+def test_an_unwritable_cache_falls_back_to_a_temp_folder(fresh, monkeypatch, tmp_path):
+    _native_or_skip()
+    monkeypatch.setattr(native, "_loaded", {})
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("MXCONV_CACHE_DIR", str(tmp_path / "file" / "cache"))  # cannot be created
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert native.load() is not None
+    assert len(list((tmp_path / "tmp").glob("mxconv-*/mxfp8-*.so"))) == 1
