@@ -220,7 +220,8 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, out: torch.Ten
 def requantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, rule: str, out: Out = None
                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """quantize_mxfp8(dequantize_fp8_block(weight, scale_inv)) without the BF16 tensor in memory;
-    None on NaN codes or scales outside [2^-117, 2^100] (the caller falls back)."""
+    None (the caller falls back) on NaN codes, non-finite scales, and, in the torch code, scales
+    outside [2^-117, 2^100]."""
     n, k = weight.shape
     lib = _native(weight.device)
     if lib is not None:
