@@ -384,8 +384,13 @@ def test_error_stats_thresholds():
     assert floor["saturated_fraction"] > 0 and floor["max_block_rel_err"] > 1 / 16
     assert len(judge(floor, "quantize", t)) == 2
     q, s = quantize_mxfp8(x)
-    exact = error_stats(q.float() * 2.0 ** (s.float().repeat_interleave(32, 1) - 127), q, s)
+    exact_x = q.float() * 2.0 ** (s.float().repeat_interleave(32, 1) - 127)
+    before = exact_x.clone()
+    exact = error_stats(exact_x, q, s, chunk_elems=4096)  # float32 input, many chunks
     assert exact["sqnr_db"] == float("inf") and exact["max_abs_err"] == 0
+    assert torch.equal(exact_x, before)  # the caller's tensor is left as it was
+    chunked = error_stats(x, *quantize_mxfp8(x, ScaleRule.RCEIL), chunk_elems=4096)
+    assert abs(chunked["sqnr_db"] - rceil["sqnr_db"]) < 1e-4 and chunked["max_abs_err"] == rceil["max_abs_err"]
     lost = error_stats(x, torch.zeros_like(q), s)  # every block stored as zeros
     assert lost["lost_blocks"] == 256 * 16 and lost["zero_blocks"] == 256 * 16
     assert any("stored as zeros" in p for p in judge(lost, "quantize", t))
