@@ -186,6 +186,23 @@ def _fp8_to_f32(src_i8: torch.Tensor, half: torch.Tensor, f: torch.Tensor) -> No
     f.copy_(half.view(torch.float16))
 
 
+def dequantize_mxfp8(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """numerics.dequantize_mxfp8 in float32 for e4m3 data [..., K] and uint8 scales [..., K/32],
+    decoded by the half trick instead of torch's scalar float8 cast (about 3x faster on CPU);
+    None when a NaN code is present (the trick would read it as 1.875)."""
+    if bool(((data.view(torch.uint8) & 0x7F) == 0x7F).any()):
+        return None
+    half = torch.empty(data.shape, dtype=torch.int16, device=data.device)
+    out = torch.empty(data.shape, dtype=torch.float32, device=data.device)
+    _fp8_to_f32(data.view(torch.int8), half, out)  # value * 2^-8, exact
+    # 2^(e - 127) then 2^8, each exact: a product too small for a normal float32 still has its
+    # 4 significant bits above 2^-149, and one too large is Inf either way
+    e = scale.to(torch.int32)
+    pow2 = torch.where(e == 0, torch.full(e.shape, 2.0**-127, device=e.device), (e << 23).view(torch.float32))
+    out.view(*data.shape[:-1], -1, _BLOCK).mul_(pow2.unsqueeze(-1)).mul_(256.0)
+    return out
+
+
 def _bands(n: int, rows: int):
     """Row chunks that never straddle a 128-row tile band: (band, first row, rows)."""
     for band in range(-(-n // _TILE)):

@@ -266,3 +266,19 @@ def test_source_hash_in_windows_or_by_reading(tmp_path, monkeypatch, mappable):
         files.append(p)
     got = source_hash.SourceHasher(files).start().result()
     assert got == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_mxfp8_dequant_every_code_under_every_scale_byte():
+    """The half-trick decode against torch's own float8 cast: all 254 non-NaN codes under all 255
+    scale bytes, float32 bit patterns equal (-0, subnormals, Inf from 448 * 2^127); a NaN code
+    takes the reference path and stays NaN."""
+    from converter.numerics import dequantize_mxfp8, e8m0_to_float
+
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]
+    data = torch.cat([codes.repeat(255, 1), torch.zeros(255, 2, dtype=torch.uint8)], 1).view(torch.float8_e4m3fn)
+    scale = torch.arange(255, dtype=torch.uint8).view(255, 1).repeat(1, 8)
+    want = data.to(torch.float32) * e8m0_to_float(scale).repeat_interleave(32, dim=-1)
+    assert torch.equal(kernels.dequantize_mxfp8(data, scale).view(torch.int32), want.view(torch.int32))
+    data.view(torch.uint8)[3, 5] = 0xFF
+    assert kernels.dequantize_mxfp8(data, scale) is None and bool(torch.isnan(dequantize_mxfp8(data, scale)[3, 5]))
