@@ -105,9 +105,10 @@ def _intra_op_threads(devices: list[torch.device]):
 
 
 def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Recipe, devices: list[torch.device],
-            progress: Callable[[int], None]) -> None:
+            progress: Callable[[int], None], reading: Callable[[Path], None] = lambda path: None) -> None:
     """Run every shard; the first error cancels the rest and is raised as is. Shards finished
-    before the error stay finished (a rerun resumes after them); the others leave nothing."""
+    before the error stay finished (a rerun resumes after them); the others leave nothing.
+    `reading(file)` is told of each source file before its first read (the source hasher's cue)."""
     if not shards:
         return
     pieces = [p for i, shard in enumerate(shards) for job in shard.jobs for p in split(i, job, view, recipe)]
@@ -134,9 +135,14 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
         budget.wake()
 
     def reader() -> None:
+        seen: set[Path] = set()
         try:
             for p in pieces:
                 budget.acquire(p.input_bytes)
+                for name in p.job.inputs:
+                    if (file := view.tensors[name].file) not in seen:
+                        seen.add(file)
+                        reading(file)
                 if writers[p.shard] is None:
                     shard = shards[p.shard]
                     w = ShardWriter(dst / shard.name, dst / STATE_DIR / f"{shard.name}.partial", shard.tensors)

@@ -116,7 +116,7 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
     total = sum(j.input_bytes for s in todo for j in s.jobs)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
               desc="convert", dynamic_ncols=True) as bar:
-        execute(todo, view, dst, plan.recipe, devices, bar.update)
+        execute(todo, view, dst, plan.recipe, devices, bar.update, reading=hasher.release)
     result.copied_files = copy_side_files(ckpt.root, dst)
     write_index_and_config(dst, plan, config)
     write_provenance(dst, ckpt, plan, mapping=result.mapping, source_hashes=hasher.result(), options=options,

@@ -1,5 +1,10 @@
 """sha256 of the source shards for the provenance file, computed in background threads.
 
+Each file is hashed once the conversion has begun reading it (`release`), not before: on a real
+checkpoint (hundreds of GB, more than the page cache) a hasher running ahead would read every
+file from disk a second time by the time the conversion got there. Behind the gate, the hasher
+and the conversion read the same file at about the same time, and the disk serves it once.
+
 Deliberately free of torch: importing torch takes 1.3-2 s on a 2-core machine (3.6 s with a CUDA
 build), and hashing a 3 GB source takes about as long on one core. A caller that starts hashing
 before it imports torch (`start_early`) hides one behind the other; `SourceHasher.start` then
@@ -36,12 +41,31 @@ class SourceHasher:
 
     def __init__(self, files: list[Path], threads: int | None = None):
         self.files = [Path(f) for f in files]
+        self.lock = threading.Lock()
         self.hashes: dict[str, str] = {}
         self.threads = threads or max(1, min(len(self.files), (os.cpu_count() or 1) // 4))
         self.pool: ThreadPoolExecutor | None = None
-        self.futures: list = []
+        self.futures: dict[Path, object] = {}
         self.stamps: dict[Path, tuple[int, int]] = {}
+        self.by_real: dict[Path, Path] = {}
         self.adopted: SourceHasher | None = None
+
+    def release(self, path: Path) -> None:
+        """The conversion is reading `path`: hash it now (a no-op for files not hashed here, or
+        already queued). Files are hashed in the order they are released."""
+        (self.adopted or self)._submit(Path(path))
+
+    def release_all(self) -> None:
+        for target in (self, self.adopted):
+            if target is not None:
+                for path in target.files:
+                    target._submit(path)
+
+    def _submit(self, path: Path) -> None:
+        path = self.by_real.get(path.resolve(), path)  # the caller may spell it otherwise (relative, a link)
+        with self.lock:
+            if self.pool is not None and path in self.stamps and path not in self.futures:
+                self.futures[path] = self.pool.submit(self._hash, path)
 
     def _hash(self, path: Path) -> None:
         h = hashlib.sha256()
@@ -65,8 +89,9 @@ class SourceHasher:
     def _launch(self) -> "SourceHasher":
         if self.files:
             self.stamps = {p: _stamp(p) for p in self.files}
+            self.by_real = {p.resolve(): p for p in self.files}
             self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mxconv-hash")
-            self.futures = [self.pool.submit(self._hash, p) for p in self.files]
+            self.futures = {}  # filled by release(), in the order the conversion reads the files
         return self
 
     def start(self) -> "SourceHasher":
@@ -79,6 +104,7 @@ class SourceHasher:
         return self._launch()
 
     def result(self) -> dict[str, str]:
+        self.release_all()  # files the conversion never read (resumed runs, unused shards)
         if self.adopted is not None:
             try:
                 hashes = self.adopted.result()
@@ -88,14 +114,26 @@ class SourceHasher:
                 pass
             self.adopted = None
             self._launch()
+            self.release_all()
         if self.pool is not None:
             self.pool.shutdown(wait=True)
-            for f in self.futures:
+            for f in self.futures.values():
                 if f.exception() is not None:
                     from .errors import MxconvError
 
                     raise MxconvError(f"hashing the source failed: {f.exception()}")
         return dict(self.hashes)
+
+
+def _available_memory() -> int:
+    """MemAvailable in bytes (Linux), or 0 when unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def start_early(src: str | os.PathLike) -> None:
@@ -113,6 +151,14 @@ def start_early(src: str | os.PathLike) -> None:
         if not all(f.is_file() and Path(n).name == n for f, n in zip(files, names)):
             return
         hasher = SourceHasher(files)._launch()
+        # While torch imports, the first shards (where the conversion starts) as far as a quarter
+        # of the free memory: the page cache still holds them when the conversion gets there.
+        room, ahead = _available_memory() // 4, 0
+        for f in files:
+            if ahead and ahead + hasher.stamps[f][0] > room:
+                break
+            hasher.release(f)
+            ahead += hasher.stamps[f][0]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return
     with _early_lock:

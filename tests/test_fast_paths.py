@@ -282,3 +282,38 @@ def test_mxfp8_dequant_every_code_under_every_scale_byte():
     assert torch.equal(kernels.dequantize_mxfp8(data, scale).view(torch.int32), want.view(torch.int32))
     data.view(torch.uint8)[3, 5] = 0xFF
     assert kernels.dequantize_mxfp8(data, scale) is None and bool(torch.isnan(dequantize_mxfp8(data, scale)[3, 5]))
+
+
+def test_source_files_are_hashed_as_the_conversion_reaches_them(tiny_sources, tmp_path, monkeypatch):
+    """The hasher waits for each file until the conversion reads it (so a checkpoint larger than
+    the page cache is read from disk once), and result() hashes whatever was never read."""
+    import hashlib
+
+    from converter import source_hash
+
+    src = clone(tiny_sources["fp8"], tmp_path / "src")
+    files = sorted(src.glob("*.safetensors"))
+    h = source_hash.SourceHasher(files)._launch()
+    h.release(files[1])
+    h.futures[files[1]].result(timeout=10)
+    assert list(h.hashes) == [files[1].name]  # the others wait
+    assert h.result() == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+    released = []
+    real = source_hash.SourceHasher.release
+    monkeypatch.setattr(source_hash.SourceHasher, "release", lambda self, p: released.append(p) or real(self, p))
+    converter.convert(src, tmp_path / "o", quiet=True, workers=2)
+    assert sorted(released) == files  # every file, announced by the reader, once
+
+
+@pytest.mark.parametrize("memory, ahead", [(0, 1), (10**12, 3)])
+def test_early_hashing_runs_ahead_only_within_a_quarter_of_free_memory(tiny_sources, tmp_path, monkeypatch,
+                                                                        memory, ahead):
+    from converter import source_hash
+
+    src = clone(tiny_sources["fp8"], tmp_path / "src")
+    monkeypatch.setattr(source_hash, "_available_memory", lambda: memory)
+    source_hash.start_early(src)
+    (early,) = [h for key, h in source_hash._early.items() if str(src.resolve()) in key[0]]
+    assert len(early.futures) == ahead  # the first shard always; all of them with memory to spare
+    source_hash.SourceHasher(sorted(src.glob("*.safetensors"))).start().result()  # adopts and finishes it
