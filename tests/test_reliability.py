@@ -235,8 +235,8 @@ def partial_run(src: Path, dst: Path, monkeypatch, **kwargs) -> None:
 
     real = converter.pipeline.execute
 
-    def first_shard_only(todo, *args):
-        real(todo[:1], *args)
+    def first_shard_only(todo, *args, **kwargs):
+        real(todo[:1], *args, **kwargs)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(converter.pipeline, "execute", first_shard_only)
