@@ -2,7 +2,7 @@
 
 Each file is hashed once the conversion has begun reading it (`release`), not before: on a real
 checkpoint (hundreds of GB, more than the page cache) a hasher running ahead would read every
-file from disk a second time by the time the conversion got there. Behind the gate, the hasher
+file from disk a second time by the time the conversion got there. Released that way, the hasher
 and the conversion read the same file at about the same time, and the disk serves it once.
 
 Deliberately free of torch: importing torch takes 1.3-2 s on a 2-core machine (3.6 s with a CUDA
