@@ -195,11 +195,11 @@ def dequantize_mxfp8(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | 
     half = torch.empty(data.shape, dtype=torch.int16, device=data.device)
     out = torch.empty(data.shape, dtype=torch.float32, device=data.device)
     _fp8_to_f32(data.view(torch.int8), half, out)  # value * 2^-8, exact
+    from .numerics import e8m0_to_float
+
     # 2^(e - 127) then 2^8, each exact: a product too small for a normal float32 still has its
     # 4 significant bits above 2^-149, and one too large is Inf either way
-    e = scale.to(torch.int32)
-    pow2 = torch.where(e == 0, torch.full(e.shape, 2.0**-127, device=e.device), (e << 23).view(torch.float32))
-    out.view(*data.shape[:-1], -1, _BLOCK).mul_(pow2.unsqueeze(-1)).mul_(256.0)
+    out.view(*data.shape[:-1], -1, _BLOCK).mul_(e8m0_to_float(scale).unsqueeze(-1)).mul_(256.0)
     return out
 
 

@@ -135,14 +135,14 @@ def load() -> ctypes.CDLL | None:
         if cc is None:
             problem = "no C compiler (cc, gcc or clang) on PATH"
         else:
-            name = f"mxfp8-{_digest(cc)}.so"
-            built = [d / name for d in _cache_dirs() if (d / name).is_file()]
+            name, folders = f"mxfp8-{_digest(cc)}.so", _cache_dirs()
+            built = [d / name for d in folders if (d / name).is_file()]
             if built:
                 path = built[0]
             else:
-                writable = [d for d in _cache_dirs() if _writable(d)]
+                writable = [d for d in folders if _writable(d)]
                 if not writable:
-                    problem = f"no writable cache directory ({', '.join(map(str, _cache_dirs()))})"
+                    problem = f"no writable cache directory ({', '.join(map(str, folders))})"
                 else:
                     path = writable[0] / name
                     problem = _build(cc, path)
