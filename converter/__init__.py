@@ -4,14 +4,14 @@
 use, so that `import converter` (and the CLI's start) does not wait for torch.
 """
 
-__version__ = "0.1.0"
+from converter.version import __version__
 
 __all__ = ["__version__", "convert"]
 
 
 def __getattr__(name: str):
     if name == "convert":
-        from .pipeline import convert
+        from converter.run.pipeline import convert
 
         return convert
     raise AttributeError(f"module 'converter' has no attribute {name!r}")

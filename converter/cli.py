@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from .errors import MxconvError, MxconvWarning
+from converter.errors import MxconvError, MxconvWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert DeepSeek V3 checkpoints to bit-exact MXFP8 for SGLang on Blackwell.")
@@ -49,11 +49,11 @@ def convert(
 ) -> None:
     """Convert SRC into an MXFP8 (or BF16) checkpoint in DST."""
     if not dry_run:  # hash the source on a spare core while torch imports
-        from .source_hash import start_early
+        from converter.sources.hashing import start_early
 
         start_early(src)
-    from .pipeline import convert as run_convert
-    from .summary import describe_plan, describe_result
+    from converter.run.pipeline import convert as run_convert
+    from converter.run.summary import describe_plan, describe_result
 
     try:
         result = run_convert(src, dst, recipe=recipe, mapping=mapping, device=device, workers=workers,
@@ -74,7 +74,8 @@ def convert(
 
 
 def _run_verify(src: Path, dst: Path, **kwargs) -> None:
-    from .verify import format_summary, verify_checkpoint
+    from converter.verify.report import format_summary
+    from converter.verify.runner import verify_checkpoint
 
     report = verify_checkpoint(src, dst, **kwargs)
     typer.echo(format_summary(report))
@@ -112,7 +113,7 @@ def inspect(
     """Say what a checkpoint is: architecture, precision, quantization, MoE layout, sizes, completeness."""
     import json
 
-    from .inspect_ckpt import format_inspect, inspect_checkpoint
+    from converter.verify.inspect import format_inspect, inspect_checkpoint
 
     try:
         info = inspect_checkpoint(path)
@@ -122,8 +123,8 @@ def inspect(
 
 
 def _run_push(dst: Path, repo_id: str, **kwargs) -> None:
-    from .hub import push_checkpoint
-    from .units import format_size
+    from converter.hub.push import push_checkpoint
+    from converter.units import format_size
 
     r = push_checkpoint(dst, repo_id, **kwargs)
     for warning in r.warnings:
@@ -175,8 +176,8 @@ def unshuffle(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Undo the FlashInfer TRT-LLM expert pre-shuffle: back to canonical gate/up/down MXFP8."""
-    from .summary import describe_result
-    from .unshuffle import unshuffle as run_unshuffle
+    from converter.run.summary import describe_result
+    from converter.run.unshuffle import unshuffle as run_unshuffle
 
     try:
         result = run_unshuffle(src, dst, device=device, workers=workers, max_shard_size=max_shard_size,
@@ -193,9 +194,9 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Build a tiny DeepSeek V3 checkpoint (no download), convert it to MXFP8, verify it, summarize."""
-    from .demo import build_checkpoint
-    from .pipeline import convert as run_convert
-    from .summary import describe_result
+    from converter.models.demo import build_checkpoint
+    from converter.run.pipeline import convert as run_convert
+    from converter.run.summary import describe_result
 
     try:
         src, dst = directory / "source-bf16", directory / "mxfp8"

@@ -63,8 +63,8 @@ _launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER], stdin=subprocess
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from converter.demo import TINY_CONFIG, is_fp8_release_linear, quantize_fp8_block, tensor_shapes  # noqa: E402
 from converter.files import INDEX_FILE  # noqa: E402
+from converter.models.demo import TINY_CONFIG, is_fp8_release_linear, quantize_fp8_block, tensor_shapes  # noqa: E402
 
 # Real DeepSeek V3 matrix dimensions (layer 0 dense with intermediate 18432, layers 1-2 MoE with 16
 # routed experts of 2048): fewer layers and experts than the real model (1.3 TB), and a
@@ -257,7 +257,7 @@ def find_llmc_python(explicit: str | None) -> tuple[str | None, str]:
 
 
 def recipe_exists(name: str) -> bool:
-    from converter.recipe import builtin_recipes
+    from converter.plan.recipe import builtin_recipes
     try:
         return name in builtin_recipes()
     except ImportError:  # a checkout that is not installed: the recipes are not a package yet

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-_PRELOAD = ["converter.cli", "converter.pipeline", "converter.summary", "converter.mapping", "cli_process"]
+_PRELOAD = ["converter.cli", "converter.run.pipeline", "converter.run.summary", "converter.mapping.names", "cli_process"]
 _context = None
 
 

@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from converter.demo import build_checkpoint  # noqa: E402
+from converter.models.demo import build_checkpoint  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,4 @@
-"""Straightforward reference implementations, written independently of converter.numerics:
+"""Straightforward reference implementations, written independently of converter.numerics.reference:
 Python floats, math.frexp and an explicit table of every e4m3 value. Slow; for tiny tensors."""
 
 from __future__ import annotations

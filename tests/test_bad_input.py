@@ -12,12 +12,12 @@ import pickle
 
 import pytest
 import torch
-
-import converter.pipeline
 from cli_process import run_mxconv
-from converter.demo import TINY_CONFIG, build_checkpoint
-from converter.errors import SourceError
 from mutate import INDEX, clone, edit_header, edit_json, edit_tensors, file_of, put_nan, replace_file
+
+import converter.run.pipeline
+from converter.errors import SourceError
+from converter.models.demo import TINY_CONFIG, build_checkpoint
 
 EXPERT_W = "model.layers.1.mlp.experts.0.gate_proj.weight"
 SCALE = EXPERT_W + "_scale_inv"
@@ -212,7 +212,7 @@ MTP = "model.layers.3."
 
 
 def dry_run(src):
-    return converter.pipeline.convert(src, src.parent / "never-written", dry_run=True)
+    return converter.run.pipeline.convert(src, src.parent / "never-written", dry_run=True)
 
 
 def test_source_without_its_mtp_layer_is_fine(case):

@@ -9,13 +9,13 @@ import sys
 import pytest
 import torch
 import yaml
-
-import converter
-from converter.demo import TINY_CONFIG
-from converter.errors import OutputError, RecipeError
-from converter.recipe import load_recipe
 from helpers import load_all, load_all_from, read_json, same_bytes, tensor_files
 from reference import reference_mxfp8
+
+import converter
+from converter.errors import OutputError, RecipeError
+from converter.models.demo import TINY_CONFIG
+from converter.plan.recipe import load_recipe
 
 KEPT_SUFFIXES = ("kv_b_proj.weight", "mlp.gate.weight", "eh_proj.weight", "shared_head.head.weight", "lm_head.weight")
 

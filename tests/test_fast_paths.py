@@ -10,15 +10,17 @@ import threading
 
 import pytest
 import torch
-
-import converter
-from converter import direct_io, kernels, native, pieces
-from converter.errors import NumericsError
-from converter.numerics import dequantize_fp8_block, quantize_mxfp8, requantize_fp8_block
-from converter.safetensors_io import PlannedTensor, ShardWriter, build_header
 from helpers import load_all, same_bytes
 from mutate import clone, edit_tensors, put_nan
 from reference import reference_fp8_dequant, reference_mxfp8
+
+import converter
+from converter.errors import NumericsError
+from converter.numerics import kernels, native
+from converter.numerics.dispatch import dequantize_fp8_block, quantize_mxfp8, requantize_fp8_block
+from converter.run import direct_io, pieces
+from converter.run.writer import ShardWriter
+from converter.sources.safetensors import PlannedTensor, build_header
 
 
 def _adversarial_bf16(n: int, k: int, seed: int) -> torch.Tensor:
@@ -65,7 +67,7 @@ def test_bf16_kernel_matches_the_reference(monkeypatch, backend, rule, shape):
 
 
 def _fp8_source(n: int, k: int, seed: int, scale_exp: tuple[int, int] = (-20, 4)):
-    from converter.demo import quantize_fp8_block
+    from converter.models.demo import quantize_fp8_block
 
     g = torch.Generator().manual_seed(seed)
     w, s = quantize_fp8_block(torch.randn(n, k, generator=g) * torch.exp2(torch.randint(-30, 30, (n, 1), generator=g).float()))
@@ -185,7 +187,7 @@ def test_row_pieces_give_the_same_bytes(tiny_sources, unsplit, tmp_path, monkeyp
     calls = []
     real = pieces.split
     monkeypatch.setattr(pieces, "split", lambda *a: calls.append(len(r := real(*a))) or r)
-    import converter.execute as ex
+    import converter.run.execute as ex
     monkeypatch.setattr(ex, "split", pieces.split)
     converter.convert(tiny_sources[source], tmp_path / "o", quiet=True, workers=workers, max_shard_size="300KB")
     assert max(calls) > 4  # really cut
@@ -206,7 +208,7 @@ def test_nan_in_a_later_piece_names_the_block_of_the_whole_tensor(tiny_sources, 
 
 
 def test_o_direct_unavailable_falls_back_to_buffered_writes(tiny_sources, unsplit, tmp_path, monkeypatch):
-    import converter.safetensors_io as sio
+    import converter.run.writer as sio
 
     monkeypatch.setattr(sio, "open_direct", lambda path, size: None)
     converter.convert(tiny_sources["fp8"], tmp_path / "o", quiet=True, workers=2)
@@ -233,7 +235,7 @@ def test_early_source_hash_is_adopted_and_rechecked(tiny_sources, tmp_path):
     """Hashing started before torch is imported is reused, unless a file changed since."""
     import hashlib
 
-    from converter.source_hash import SourceHasher, start_early
+    from converter.sources.hashing import SourceHasher, start_early
 
     src = clone(tiny_sources["bf16"], tmp_path / "src")
     files = sorted(src.glob("*.safetensors"))
@@ -253,7 +255,7 @@ def test_source_hash_in_windows_or_by_reading(tmp_path, monkeypatch, mappable):
     and, where a file system refuses mmap, by reading: the same digests as hashlib's."""
     import hashlib
 
-    from converter import source_hash
+    from converter.sources import hashing as source_hash
 
     monkeypatch.setattr(source_hash, "_WINDOW", 1 << 16)
     if not mappable:
@@ -272,7 +274,8 @@ def test_mxfp8_dequant_every_code_under_every_scale_byte():
     """The half-trick decode against torch's own float8 cast: all 254 non-NaN codes under all 255
     scale bytes, float32 bit patterns equal (-0, subnormals, Inf from 448 * 2^127); a NaN code
     takes the reference path and stays NaN."""
-    from converter.numerics import dequantize_mxfp8, e8m0_to_float
+    from converter.numerics.dispatch import dequantize_mxfp8
+    from converter.numerics.reference import e8m0_to_float
 
     codes = torch.arange(256, dtype=torch.uint8)
     codes = codes[(codes & 0x7F) != 0x7F]
@@ -289,7 +292,7 @@ def test_source_files_are_hashed_as_the_conversion_reaches_them(tiny_sources, tm
     the page cache is read from disk once), and result() hashes whatever was never read."""
     import hashlib
 
-    from converter import source_hash
+    from converter.sources import hashing as source_hash
 
     src = clone(tiny_sources["fp8"], tmp_path / "src")
     files = sorted(src.glob("*.safetensors"))
@@ -309,7 +312,7 @@ def test_source_files_are_hashed_as_the_conversion_reaches_them(tiny_sources, tm
 @pytest.mark.parametrize("memory, ahead", [(0, 1), (10**12, 3)])
 def test_early_hashing_runs_ahead_only_within_a_quarter_of_free_memory(tiny_sources, tmp_path, monkeypatch,
                                                                         memory, ahead):
-    from converter import source_hash
+    from converter.sources import hashing as source_hash
 
     src = clone(tiny_sources["fp8"], tmp_path / "src")
     monkeypatch.setattr(source_hash, "_available_memory", lambda: memory)

@@ -6,15 +6,16 @@ import json
 
 import pytest
 import torch
+from helpers import load_all, read_json, same_bytes, tensor_files
+from reference import e4m3_decode, reference_fp8_dequant, reference_mxfp8
 from safetensors.torch import load_file, save_file
 
 import converter
-from converter.checkpoint import SourceCheckpoint
-from converter.demo import quantize_fp8_block
 from converter.errors import SourceError
-from converter.numerics import dequantize_fp8_block, dequantize_mxfp8, relayout_ue8m0
-from helpers import load_all, read_json, same_bytes, tensor_files
-from reference import e4m3_decode, reference_fp8_dequant, reference_mxfp8
+from converter.models.demo import quantize_fp8_block
+from converter.numerics.dispatch import dequantize_fp8_block, dequantize_mxfp8
+from converter.numerics.reference import relayout_ue8m0
+from converter.sources.checkpoint import SourceCheckpoint
 
 
 def fp8_weights(source: dict) -> list[str]:
@@ -176,7 +177,7 @@ def test_config_and_tensor_mismatches_name_the_tensor(tiny_sources, tmp_path, ca
 
 def test_each_source_tensor_is_read_once_and_alone(tiny_sources, tmp_path, monkeypatch):
     """Partners in other shards are fetched by offset: no whole-shard loads, no repeated reads."""
-    import converter.checkpoint as ckpt_module
+    import converter.sources.checkpoint as ckpt_module
 
     reads = []
     real = ckpt_module.read_tensor

@@ -16,12 +16,12 @@ import random
 from pathlib import Path
 
 import pytest
-
-import converter.mapping
-from converter.demo import TINY_CONFIG, build_checkpoint
-from converter.errors import MxconvError
-from converter.pipeline import convert
 from mutate import INDEX, clone, join_safetensors, replace_file, split_safetensors
+
+import converter.mapping.names
+from converter.errors import MxconvError
+from converter.models.demo import TINY_CONFIG, build_checkpoint
+from converter.run.pipeline import convert
 
 # MXCONV_FUZZ_SEED / MXCONV_FUZZ_CASES explore further locally (e.g. 5000 cases) without editing.
 SEED = int(os.environ.get("MXCONV_FUZZ_SEED", 8))
@@ -207,7 +207,7 @@ def fuzz_sources(tmp_path_factory):
 
 def test_fuzz_headers_index_and_config(fuzz_sources, tmp_path, monkeypatch):
     # the built-in mappings are parsed once, not once per case (only speed changes)
-    monkeypatch.setattr(converter.mapping, "load_mapping", functools.lru_cache(converter.mapping.load_mapping))
+    monkeypatch.setattr(converter.mapping.names, "load_mapping", functools.lru_cache(converter.mapping.names.load_mapping))
     rng = random.Random(SEED)
     outcomes = {"error": 0, "dry_run_ok": 0, "converted": 0}
     for case in range(CASES):

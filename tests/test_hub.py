@@ -13,13 +13,13 @@ import huggingface_hub
 import pytest
 import torch
 import yaml
+from hub_server import HubServer
 from safetensors.torch import save_file
 
 from converter.errors import HubError, OutputError
 from converter.files import INDEX_FILE, PROVENANCE_FILE, STATE_DIR, VERIFY_REPORT_FILE
-from converter.hub import _hub_errors, list_upload_files, plan_commits, push_checkpoint
-from converter.modelcard import render_model_card, sglang_command, write_model_card
-from hub_server import HubServer
+from converter.hub.modelcard import render_model_card, sglang_command, write_model_card
+from converter.hub.push import hub_errors, list_upload_files, plan_commits, push_checkpoint
 
 TOKEN = "hf_" + "A1b2C3d4E5" * 4  # looks like a real token, so scrubbing is exercised too
 BAD_TOKEN = "hf_" + "Zz9Yy8Xx7W" * 4
@@ -266,7 +266,7 @@ def test_missing_token_and_foreign_namespace(hub, tmp_path):
 
 def test_error_messages_never_carry_the_token():
     with pytest.raises(HubError) as err:
-        with _hub_errors("http://hub", REPO, TOKEN, "testing"):
+        with hub_errors("http://hub", REPO, TOKEN, "testing"):
             raise ValueError(f"server echoed Authorization: Bearer {TOKEN} and {BAD_TOKEN}")
     assert TOKEN not in str(err.value) and BAD_TOKEN not in str(err.value) and "testing failed" in str(err.value)
 

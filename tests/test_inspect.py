@@ -12,7 +12,7 @@ import pytest
 import converter
 from converter.errors import MxconvError
 from converter.files import INDEX_FILE, PROVENANCE_FILE, STATE_DIR
-from converter.inspect_ckpt import format_inspect, inspect_checkpoint
+from converter.verify.inspect import format_inspect, inspect_checkpoint
 
 
 @pytest.fixture(scope="module")

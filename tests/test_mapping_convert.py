@@ -5,12 +5,12 @@ of the embedding and head, so its output lacks them too)."""
 import json
 
 import pytest
+from helpers import load_all, read_json, same_bytes
 from safetensors.torch import load_file
 
 import converter
-from converter.demo import write_sharded
-from converter.mapping import load_mapping, materialize
-from helpers import load_all, read_json, same_bytes
+from converter.mapping.names import load_mapping, materialize
+from converter.models.demo import write_sharded
 
 MEGATRON_ABSENT = {"model.layers.3.embed_tokens.weight", "model.layers.3.shared_head.head.weight"}
 

@@ -9,11 +9,10 @@ import sys
 
 import pytest
 import torch
-
-from converter import kernels, native
-from converter.numerics import quantize_mxfp8, requantize_fp8_block
 from reference import reference_fp8_dequant, reference_mxfp8
 
+from converter.numerics import kernels, native
+from converter.numerics.dispatch import quantize_mxfp8, requantize_fp8_block
 
 _REAL_DISPATCH = kernels._native
 
@@ -125,7 +124,7 @@ def test_built_once_then_reused_from_the_cache(fresh):
     built = list(fresh.glob("mxfp8-*.so"))
     assert len(built) == 1 and not list(fresh.glob(".build-*"))
     stamp = built[0].stat().st_mtime_ns
-    code = "from converter import native; assert native.load() is not None"
+    code = "from converter.numerics import native; assert native.load() is not None"
     subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ})
     assert built[0].stat().st_mtime_ns == stamp and list(fresh.glob("mxfp8-*.so")) == built
 

@@ -18,16 +18,15 @@ import time
 from pathlib import Path
 
 import pytest
-
-import converter.output
 from cli_process import MxconvProcess, run_mxconv
-from converter.errors import NonFiniteWarning, OutputError
-from converter.files import (CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, PROVENANCE_FILE, STATE_DIR,
-                             VERIFY_REPORT_FILE)
-from converter.hub import check_publishable
-from converter.output import incomplete_reason
-from converter.pipeline import convert
 from mutate import clone, edit_tensors, file_of, put_nan, replace_file
+
+import converter.run.output
+from converter.errors import NonFiniteWarning, OutputError
+from converter.files import CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, PROVENANCE_FILE, STATE_DIR, VERIFY_REPORT_FILE
+from converter.hub.push import check_publishable
+from converter.run.output import incomplete_reason
+from converter.run.pipeline import convert
 
 SHARD = "300KB"  # the tiny checkpoint becomes 14 output shards
 
@@ -191,12 +190,12 @@ def test_damaged_finished_destination_is_unmarked_then_repaired(src, small_refer
     shards[0].write_bytes(bytes(data))
     (dst / VERIFY_REPORT_FILE).write_text('{"passed": true}')  # from `mxconv verify` before the damage
 
-    import converter.pipeline
+    import converter.run.pipeline
 
     def crash(*args, **kwargs):
         raise OutputError("simulated crash during the repair")
 
-    monkeypatch.setattr(converter.pipeline, "execute", crash)
+    monkeypatch.setattr(converter.run.pipeline, "execute", crash)
     with pytest.raises(OutputError, match="simulated"):
         convert(src, dst, max_shard_size="1MB", quiet=True)
     # while being repaired the DST does not look complete
@@ -231,15 +230,15 @@ def test_side_files_skip_weights_and_pickle_indexes(src, tmp_path):
 
 def partial_run(src: Path, dst: Path, monkeypatch, **kwargs) -> None:
     """A conversion that stops after its first shard (as if killed there)."""
-    import converter.pipeline
+    import converter.run.pipeline
 
-    real = converter.pipeline.execute
+    real = converter.run.pipeline.execute
 
     def first_shard_only(todo, *args, **kwargs):
         real(todo[:1], *args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(converter.pipeline, "execute", first_shard_only)
+    monkeypatch.setattr(converter.run.pipeline, "execute", first_shard_only)
     with pytest.raises(KeyboardInterrupt):
         convert(src, dst, quiet=True, **kwargs)
     monkeypatch.undo()
@@ -302,7 +301,7 @@ def test_second_process_on_the_same_destination_is_refused(src, tmp_path, monkey
 
     dst = tmp_path / "dst"
     partial_run(src, dst, monkeypatch, max_shard_size="1MB")
-    converter.output._unlock(dst)  # the interrupted run's lock, as if its process had ended
+    converter.run.output._unlock(dst)  # the interrupted run's lock, as if its process had ended
     other = os.open(dst / STATE_DIR / "lock", os.O_RDWR)
     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.pwrite(other, b"4242\n", 0)
@@ -339,10 +338,10 @@ def test_destination_checks(src, tmp_path, where):
 
 
 def test_not_enough_free_space_names_both_numbers_before_any_work(src, tmp_path, monkeypatch):
-    import converter.output
+    import converter.run.output
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(converter.output.shutil, "disk_usage", lambda p: usage._replace(free=1_000_000))
+    monkeypatch.setattr(converter.run.output.shutil, "disk_usage", lambda p: usage._replace(free=1_000_000))
     dst = tmp_path / "out" / "dst"
     with pytest.raises(OutputError, match=r"needs \d+\.\d+ MB more, 1\.00 MB are free"):
         convert(src, dst, quiet=True)

@@ -1,4 +1,4 @@
-"""Tests for converter.trtllm_layout: FlashInfer trtllm-gen MXFP8 MoE weight layout.
+"""Tests for converter.numerics.trtllm_layout: FlashInfer trtllm-gen MXFP8 MoE weight layout.
 
 References, each independent of the module under test:
 - FlashInfer's own row-index helpers and shuffle functions (skipped when flashinfer-python
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from converter.errors import NumericsError
-from converter.trtllm_layout import (
+from converter.numerics.trtllm_layout import (
     LAYOUT_METADATA,
     gated_interleave_row_indices,
     pack_w2,

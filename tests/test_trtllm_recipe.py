@@ -1,15 +1,15 @@
 """The FlashInfer TRT-LLM pre-shuffled expert layout as a conversion target, and `unshuffle`.
 
 The layout semantics are checked with index formulas written here from SPEC section 4, not
-with converter.trtllm_layout (whose own tests compare it with FlashInfer's helpers)."""
+with converter.numerics.trtllm_layout (whose own tests compare it with FlashInfer's helpers)."""
 
 import pytest
 import torch
+from helpers import load_all, read_json, same_bytes
 
 import converter
-from converter.numerics import dequantize_mxfp8
-from converter.unshuffle import unshuffle
-from helpers import load_all, read_json, same_bytes
+from converter.numerics.dispatch import dequantize_mxfp8
+from converter.run.unshuffle import unshuffle
 
 CFG_LAYERS = range(1, 4)  # tiny model: MoE layers 1, 2 and the MTP layer 3
 EXPERTS = range(4)
@@ -103,7 +103,7 @@ def test_unshuffle_restores_the_canonical_checkpoint(conversions, tmp_path, kind
 
 
 def test_unshuffled_checkpoint_verifies_against_the_original_source(tiny_sources, conversions, tmp_path):
-    from converter.verify import verify_checkpoint
+    from converter.verify.runner import verify_checkpoint
 
     restored = tmp_path / "restored"
     unshuffle(conversions["bf16"][1], restored, quiet=True)
@@ -172,8 +172,8 @@ def test_trtllm_conversion_on_cuda_is_byte_identical(tiny_sources, conversions, 
 def test_packed_experts_cut_into_row_pieces_are_byte_identical(tmp_path, monkeypatch, precision):
     """Big experts are converted in 128-row bands (w13 bands land at twice the source row); the
     result must not depend on where the bands are cut."""
-    from converter import execute, pieces
-    from converter.demo import TINY_CONFIG, build_checkpoint
+    from converter.models.demo import TINY_CONFIG, build_checkpoint
+    from converter.run import execute, pieces
 
     config = dict(TINY_CONFIG, moe_intermediate_size=512, n_routed_experts=2, num_hidden_layers=2)
     src = build_checkpoint(tmp_path / "src", config, precision=precision, seed=7)

@@ -21,12 +21,14 @@ from safetensors.torch import load_file, save_file
 import converter
 from converter.errors import VerifyError
 from converter.files import INDEX_FILE, PROVENANCE_FILE, VERIFY_REPORT_FILE
-from converter.numerics import ScaleRule, quantize_mxfp8
-from converter.recipe import load_recipe
-from converter.trtllm_layout import unpack_w13
-from converter.logits import logits_metrics
-from converter.verify import format_summary, verify_checkpoint
-from converter.verify_jobs import Thresholds, error_stats, judge
+from converter.numerics.dispatch import quantize_mxfp8
+from converter.numerics.reference import ScaleRule
+from converter.numerics.trtllm_layout import unpack_w13
+from converter.plan.recipe import load_recipe
+from converter.verify.jobs import Thresholds, error_stats, judge
+from converter.verify.logits import logits_metrics
+from converter.verify.report import format_summary
+from converter.verify.runner import verify_checkpoint
 
 EXPERT = "model.layers.2.mlp.experts.1"
 Q_B = "model.layers.2.self_attn.q_b_proj.weight"
@@ -357,7 +359,7 @@ def test_wrong_shuffle(trtllm, tmp_path, mistake):
     if mistake == "unshuffled":  # [up; gate] in canonical row order: shuffle and interleave skipped
         wrong = torch.cat([up.view(torch.uint8), gate.view(torch.uint8)])
     else:  # the shuffle applied to [gate; up] instead of [up; gate]
-        from converter.trtllm_layout import pack_w13
+        from converter.numerics.trtllm_layout import pack_w13
 
         wrong, _ = pack_w13(up, s[: s.shape[0] // 2], gate, s[s.shape[0] // 2:])
         wrong = wrong.view(torch.uint8)

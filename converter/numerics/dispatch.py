@@ -1,0 +1,52 @@
+"""The numerics the converter calls: each function returns exactly the bytes of its namesake in
+`converter.numerics.reference`, through the fastest implementation that can give them (the
+compiled CPU kernels or the torch kernels of `converter.numerics.kernels`), and falls back to the
+reference where those decline (NaN/Inf, scales they cannot handle exactly, odd shapes)."""
+
+from __future__ import annotations
+
+import torch
+
+from converter.numerics import kernels, reference
+from converter.numerics.reference import MX_BLOCK, ScaleRule
+
+
+def quantize_mxfp8(x: torch.Tensor, rule: ScaleRule | str = ScaleRule.RCEIL, *, allow_nonfinite: bool = False,
+                   name: str | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference.quantize_mxfp8`, about 10x faster on BF16 input (the kernels decline NaN/Inf)."""
+    if x.dtype == torch.bfloat16 and x.numel() and x.shape[-1] % MX_BLOCK == 0:
+        fast = kernels.quantize_bf16(x, ScaleRule(rule).value, out)
+        if fast is not None:
+            return fast
+    return reference.quantize_mxfp8(x, rule, allow_nonfinite=allow_nonfinite, name=name)
+
+
+def dequantize_mxfp8(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`reference.dequantize_mxfp8` without torch's scalar float8 cast."""
+    if data.dtype == torch.float8_e4m3fn and data.shape[-1] % MX_BLOCK == 0 and scale.dtype == torch.uint8:
+        fast = kernels.dequantize_mxfp8(data, scale)
+        if fast is not None:
+            return fast.to(dtype)
+    return reference.dequantize_mxfp8(data, scale, dtype)
+
+
+def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """`reference.dequantize_fp8_block` without torch's slow float8 casts (float32 scales)."""
+    if scale_inv.dtype == torch.float32 and weight.numel():
+        fast = kernels.dequantize_fp8(weight, scale_inv, out)
+        if fast is not None:
+            return fast
+    return reference.dequantize_fp8_block(weight, scale_inv)
+
+
+def requantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, rule: ScaleRule | str = ScaleRule.RCEIL,
+                         *, allow_nonfinite: bool = False, name: str | None = None,
+                         out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference.requantize_fp8_block` in one pass with no BF16 tensor where the kernels can be exact."""
+    if scale_inv.dtype == torch.float32 and weight.numel():
+        fast = kernels.requantize_fp8(weight, scale_inv, ScaleRule(rule).value, out)
+        if fast is not None:
+            return fast
+    return quantize_mxfp8(dequantize_fp8_block(weight, scale_inv), rule, allow_nonfinite=allow_nonfinite, name=name)

@@ -1,0 +1,396 @@
+"""The destination directory: its state (fresh, resumable, complete), the manifest that makes a
+resume safe, and the small files written after the shards (index, config, provenance)."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from converter.errors import OutputError, SourceError
+from converter.files import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    PROVENANCE_FILE,
+    SINGLE_FILE,
+    STATE_DIR,
+    VERIFY_REPORT_FILE,
+)
+from converter.plan.planner import ConversionPlan, ShardPlan
+from converter.run.writer import fsync_dir, write_atomic, write_bytes_atomic
+from converter.sources.checkpoint import PICKLE_SUFFIXES, SourceCheckpoint
+from converter.sources.safetensors import build_header
+from converter.units import format_size
+from converter.version import __version__
+
+# Source files never copied into the destination: weights and what mxconv writes itself.
+_SKIP_NAMES = {CONFIG_FILE, INDEX_FILE, SINGLE_FILE, PROVENANCE_FILE, VERIFY_REPORT_FILE}
+_SKIP_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+_SAMPLE = 64 * 1024  # bytes per window of the source data sample in the manifest
+_COPY_CHUNK = 16 * 1024 * 1024
+_TEMP_SUFFIXES = (".partial", ".tmp")  # what mxconv leaves in the state directory when killed
+LOCK_FILE = "lock"  # in the state directory; flock'ed while a conversion writes DST
+
+
+def _json_bytes(data: dict) -> bytes:
+    return (json.dumps(data, indent=2) + "\n").encode()
+
+
+def plan_fingerprint(src: SourceCheckpoint, plan: ConversionPlan, mapping: str) -> dict:
+    """Everything the output bytes depend on. Device and worker count are deliberately absent:
+    they never change a byte, so a resume may use other ones.
+
+    Each source file is identified by its size, its header and a sample of its data (a few
+    64 KiB windows): a checkpoint saved again in place with the same layout (the next training
+    step, say) has identical headers, and resuming across it would mix two models."""
+    sources = {}
+    for path in src.files:
+        try:
+            sources[path.name] = _file_identity(path)
+        except OSError as e:
+            raise SourceError(f"cannot read: {e.strerror}", file=path) from e
+    layout = hashlib.sha256(json.dumps(
+        [[s.name, [[t.name, t.dtype, list(t.shape)] for t in s.tensors]] for s in plan.shards]).encode()).hexdigest()
+    config = hashlib.sha256(json.dumps(src.config, sort_keys=True).encode()).hexdigest()
+    return {"mxconv_version": __version__, "recipe": plan.recipe.to_dict(), "mapping": mapping,
+            "source_format": plan.source_format.value, "sources": sources, "source_config_sha256": config,
+            "layout_sha256": layout, "shards": {s.name: shard_file_size(s) for s in plan.shards}}
+
+
+def _file_identity(path: Path) -> dict:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header_hash = hashlib.sha256(f.read(n)).hexdigest()
+        data_start, data_len = 8 + n, max(size - 8 - n, 0)
+        sample = hashlib.sha256()
+        for frac in (0, 1, 2, 3):  # start, two interior points, end of the data
+            f.seek(data_start + max(data_len - _SAMPLE, 0) * frac // 3)
+            sample.update(f.read(_SAMPLE))
+    return {"bytes": size, "header_sha256": header_hash, "data_sample_sha256": sample.hexdigest()}
+
+
+@dataclass
+class DestinationState:
+    """What DST holds, found without changing anything (`inspect_destination`)."""
+
+    done_shards: set[str]
+    complete: bool
+    clear: bool = False  # --overwrite: DST holds something else, which is removed first
+    resumed: bool = False  # DST holds an interrupted (or damaged) run of this same conversion
+    leftovers: list[Path] = field(default_factory=list)  # temporary files of an interrupted run
+    reclaimable: int = 0  # bytes freed before writing starts (leftovers, or everything when clearing)
+
+
+def inspect_destination(dst: Path, fingerprint: dict, plan: ConversionPlan, overwrite: bool,
+                        src_root: Path | None = None) -> DestinationState:
+    """Read-only: is DST fresh, a resumable or finished run of this conversion, or something
+    else (refused unless `overwrite`)?"""
+    dst = Path(dst)
+    try:
+        if not dst.exists():
+            return DestinationState(set(), False)
+        if not dst.is_dir():
+            raise OutputError("destination exists and is not a directory", file=dst)
+        previous = _read_manifest(dst)
+        if previous is None and _only_state_dir(dst):  # empty, or killed before the manifest was written
+            leftovers = _leftovers(dst)
+            return DestinationState(set(), False, leftovers=leftovers, reclaimable=sum(_size(p) for p in leftovers))
+        if previous != fingerprint:
+            if not overwrite:
+                raise OutputError(_refusal(dst, previous, fingerprint), file=dst)
+            _check_clearable(dst)
+            return DestinationState(set(), False, clear=True, reclaimable=_tree_bytes(dst))
+        done = {s.name for s in plan.shards if _shard_is_done(dst / s.name, s)}
+        leftovers = _leftovers(dst)
+        complete = (len(done) == len(plan.shards) and _finished(dst, plan)
+                    and (src_root is None or _side_files_present(src_root, dst)))
+        return DestinationState(done, complete, resumed=not complete, leftovers=leftovers,
+                                reclaimable=sum(_size(p) for p in leftovers))
+    except OSError as e:
+        raise OutputError(f"cannot inspect the destination: {e.strerror}", file=e.filename or dst) from e
+
+
+def prepare_destination(dst: Path, fingerprint: dict, state: DestinationState) -> None:
+    """Make DST ready for writing: empty it when clearing, remove an interrupted run's temporary
+    files and its completion marker, verify report, index and config (a DST being resumed or
+    repaired must not look complete), then record the manifest.
+
+    Takes DST's lock first (held until `write_provenance` or the end of the process), so a second
+    mxconv started on the same DST, say by a job scheduler re-queueing a job that is still running,
+    is refused instead of writing the same temporary files."""
+    dst = Path(dst)
+    try:
+        (dst / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        _lock(dst)
+        if state.clear:
+            _clear(dst)
+        # the marker first; a verify report from before a repair no longer vouches for anything
+        for name in (PROVENANCE_FILE, VERIFY_REPORT_FILE, INDEX_FILE, CONFIG_FILE):
+            (dst / name).unlink(missing_ok=True)
+        for path in state.leftovers:
+            path.unlink(missing_ok=True)
+        fsync_dir(dst)
+        manifest = dst / STATE_DIR / MANIFEST_FILE
+        if _read_manifest(dst) != fingerprint:
+            write_bytes_atomic(manifest, _json_bytes(fingerprint))
+    except OSError as e:
+        raise OutputError(f"cannot prepare the destination: {e.strerror}", file=e.filename or dst) from e
+
+
+def incomplete_reason(dst: Path) -> str | None:
+    """None for a finished mxconv conversion; otherwise one line saying what is missing, for
+    `inspect`, `verify` and `push` to show."""
+    dst = Path(dst)
+    manifest = _read_manifest(dst)
+    if (dst / PROVENANCE_FILE).is_file() and _provenance_complete(dst):
+        return None
+    if not isinstance(manifest, dict):
+        return f"no {PROVENANCE_FILE}: not a finished mxconv conversion"
+    planned = manifest.get("shards") or {}
+    have = sum(1 for name in planned if (dst / name).is_file())
+    return (f"interrupted mxconv conversion: {have} of {len(planned)} shards written, no {PROVENANCE_FILE}; "
+            "rerun the same `mxconv convert` command to resume it")
+
+
+def _refusal(dst: Path, previous: dict | None, fingerprint: dict) -> str:
+    if previous is None:
+        if (dst / PROVENANCE_FILE).exists():
+            return (f"destination holds an mxconv conversion without its resume manifest ({STATE_DIR}/"
+                    f"{MANIFEST_FILE}); use --overwrite to convert again")
+        return ("destination is not empty and was not written by mxconv; "
+                "use --overwrite to replace its contents")
+    changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
+    what = "a finished" if (dst / PROVENANCE_FILE).exists() else "an unfinished"
+    detail = ""
+    if "sources" in changed:
+        old = previous.get("sources") if isinstance(previous.get("sources"), dict) else {}
+        files = sorted(f for f in set(old) | set(fingerprint["sources"]) if old.get(f) != fingerprint["sources"].get(f))
+        detail = f" (source file {files[0]} differs)" if files else ""
+    return (f"destination holds {what} conversion with a different {', '.join(changed) or 'manifest'}{detail}; "
+            "rerun with the same source, recipe and options to resume it, or use --overwrite to start again")
+
+
+def _read_manifest(dst: Path) -> dict | None:
+    try:
+        data = json.loads((dst / STATE_DIR / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _shard_is_done(path: Path, shard: ShardPlan) -> bool:
+    """Finished shards were renamed into place only after a complete, fsynced write; a name that
+    exists with the planned size and the planned header is one of them."""
+    header, _ = build_header(shard.tensors)
+    try:
+        if not path.is_file() or path.stat().st_size != len(header) + shard.nbytes:
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(header)) == header
+    except OSError:
+        return False
+
+
+def _finished(dst: Path, plan: ConversionPlan) -> bool:
+    try:
+        index_ok = (dst / INDEX_FILE).read_bytes() == index_bytes(plan)
+    except OSError:
+        return False
+    return index_ok and (dst / CONFIG_FILE).is_file() and _provenance_complete(dst)
+
+
+def _provenance_complete(dst: Path) -> bool:
+    try:
+        data = json.loads((dst / PROVENANCE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("complete") is True
+
+
+def _leftovers(dst: Path) -> list[Path]:
+    """Temporary files an interrupted run left: partial shards and temporary copies in the state
+    directory, and hidden `.NAME.tmp` files next to the outputs (from older mxconv versions)."""
+    found = [p for p in (dst / STATE_DIR).glob("*") if p.suffix in _TEMP_SUFFIXES and p.is_file()]
+    found += [p for p in dst.glob(".*.tmp") if p.is_file()]
+    return sorted(found)
+
+
+def _only_state_dir(dst: Path) -> bool:
+    """DST holds nothing but a state directory with temporary files (and the lock) in it."""
+    for child in dst.iterdir():
+        if child.name != STATE_DIR or not child.is_dir():
+            return False
+    return all(p.suffix in _TEMP_SUFFIXES or p.name == LOCK_FILE for p in (dst / STATE_DIR).iterdir())
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(_size(p) for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _check_clearable(dst: Path) -> None:
+    resolved = dst.resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+        raise OutputError("refusing to empty this directory for --overwrite; pick a dedicated output directory",
+                          file=dst)
+
+
+def shard_file_size(shard: ShardPlan) -> int:
+    header, _ = build_header(shard.tensors)
+    return len(header) + shard.nbytes
+
+
+def _clear(dst: Path) -> None:
+    # The manifest goes first: a crash half-way leaves a DST that is refused, never resumed.
+    # The lock file stays: deleting it while held would let another process lock a new one.
+    (dst / STATE_DIR / MANIFEST_FILE).unlink(missing_ok=True)
+    for child in [*dst.iterdir(), *(dst / STATE_DIR).iterdir()]:
+        if child.name == STATE_DIR or child.parent.name == STATE_DIR and child.name == LOCK_FILE:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+# DST path -> open lock file of this process (flock is per open file: a kill releases it)
+_held_locks: dict[Path, int] = {}
+
+
+def _lock(dst: Path) -> None:
+    key = dst.resolve()
+    if key in _held_locks:  # this process already holds it (an earlier call that failed)
+        return
+    path = dst / STATE_DIR / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise OutputError(f"another mxconv process{f' (pid {holder})' if holder else ''} is writing this "
+                          "destination; wait for it to finish or stop it, then rerun", file=dst) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks[key] = fd
+
+
+def _unlock(dst: Path) -> None:
+    fd = _held_locks.pop(dst.resolve(), None)
+    if fd is not None:
+        os.ftruncate(fd, 0)  # no stale pid in a finished DST
+        os.close(fd)  # releases the flock; the file stays (see _clear)
+
+
+def check_free_space(dst: Path, needed: int, reclaimable: int = 0) -> None:
+    """DST's file system (its nearest existing ancestor when DST does not exist yet) must hold
+    `needed` more bytes, counting `reclaimable` bytes that are deleted before writing."""
+    where = Path(dst).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError as e:
+        raise OutputError(f"cannot tell the free disk space: {e.strerror}", file=dst) from e
+    if free + reclaimable < needed:
+        extra = f" (+{format_size(reclaimable)} freed first)" if reclaimable else ""
+        raise OutputError(f"not enough free disk space: the conversion needs {format_size(needed)} more, "
+                          f"{format_size(free)} are free{extra}", file=dst)
+
+
+def side_files(src_root: Path) -> list[Path]:
+    """Tokenizer, generation config, custom code, license, README: everything but weights,
+    their indexes and what mxconv writes itself (relative paths)."""
+    found = []
+    for path in sorted(Path(src_root).rglob("*")):
+        rel = path.relative_to(src_root)
+        if (not path.is_file() or any(p.startswith(".") for p in rel.parts)
+                or rel.name in _SKIP_NAMES or rel.suffix in _SKIP_SUFFIXES
+                or any(rel.name.endswith(s + ".index.json") for s in _SKIP_SUFFIXES)):
+            continue
+        found.append(rel)
+    return found
+
+
+def _side_files_present(src_root: Path, dst: Path) -> bool:
+    return all(_size(dst / rel) == _size(Path(src_root) / rel) and (dst / rel).is_file()
+               for rel in side_files(src_root))
+
+
+def copy_side_files(src_root: Path, dst: Path) -> list[str]:
+    """Copy the side files, each through a fsynced temporary file in DST's state directory."""
+    copied = []
+    for rel in side_files(src_root):
+        target = dst / rel
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(src_root / rel, "rb") as fin:
+                write_atomic(target, lambda fout: shutil.copyfileobj(fin, fout, _COPY_CHUNK), dst / STATE_DIR)
+        except OSError as e:
+            raise OutputError(f"cannot copy {rel}: {e.strerror}", file=e.filename or target) from e
+        copied.append(str(rel))
+    return copied
+
+
+def output_config(source_config: dict, plan: ConversionPlan, moe_layout: dict | None) -> dict:
+    config = {k: v for k, v in source_config.items() if k != "quantization_config"}
+    if plan.recipe.target == "mxfp8":
+        qc = {"quant_method": "mxfp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+              "weight_block_size": [1, 32], "scale_fmt": "ue8m0",
+              "modules_to_not_convert": plan.modules_to_not_convert}
+        if moe_layout:
+            qc["moe_weight_layout"] = moe_layout
+        config["quantization_config"] = qc
+    return config
+
+
+def index_bytes(plan: ConversionPlan) -> bytes:
+    return _json_bytes({"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map()})
+
+
+def write_index_and_config(dst: Path, plan: ConversionPlan, config: dict) -> None:
+    write_bytes_atomic(dst / INDEX_FILE, index_bytes(plan), tmp_dir=dst / STATE_DIR)
+    write_bytes_atomic(dst / CONFIG_FILE, _json_bytes(config), tmp_dir=dst / STATE_DIR)
+
+
+def write_provenance(dst: Path, src: SourceCheckpoint, plan: ConversionPlan, *, mapping: str,
+                     source_hashes: dict[str, str], options: dict, origin: dict | None = None) -> dict:
+    """Written last of all: its presence marks the conversion complete. `origin`: the `source`
+    block of an earlier conversion that `src` came from (unshuffle), which then stays the source,
+    `src` being recorded as `derived_from`."""
+    tensors = {"mxfp8": plan.counts.get("mxfp8", 0), "bf16": plan.counts.get("dequantized_bf16", 0),
+               "copied": plan.counts.get("copied", 0)}
+    data = {
+        "mxconv_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "complete": True,
+        "source": {
+            "path": str(src.root.resolve()),
+            "format": plan.source_format.value,
+            "mapping": mapping,
+            "base_model": src.config.get("_name_or_path") or None,
+            "shards": {p.name: {"bytes": p.stat().st_size, "sha256": source_hashes.get(p.name)} for p in src.files},
+        },
+        "recipe": plan.recipe.to_dict(),
+        "options": options,
+        "output": {"shards": len(plan.shards), "total_size": plan.total_size, "tensors": tensors,
+                   "modules_to_not_convert": plan.modules_to_not_convert},
+    }
+    if origin is not None:
+        data["derived_from"], data["source"] = data["source"], origin
+    write_bytes_atomic(dst / PROVENANCE_FILE, _json_bytes(data), tmp_dir=dst / STATE_DIR)
+    _unlock(dst)
+    return data

@@ -1,0 +1,166 @@
+"""Jobs cut into row pieces, and the host buffers they run in.
+
+Why pieces: every numeric step of a job is independent across rows (1x32 blocks lie in one row,
+an FP8 source's 128x128 tiles in one band of 128 rows), so a 264 MB dense projection or a 1.9 GB
+embedding need not be in memory at once. Pieces of about 16 MB keep memory flat whatever the
+tensor and shard sizes, let two workers share one big tensor, and make buffer sizes repeat, so
+the buffers are reused instead of freshly faulted in (see BufferPool).
+
+Only jobs read straight from source files are cut (a name mapping that splits or fuses source
+tensors materializes whole tensors), and not under --allow-nonfinite, whose warning counts
+blocks per tensor. A numerics error in a piece is reported as the whole tensor reports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import torch
+
+from converter.plan.planner import COPY, DEQUANT_BF16, FROM_HIGH_PRECISION, MXFP8, TRTLLM_W2, TRTLLM_W13, Job
+from converter.plan.recipe import Recipe
+from converter.plan.view import CanonicalView
+from converter.run.direct_io import ALIGN
+from converter.run.transform import run_job
+from converter.run.writer import ShardWriter
+from converter.sources import checkpoint
+from converter.sources.safetensors import DTYPES, PlannedTensor
+
+PIECE_BYTES = 16 << 20  # source bytes per piece
+_TILE = 128  # rows of an FP8 source's scale tile: pieces of FP8 weights start on these
+_FILLS_OUT = (MXFP8, DEQUANT_BF16)  # job actions that write into preallocated output buffers
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    shard: int  # index into the shard list being executed
+    job: Job
+    rows: tuple[int, int] | None  # of the job's tensors; None: the whole job
+    input_bytes: int
+
+    @property
+    def output_row(self) -> int:
+        """First row of the job's outputs this piece fills: gemm1 of the TRT-LLM layout holds two
+        rows (up, gate) per source row, interleaved, so its pieces land at twice the source row."""
+        r0 = self.rows[0] if self.rows else 0
+        return 2 * r0 if self.job.action == TRTLLM_W13 else r0
+
+
+def split(shard: int, job: Job, view: CanonicalView, recipe: Recipe) -> list[Piece]:
+    """The job as pieces of about PIECE_BYTES (one piece if it is small or cannot be cut)."""
+    whole = [Piece(shard, job, None, job.input_bytes)]
+    if view.derivations is not None or job.input_bytes <= PIECE_BYTES * 3 // 2:
+        return whole
+    if job.action == COPY:
+        step = 1
+    elif job.action in (MXFP8, DEQUANT_BF16) and not recipe.allow_nonfinite:
+        step = 1 if job.operands[0].prep == FROM_HIGH_PRECISION and job.action == MXFP8 else _TILE
+    elif job.action in (TRTLLM_W13, TRTLLM_W2) and not recipe.allow_nonfinite:
+        # The row shuffle stays inside 32-row blocks and the scale swizzle inside 128-row tiles, so
+        # 128-row bands of the source map onto bands of the packed output (twice as tall for w13).
+        step = _TILE
+    else:
+        return whole
+    first = view.tensors[job.operands[0].weight]
+    if len(first.shape) < 2 or first.shape[0] < 2 * step:
+        return whole
+    rows = first.shape[0]
+    # every input of the job (gate and up for w13, the FP8 scales) is cut at the same rows
+    per = max(step, PIECE_BYTES // max(1, job.input_bytes // rows) // step * step)
+    starts = list(range(0, rows, per))
+    share = [job.input_bytes * (min(rows, r + per) - r) // rows for r in starts]
+    share[-1] += job.input_bytes - sum(share)  # the pieces' bytes add up to the job's exactly
+    return [Piece(shard, job, (r, min(rows, r + per)), b) for r, b in zip(starts, share)]
+
+
+class BufferPool:
+    """Host buffers reused across pieces, best fit by size.
+
+    Fresh memory costs a page fault and a zeroed page per 4 KB (in a VM sometimes a fault on the
+    host too); passing every tensor of a checkpoint through fresh buffers cost more system time
+    than the numerics. Each buffer has 4 KB to spare, so the tensor in it can start at the
+    address phase that lets an O_DIRECT write take it without a copy. Pinned for accelerators."""
+
+    def __init__(self, pin: bool, limit: int):
+        self.pin, self.limit, self.cached = pin, limit, 0
+        self.free: list[torch.Tensor] = []
+        self.lock = threading.Lock()
+
+    def take(self, nbytes: int, phase: int, bufs: list) -> torch.Tensor:
+        """nbytes of memory starting at an address == phase (mod ALIGN); its buffer joins `bufs`."""
+        size = nbytes + ALIGN
+        base = None
+        with self.lock:
+            fits = [(b.numel(), k) for k, b in enumerate(self.free) if size <= b.numel() <= 2 * size]
+            if fits:
+                base = self.free.pop(min(fits)[1])
+                self.cached -= base.numel()
+        if base is None:
+            base = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+        bufs.append(base)
+        skip = (phase - base.data_ptr()) % ALIGN
+        return base[skip:skip + nbytes]
+
+    def give(self, bufs: list) -> None:
+        with self.lock:
+            for base in bufs:
+                self.free.append(base)
+                self.cached += base.numel()
+            while self.cached > self.limit:  # drop the oldest
+                self.cached -= self.free.pop(0).numel()
+
+
+def _sub_rows(shape: tuple[int, ...], rows: tuple[int, int]) -> tuple[int, ...]:
+    return (rows[1] - rows[0], *shape[1:])
+
+
+def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWriter, bufs: list
+         ) -> dict[str, torch.Tensor]:
+    """A piece's source tensors (their rows, or the matching scale tile rows) in pooled buffers.
+    A copied tensor is written as read, so its buffer gets the phase of its place in the output."""
+    job = piece.job
+    if view.derivations is not None:  # renamed, split or fused: the mapping materializes them
+        return {name: view.load(name, "cpu") for name in job.inputs}
+    inputs = {}
+    scales = {op.scale for op in job.operands}
+    for name in job.inputs:
+        info = view.ckpt.tensors[name]
+        if piece.rows is not None:
+            r0, r1 = piece.rows
+            if name in scales:  # an FP8 scale: its tile rows
+                r0, r1 = r0 // _TILE, -(-r1 // _TILE)
+            row_bytes = info.nbytes // info.shape[0]
+            info = dataclasses.replace(info, shape=_sub_rows(info.shape, (r0, r1)), start=info.start + r0 * row_bytes,
+                                       end=info.start + r1 * row_bytes)
+        at = writer.phase(job.outputs[0].name, piece.rows[0] if piece.rows else 0) if job.action == COPY else 0
+        # through the checkpoint module, where every source read goes (and tests watch them)
+        inputs[name] = checkpoint.read_tensor(info, out=pool.take(info.nbytes, at, bufs))
+    return inputs
+
+
+def compute(piece: Piece, inputs: dict[str, torch.Tensor], recipe: Recipe, device: torch.device, stream,
+            pool: BufferPool, writer: ShardWriter, bufs: list) -> dict[str, torch.Tensor]:
+    """Run a piece on `device`; outputs come back in host memory, in pooled buffers (listed in
+    `bufs`) where the job can fill them."""
+    job, r0 = piece.job, piece.output_row
+    if device.type == "cpu" or job.action == COPY:  # copies never need the accelerator
+        out = None
+        if job.action in _FILLS_OUT:
+            out = {}
+            for t in job.outputs:
+                shape = _sub_rows(t.shape, piece.rows) if piece.rows else t.shape
+                planned = PlannedTensor(t.name, t.dtype, shape)
+                buf = pool.take(planned.nbytes, writer.phase(t.name, r0), bufs)
+                out[t.name] = buf.view(DTYPES[t.dtype]).view(shape)
+        return run_job(job, inputs.__getitem__, recipe, out=out)
+    with torch.cuda.stream(stream):
+        on_device = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+        outputs = run_job(job, on_device.__getitem__, recipe)
+        host = {}
+        for name, t in outputs.items():
+            buf = pool.take(t.numel() * t.element_size(), writer.phase(name, r0), bufs)
+            host[name] = buf.view(t.dtype).view(t.shape)
+            host[name].copy_(t, non_blocking=True)
+        stream.synchronize()  # this worker's copies only; other workers keep their GPUs busy
+    return host

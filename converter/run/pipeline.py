@@ -1,0 +1,131 @@
+"""`convert()`: read -> map names -> plan -> validate -> execute -> write index, config, provenance.
+
+Shards are written atomically; the index, config and provenance (the completion marker) come
+last, so an interrupted run never looks complete, and rerunning the same call resumes it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from converter.errors import MxconvError
+from converter.plan.planner import ConversionPlan, build_plan
+from converter.plan.recipe import Recipe, load_recipe
+from converter.plan.view import CanonicalView
+from converter.run.execute import execute, resolve_devices
+from converter.run.output import (
+    copy_side_files,
+    output_config,
+    plan_fingerprint,
+    prepare_destination,
+    write_index_and_config,
+    write_provenance,
+)
+from converter.run.preflight import check_source_tensors, preflight_destination
+from converter.sources.checkpoint import SourceCheckpoint
+from converter.sources.hashing import SourceHasher
+from converter.units import parse_size
+
+DEFAULT_RECIPE = "deepseek_v3_mxfp8"
+
+
+@dataclass
+class ConversionResult:
+    dst: Path
+    source: SourceCheckpoint
+    plan: ConversionPlan
+    mapping: str
+    seconds: float = 0.0
+    skipped_shards: int = 0
+    already_complete: bool = False
+    dry_run: bool = False
+    copied_files: list[str] = field(default_factory=list)
+
+
+def open_source(src: str | Path, mapping: str = "auto") -> tuple[SourceCheckpoint, CanonicalView, str]:
+    """The source checkpoint, its canonical view and the name of the mapping used."""
+    ckpt = SourceCheckpoint.open(src)
+    ckpt.check_architecture()
+    from converter.mapping.names import detect_mapping, load_mapping
+
+    name = detect_mapping(ckpt.tensors) if mapping == "auto" else mapping
+    m = load_mapping(name)
+    num_layers = int(ckpt.config.get("num_hidden_layers", 0))
+    derivations = m.plan({n: i.shape for n, i in ckpt.tensors.items()}, num_layers)
+    identity = all(d.op == "rename" and d.sources == (t,) for t, d in derivations.items())
+    return ckpt, CanonicalView(ckpt, None if identity else derivations), m.name
+
+
+def resolve_recipe(recipe: str | Path | Recipe, **overrides) -> Recipe:
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    return r.with_options(**overrides)
+
+
+def plan_conversion(src: str | Path, *, recipe: str | Path | Recipe = DEFAULT_RECIPE, mapping: str = "auto",
+                    max_shard_size: str | int = "5GB", **recipe_overrides
+                    ) -> tuple[SourceCheckpoint, CanonicalView, str, ConversionPlan]:
+    ckpt, view, mapping_name = open_source(src, mapping)
+    r = resolve_recipe(recipe, **recipe_overrides)
+    fmt = ckpt.detect_format(view.tensors)
+    check_source_tensors(ckpt, view, fmt)
+    plan = build_plan(view, fmt, r, int(ckpt.config.get("num_hidden_layers", 0)), parse_size(max_shard_size))
+    return ckpt, view, mapping_name, plan
+
+
+def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe = DEFAULT_RECIPE,
+            mapping: str = "auto", device: str = "cpu", workers: int | None = None, max_shard_size: str | int = "5GB",
+            overwrite: bool = False, dry_run: bool = False, quiet: bool = False, requantize: bool | None = None,
+            scale_rule: str | None = None, allow_nonfinite: bool | None = None, hash_sources: bool = True) -> ConversionResult:
+    """Convert the checkpoint in `src` into `dst`; what `mxconv convert` does."""
+    if workers is not None and workers < 1:
+        raise MxconvError(f"--workers must be at least 1, got {workers}")
+    src, dst = Path(src), Path(dst)
+    ckpt, view, mapping_name, plan = plan_conversion(
+        src, recipe=recipe, mapping=mapping, max_shard_size=max_shard_size,
+        ue8m0_source=None if requantize is None else ("requantize" if requantize else "relayout"),
+        scale_rule=scale_rule, allow_nonfinite=allow_nonfinite)
+    result = ConversionResult(dst, ckpt, plan, mapping_name, dry_run=dry_run)
+    if dry_run:
+        return result
+    moe_layout = None
+    if plan.recipe.moe_layout == "trtllm":
+        from converter.numerics.trtllm_layout import LAYOUT_METADATA as moe_layout
+    options = {"device": device, "workers": workers, "max_shard_size": parse_size(max_shard_size),
+               "mapping": mapping_name}
+    return write_checkpoint(result, view, output_config(ckpt.config, plan, moe_layout), device=device,
+                            workers=workers, overwrite=overwrite, quiet=quiet, hash_sources=hash_sources,
+                            options=options)
+
+
+def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict, *, device: str,
+                     workers: int | None, overwrite: bool, quiet: bool, hash_sources: bool, options: dict,
+                     origin: dict | None = None) -> ConversionResult:
+    """Execute a plan into result.dst: shards (resumable), side files, index and config, then the
+    provenance file that marks the checkpoint complete. Shared by convert and unshuffle."""
+    ckpt, plan, dst = result.source, result.plan, result.dst
+    devices = resolve_devices(device, workers)
+    fingerprint = plan_fingerprint(ckpt, plan, result.mapping)
+    state = preflight_destination(ckpt.root, dst, fingerprint, plan, overwrite)
+    if state.complete:
+        result.already_complete = True
+        result.skipped_shards = len(plan.shards)
+        return result
+    prepare_destination(dst, fingerprint, state)
+    todo = [s for s in plan.shards if s.name not in state.done_shards]
+    result.skipped_shards = len(plan.shards) - len(todo)
+    start = time.perf_counter()
+    hasher = SourceHasher(ckpt.files if hash_sources else []).start()
+    total = sum(j.input_bytes for s in todo for j in s.jobs)
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
+              desc="convert", dynamic_ncols=True) as bar:
+        execute(todo, view, dst, plan.recipe, devices, bar.update, reading=hasher.release)
+    result.copied_files = copy_side_files(ckpt.root, dst)
+    write_index_and_config(dst, plan, config)
+    write_provenance(dst, ckpt, plan, mapping=result.mapping, source_hashes=hasher.result(), options=options,
+                     origin=origin)
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,162 @@
+"""Preflight: what can be checked before the long run starts, from config.json, tensor names,
+shapes and dtypes and the file system alone, so that a 671B conversion fails in seconds rather
+than hours in.
+
+- the source: every indexed file exists and its header parses (done by `SourceCheckpoint.open`),
+  the config is a usable DeepSeek V3 config (`check_architecture`), and the tensors (in canonical
+  names, after any name mapping) have the names, shapes and dtypes that config implies;
+- the destination: not the source, not inside it, not containing it, writable, and its file
+  system has room for what is still to be written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from converter.errors import OutputError, SourceError
+from converter.files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
+from converter.plan.planner import ConversionPlan
+from converter.plan.view import CanonicalTensor, CanonicalView
+from converter.run.output import (
+    DestinationState,
+    check_free_space,
+    index_bytes,
+    inspect_destination,
+    shard_file_size,
+    side_files,
+)
+from converter.sources.checkpoint import SCALE_SUFFIX, SourceCheckpoint, SourceFormat
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT_RE = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
+_HIGH_PRECISION = ("BF16", "F16", "F32")
+# MTP tensors that some trainers share with the main model instead of storing (Megatron has no
+# MTP embed_tokens or shared_head.head): absent is fine, misshapen is not.
+_MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
+_CONFIG_SLACK = 1 << 20  # config.json and mxconv.json
+
+
+def expected_tensors(config: dict, have: int, config_file: str | Path = "config.json"
+                     ) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of every tensor of a BF16 DeepSeek V3 checkpoint with this config
+    (`check_architecture` has validated the fields). `have` (the checkpoint's tensor count)
+    guards against a config that describes a model far larger than the files hold."""
+    from converter.models.demo import tensor_shapes
+
+    c = dict(config, num_nextn_predict_layers=config.get("num_nextn_predict_layers") or 0)
+    layers = c["num_hidden_layers"] + c["num_nextn_predict_layers"]
+    estimate = layers * (3 * c["n_routed_experts"] + 25) + 3
+    if estimate > 2 * have + 1000:
+        raise SourceError(f"config.json describes a model of about {estimate} tensors ({c['num_hidden_layers']} "
+                          f"layers, {c['n_routed_experts']} routed experts) but the checkpoint holds {have}: "
+                          "config and weights disagree", file=config_file)
+    shapes = {name: shape for name, (shape, _dtype) in tensor_shapes(c).items()}
+    if not c["n_shared_experts"]:
+        shapes = {n: s for n, s in shapes.items() if ".mlp.shared_experts." not in n}
+    return shapes
+
+
+def check_source_tensors(ckpt: SourceCheckpoint, view: CanonicalView, fmt: SourceFormat) -> None:
+    """Every tensor the config implies is present (core ones at least) with that shape and a
+    usable dtype; no tensor belongs to a layer or expert the config does not have."""
+    config, tensors = ckpt.config, view.tensors
+    expected = expected_tensors(config, len(tensors), ckpt.root / CONFIG_FILE)
+    n_layers = config["num_hidden_layers"]
+    total_layers = n_layers + (config.get("num_nextn_predict_layers") or 0)
+    present_layers = {int(m[1]) for m in map(_LAYER_RE.match, tensors) if m}
+    mtp_present = {layer for layer in range(n_layers, total_layers) if layer in present_layers}
+    missing = []
+    for name, shape in expected.items():
+        t = tensors.get(name)
+        if t is None:
+            if not _optional(name, config, n_layers, total_layers, mtp_present):
+                missing.append(name)
+            continue
+        if t.shape != tuple(shape):
+            raise SourceError(f"shape {list(t.shape)} does not match config.json, which implies {list(shape)}",
+                              file=t.file, tensor=_label(t))
+        if t.dtype not in _HIGH_PRECISION and not (t.dtype == "F8_E4M3" and fmt is not SourceFormat.BF16
+                                                  and len(shape) == 2):
+            raise SourceError(f"dtype {t.dtype} where a floating-point weight is expected", file=t.file,
+                              tensor=_label(t))
+    for name, t in tensors.items():
+        if name in expected or name.endswith(SCALE_SUFFIX):
+            continue  # scales are checked against their weights by detect_format
+        layer = _LAYER_RE.match(name)
+        if layer and int(layer[1]) >= total_layers:
+            raise SourceError(f"tensor of layer {layer[1]}, but config.json has {n_layers} layers"
+                              f" + {total_layers - n_layers} MTP: config and weights disagree",
+                              file=t.file, tensor=_label(t))
+        expert = _EXPERT_RE.match(name)
+        if expert and int(expert[1]) >= config["n_routed_experts"]:
+            raise SourceError(f"tensor of expert {expert[1]}, but config.json has n_routed_experts "
+                              f"{config['n_routed_experts']}: config and weights disagree", file=t.file,
+                              tensor=_label(t))
+    if missing:
+        where = ckpt.root / (INDEX_FILE if (ckpt.root / INDEX_FILE).exists() else SINGLE_FILE)
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise SourceError(f"missing from the checkpoint{more}, though config.json implies it", file=where,
+                          tensor=missing[0])
+
+
+def _optional(name: str, config: dict, n_layers: int, total_layers: int, mtp_present: set[int]) -> bool:
+    if name == "lm_head.weight" and config.get("tie_word_embeddings"):
+        return True
+    m = _LAYER_RE.match(name)
+    if m and n_layers <= int(m[1]) < total_layers:
+        # A checkpoint without its MTP layer still serves the main model; a partial one is broken.
+        return int(m[1]) not in mtp_present or name.endswith(_MTP_SHARED)
+    return False
+
+
+def _label(t: CanonicalTensor) -> str:
+    return t.name if t.sources == (t.name,) else f"{t.sources[0]} (as {t.name})"
+
+
+def check_destination(src_root: str | Path, dst: str | Path) -> None:
+    """DST is not SRC (under any path, bind mounts included), not inside it, does not contain
+    it, and can be written."""
+    src, dst = Path(src_root).resolve(), Path(dst).resolve()
+    if dst == src or src in dst.parents:
+        raise OutputError(f"destination must not be the source or inside it ({src})", file=dst)
+    if dst in src.parents:
+        raise OutputError(f"destination must not contain the source ({src})", file=dst)
+    src_id = _dir_id(src)
+    where = dst
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    for p in (where, *where.parents):
+        if _dir_id(p) == src_id:
+            raise OutputError(f"destination is inside the source directory (the same directory as {src} "
+                              "under another path)", file=dst)
+    if where == dst and not dst.is_dir():
+        raise OutputError("destination exists and is not a directory", file=dst)
+    if where != dst and not where.is_dir():
+        raise OutputError(f"cannot create the destination: {where} is not a directory", file=dst)
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise OutputError("destination is not writable" if where == dst
+                          else f"cannot create the destination: {where} is not writable", file=dst)
+
+
+def _dir_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def preflight_destination(src_root: str | Path, dst: str | Path, fingerprint: dict, plan: ConversionPlan,
+                          overwrite: bool) -> DestinationState:
+    """The destination checks, then what DST already holds, then whether what is left to write
+    fits on its disk. Changes nothing."""
+    check_destination(src_root, dst)
+    state = inspect_destination(Path(dst), fingerprint, plan, overwrite, Path(src_root))
+    if not state.complete:
+        todo = [s for s in plan.shards if s.name not in state.done_shards]
+        side = sum((Path(src_root) / rel).stat().st_size for rel in side_files(Path(src_root)))
+        needed = sum(shard_file_size(s) for s in todo) + len(index_bytes(plan)) + side + _CONFIG_SLACK
+        check_free_space(Path(dst), needed, state.reclaimable)
+    return state

@@ -1,0 +1,50 @@
+"""Human-readable text for plans and results (the CLI prints these; a Python user can too)."""
+
+from __future__ import annotations
+
+from converter.plan.planner import COPY, DEQUANT_BF16, ConversionPlan
+from converter.run.pipeline import ConversionResult
+from converter.sources.checkpoint import SourceCheckpoint
+from converter.units import format_size
+
+
+def describe_plan(ckpt: SourceCheckpoint, plan: ConversionPlan, mapping: str, verbose: bool = False) -> str:
+    lines = [f"source: {ckpt.root} ({plan.source_format.value}, mapping {mapping}, "
+             f"{len(ckpt.files)} shard(s), {format_size(ckpt.total_bytes)})"]
+    for path in ckpt.files:
+        n = sum(1 for i in ckpt.tensors.values() if i.file == path)
+        lines.append(f"  {path.name}: {n} tensors, {format_size(path.stat().st_size)}")
+    r = plan.recipe
+    lines.append(f"recipe: {r.name} (target {r.target}, scale rule {r.scale_rule}, MoE layout {r.moe_layout}"
+                 + (f", UE8M0 sources: {r.ue8m0_source}" if plan.source_format.value == "fp8_ue8m0" else "") + ")")
+    c = plan.counts
+    lines.append(f"tensors: {c.get('mxfp8', 0)} quantized to MXFP8, {c.get('dequantized_bf16', 0)} dequantized "
+                 f"to BF16, {c.get('copied', 0)} copied unchanged")
+    if plan.modules_to_not_convert:
+        shown = ", ".join(plan.modules_to_not_convert[:4])
+        more = len(plan.modules_to_not_convert) - 4
+        lines.append(f"linear modules kept in high precision ({len(plan.modules_to_not_convert)}): {shown}"
+                     + (f", ... (+{more})" if more > 0 else ""))
+    lines.append(f"output: {len(plan.shards)} shard(s), {format_size(plan.total_size)}")
+    for shard in plan.shards:
+        lines.append(f"  {shard.name}: {len(shard.tensors)} tensors, {format_size(shard.nbytes)}")
+        if verbose:
+            for job in shard.jobs:
+                what = {COPY: "copy", DEQUANT_BF16: "dequantize to BF16"}.get(job.action, job.action)
+                lines.append(f"    {what:<20} {', '.join(t.name for t in job.outputs)}")
+    return "\n".join(lines)
+
+
+def describe_result(result: ConversionResult) -> str:
+    plan = result.plan
+    if result.already_complete:
+        return f"{result.dst}: already complete, nothing to do (same source, recipe and options)"
+    rate = format_size(plan.input_bytes / result.seconds) + "/s" if result.seconds else "-"
+    resumed = f", resumed ({result.skipped_shards} shard(s) already done)" if result.skipped_shards else ""
+    c = plan.counts
+    kept = (f"{len(plan.modules_to_not_convert)} linear modules kept in BF16 (modules_to_not_convert)"
+            if plan.recipe.target == "mxfp8" else "plain BF16 checkpoint, no quantization_config")
+    return (f"wrote {result.dst}: {len(plan.shards)} shard(s), {format_size(plan.total_size)} "
+            f"in {result.seconds:.2f} s ({rate} of input){resumed}\n"
+            f"  {c.get('mxfp8', 0)} MXFP8, {c.get('dequantized_bf16', 0)} dequantized to BF16, "
+            f"{c.get('copied', 0)} copied; " + kept + f"; {len(result.copied_files)} other file(s) copied")

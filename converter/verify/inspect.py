@@ -1,0 +1,175 @@
+"""`mxconv inspect PATH`: what a checkpoint is, from its config, index and shard headers alone
+(no tensor data is read, so it takes a moment even for 671B): architecture, precision and
+quantization format, MoE layout, tensor counts and sizes, modules kept in high precision, MTP,
+and, for mxconv outputs, whether the conversion is complete and verified."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+from converter.errors import MxconvError
+from converter.files import PROVENANCE_FILE, STATE_DIR, VERIFY_REPORT_FILE
+from converter.numerics.reference import MX_BLOCK
+from converter.plan.planner import natural_key
+from converter.sources.checkpoint import scale_name
+from converter.units import format_size
+from converter.verify.checks import HIGH_PRECISION_DTYPES, Failure, read_destination, read_json
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+_SHOWN_MODULES = 6
+
+
+def _precision(tensors: dict, qc: dict | None) -> str:
+    """What the weights are: mxfp8, fp8, fp8_ue8m0, or the dtype of the linear weights."""
+    fp8 = [n for n, i in tensors.items() if i.dtype == "F8_E4M3"]
+    if fp8:
+        scales = [tensors.get(scale_name(n)) for n in fp8]
+        mx = [s for s, n in zip(scales, fp8, strict=True) if s is not None and s.dtype == "U8"
+              and s.shape == (*tensors[n].shape[:-1], tensors[n].shape[-1] // MX_BLOCK)]
+        if len(mx) == len(fp8):
+            return "mxfp8"
+        ue8m0 = (isinstance(qc, dict) and str(qc.get("scale_fmt", "")).lower() == "ue8m0") or \
+            any(s is not None and s.dtype in ("U8", "F8_E8M0") for s in scales)
+        return "fp8_ue8m0" if ue8m0 else "fp8"
+    linear = Counter(i.dtype for n, i in tensors.items() if n.endswith(".weight") and len(i.shape) == 2)
+    return {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}.get(linear.most_common(1)[0][0], "unknown") \
+        if linear else "unknown"
+
+
+def _moe(tensors: dict, config: dict, qc: dict | None) -> dict:
+    packed = [n for n in tensors if n.endswith(".w13_weight")]
+    canonical = [n for n in tensors if re.search(r"\.experts\.\d+\.(gate|up|down)_proj\.weight$", n)]
+    layers = {int(m.group(1)) for n in packed + canonical if (m := _LAYER_RE.match(n))}
+    layout = "trtllm (FlashInfer pre-shuffled)" if packed else "canonical" if canonical else "none"
+    if packed and canonical:
+        layout = "mixed (pre-shuffled and canonical experts)"
+    return {"layout": layout, "routed_experts": config.get("n_routed_experts"),
+            "shared_experts": config.get("n_shared_experts"), "moe_layers": len(layers),
+            "layout_in_config": bool(isinstance(qc, dict) and qc.get("moe_weight_layout"))}
+
+
+def _conversion(root: Path, problems: list[str]) -> dict:
+    prov, why = read_json(root / PROVENANCE_FILE)
+    in_progress = (root / STATE_DIR).is_dir()
+    if prov is None:
+        if in_progress:
+            return {"by_mxconv": True, "complete": False,
+                    "status": f"incomplete: {PROVENANCE_FILE} is {why} (interrupted or still running; rerun "
+                              "`mxconv convert` to resume)"}
+        return {"by_mxconv": False, "complete": None, "status": "not an mxconv output"
+                + (f" ({PROVENANCE_FILE} is {why})" if why != "missing" else "")}
+    source = prov.get("source") if isinstance(prov.get("source"), dict) else {}
+    recipe = prov.get("recipe") if isinstance(prov.get("recipe"), dict) else {}
+    complete = prov.get("complete") is True and not problems
+    status = "complete" if complete else (f"{PROVENANCE_FILE} present but files are damaged" if problems
+                                          else f"{PROVENANCE_FILE} does not say complete")
+    return {"by_mxconv": True, "complete": complete, "status": status, "mxconv_version": prov.get("mxconv_version"),
+            "created": prov.get("created"), "recipe": recipe.get("name"), "scale_rule": recipe.get("scale_rule"),
+            "source": {"path": source.get("path"), "format": source.get("format"), "mapping": source.get("mapping"),
+                       "base_model": source.get("base_model")}}
+
+
+def inspect_checkpoint(path: str | Path) -> dict:
+    """A JSON-ready description of the checkpoint directory `path`."""
+    root = Path(path)
+    if not root.is_dir():
+        raise MxconvError("not a directory", file=root)
+    failures: list[Failure] = []
+    dest = read_destination(root, failures)
+    if dest.config is None and not dest.tensors and not dest.unreadable:
+        raise MxconvError("not a checkpoint: no readable config.json and no safetensors weights", file=root)
+    config = dest.config or {}
+    qc = config.get("quantization_config") if isinstance(config.get("quantization_config"), dict) else None
+    tensors = dest.tensors
+    problems = [f"{f.tensor or Path(f.file).name if f.file else ''}: {f.message}".lstrip(": ") for f in failures]
+    by_dtype: dict[str, dict] = {}
+    for info in tensors.values():
+        entry = by_dtype.setdefault(info.dtype, {"count": 0, "bytes": 0})
+        entry["count"] += 1
+        entry["bytes"] += info.nbytes
+    num_layers = int(config.get("num_hidden_layers") or 0)
+    mtp_layers = {int(m.group(1)) for n in tensors if (m := _LAYER_RE.match(n)) and int(m.group(1)) >= num_layers}
+    precision = _precision(tensors, qc)
+    kept = []
+    if precision not in ("bf16", "fp16", "fp32", "unknown"):
+        kept = sorted({n[: -len(".weight")] for n, i in tensors.items() if n.endswith(".weight") and len(i.shape) == 2
+                       and i.dtype in HIGH_PRECISION_DTYPES and "embed_tokens" not in n}, key=natural_key)
+    verify, why = read_json(root / VERIFY_REPORT_FILE)
+    archs = config.get("architectures") or []
+    return {
+        "path": str(root),
+        "architecture": archs[0] if archs else None,
+        "model_type": config.get("model_type"),
+        "hidden_layers": num_layers or None,
+        "mtp": {"layers_in_config": config.get("num_nextn_predict_layers", 0), "present": bool(mtp_layers)},
+        "precision": precision,
+        "quantization": ({k: qc.get(k) for k in ("quant_method", "fmt", "weight_block_size", "scale_fmt",
+                                                 "activation_scheme") if k in qc} if qc else None),
+        "moe": _moe(tensors, config, qc),
+        "tensors": {"count": len(tensors), "by_dtype": dict(sorted(by_dtype.items()))},
+        "size": {"tensor_bytes": sum(i.nbytes for i in tensors.values()), "files": len(dest.files),
+                 "file_bytes": sum(p.stat().st_size for p in dest.files if p.exists()),
+                 "index_total_size": dest.index_total_size},
+        "high_precision_linears": kept,
+        "modules_to_not_convert": qc.get("modules_to_not_convert") if qc else None,
+        "conversion": _conversion(root, problems),
+        "verified": None if verify is None else verify.get("passed") is True,
+        "problems": problems,
+    }
+
+
+def _modules(names: list[str] | None) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:_SHOWN_MODULES])
+    return f"{len(names)}: {shown}" + (f", ... (+{len(names) - _SHOWN_MODULES})" if len(names) > _SHOWN_MODULES else "")
+
+
+def format_inspect(info: dict) -> str:
+    """The `mxconv inspect` table."""
+    q = info["quantization"]
+    moe = info["moe"]
+    conv = info["conversion"]
+    size = info["size"]
+    rows = [
+        ("path", info["path"]),
+        ("architecture", f"{info['architecture']} ({info['model_type']}), {info['hidden_layers']} decoder layers"),
+        ("MTP layer", ("present" if info["mtp"]["present"] else "absent")
+         + f" (num_nextn_predict_layers {info['mtp']['layers_in_config']})"),
+        ("precision", info["precision"]),
+        ("quantization", "none" if not q else ", ".join(f"{k} {v}" for k, v in q.items())),
+        ("MoE", f"{moe['layout']}; {moe['routed_experts']} routed + {moe['shared_experts']} shared experts in "
+                f"{moe['moe_layers']} layers" if moe["layout"] != "none" else "none"),
+        ("tensors", f"{info['tensors']['count']}: " + ", ".join(
+            f"{d} {v['count']} ({format_size(v['bytes'])})" for d, v in info["tensors"]["by_dtype"].items())),
+        ("size", f"{format_size(size['tensor_bytes'])} of tensors in {size['files']} file(s)"
+                 + ("" if size["index_total_size"] in (None, size["tensor_bytes"])
+                    else f"; index total_size says {size['index_total_size']}")),
+        ("kept in high precision", _modules(info["high_precision_linears"]) if info["precision"] not in
+         ("bf16", "fp16", "fp32", "unknown") else "everything (not quantized)"),
+    ]
+    listed = info["modules_to_not_convert"]
+    if listed is not None:
+        same = sorted(listed, key=natural_key) == info["high_precision_linears"]
+        rows.append(("modules_to_not_convert", f"the same {len(listed)} modules" if same and listed
+                     else _modules(listed)))
+    if conv["by_mxconv"]:
+        src = conv.get("source") or {}
+        rows.append(("conversion", conv["status"]))
+        if conv.get("recipe"):
+            rows.append(("converted from", f"{src.get('base_model') or src.get('path')} ({src.get('format')}, "
+                                           f"mapping {src.get('mapping')}) with recipe {conv['recipe']}, "
+                                           f"mxconv {conv.get('mxconv_version')}"))
+        rows.append(("verified", {None: "no (run `mxconv verify SRC DST`)", True: "passed",
+                                  False: "FAILED (see mxconv_verify.json)"}[info["verified"]]))
+    else:
+        rows.append(("conversion", conv["status"]))
+    rows.append(("problems", "none" if not info["problems"] else f"{len(info['problems'])}"))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines += [f"  - {p}" for p in info["problems"][:20]]
+    if len(info["problems"]) > 20:
+        lines.append(f"  ... and {len(info['problems']) - 20} more (--json shows all)")
+    return "\n".join(lines)

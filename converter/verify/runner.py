@@ -1,0 +1,169 @@
+"""`mxconv verify SRC DST`: prove that DST is exactly what mxconv makes from SRC.
+
+The expected conversion is planned again from SRC with the recipe and mapping recorded in DST's
+provenance (mxconv.json), then checked in five stages, each of which lists every failure with
+its tensor instead of stopping at the first:
+1. coverage: plan outputs vs DST tensors, index vs shards, total_size, header sanity;
+2. config: quantization_config vs the tensors DST really holds;
+3. bytes: each output re-derived from SRC and compared byte for byte (pre-shuffled experts
+   un-shuffled to say which part differs);
+4. numerics: each MXFP8 weight's error against the source values, with thresholds;
+5. logits (opt-in): source and dequantized DST compared as transformers models.
+A check that fails is data in the report, not an exception; VerifyError means verify could not
+run at all. The JSON report always goes to DST/mxconv_verify.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from converter.errors import MxconvError, VerifyError
+from converter.files import CONFIG_FILE, PROVENANCE_FILE, VERIFY_REPORT_FILE
+from converter.plan.recipe import Recipe, load_recipe, recipe_from_dict
+from converter.run.execute import resolve_devices
+from converter.run.pipeline import DEFAULT_RECIPE
+from converter.run.writer import write_bytes_atomic
+from converter.verify.checks import (
+    BYTES,
+    COVERAGE,
+    LOGITS,
+    NUMERICS,
+    Failure,
+    check_config,
+    check_coverage,
+    read_destination,
+    read_json,
+    source_sizes_changed,
+)
+from converter.verify.jobs import Thresholds, check_jobs
+from converter.verify.report import VerifyReport, layer_summaries
+
+
+def _expected_recipe(dst: Path, report: VerifyReport) -> tuple[Recipe, str]:
+    """The recipe and mapping DST says it was made with; the built-in default when it cannot say."""
+    path = dst / PROVENANCE_FILE
+    prov, why = read_json(path)
+    fallback = f"checking against the built-in recipe {DEFAULT_RECIPE}"
+    if prov is None:
+        report.failures.append(Failure(COVERAGE, None, f"{PROVENANCE_FILE} is {why}: the conversion is incomplete "
+                                                       f"(mxconv writes it last) or not made by mxconv; {fallback}",
+                                       str(path)))
+        return _default_recipe(dst), "auto"
+    if prov.get("complete") is not True:
+        report.failures.append(Failure(COVERAGE, None, f"{PROVENANCE_FILE} does not say complete: true", str(path)))
+    try:
+        recipe = recipe_from_dict(prov.get("recipe"), str(path))
+    except MxconvError as e:
+        report.failures.append(Failure(COVERAGE, None, f"recorded recipe is unusable ({e.message}); {fallback}",
+                                       str(path)))
+        recipe = _default_recipe(dst)
+    mapping = (prov.get("source") or {}).get("mapping") if isinstance(prov.get("source"), dict) else None
+    report.details[COVERAGE]["provenance"] = {"source_path": (prov.get("source") or {}).get("path"),
+                                              "created": prov.get("created"),
+                                              "mxconv_version": prov.get("mxconv_version")}
+    return recipe, mapping if isinstance(mapping, str) and mapping else "auto"
+
+
+def _default_recipe(dst: Path) -> Recipe:
+    config, _ = read_json(dst / CONFIG_FILE)
+    qc = (config or {}).get("quantization_config")
+    trtllm = isinstance(qc, dict) and qc.get("moe_weight_layout") is not None
+    return load_recipe(DEFAULT_RECIPE).with_options(moe_layout="trtllm" if trtllm else None)
+
+
+def verify_checkpoint(src: str | Path, dst: str | Path, *, device: str = "cpu", workers: int | None = None,
+                      quiet: bool = False, report_path: str | Path | None = None,
+                      html_path: str | Path | None = None, logits: bool = False,
+                      thresholds: Thresholds | None = None) -> VerifyReport:
+    """Check DST against SRC (what `mxconv verify` does); `report.passed` says whether all checks passed."""
+    from converter.run.pipeline import plan_conversion
+
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    if workers is not None and workers < 1:
+        raise VerifyError(f"--workers must be at least 1, got {workers}")
+    if not dst.is_dir():
+        raise VerifyError("destination is not a directory", file=dst)
+    if logits:
+        from converter.verify.logits import require_transformers
+
+        require_transformers()
+    devices = resolve_devices(device, workers)
+    report = VerifyReport(src, dst, thresholds or Thresholds())
+    recipe, mapping = _expected_recipe(dst, report)
+    try:
+        ckpt, view, mapping_name, plan = plan_conversion(src, recipe=recipe, mapping=mapping)
+    except MxconvError as e:
+        raise VerifyError(f"cannot plan the expected conversion from the source: {e}") from None
+    report.recipe, report.source_format, report.mapping = recipe.name, plan.source_format.value, mapping_name
+    prov, _ = read_json(dst / PROVENANCE_FILE)
+    if prov:
+        for fname, why in source_sizes_changed(prov, ckpt):
+            report.failures.append(Failure(COVERAGE, None, f"source shard {fname} {why}", str(src / fname)))
+        recorded = (prov.get("source") or {}).get("format") if isinstance(prov.get("source"), dict) else None
+        if recorded and recorded != plan.source_format.value:
+            report.failures.append(Failure(COVERAGE, None, f"DST was converted from a {recorded} source, SRC is "
+                                                           f"{plan.source_format.value}", str(src)))
+    dest = read_destination(dst, report.failures)
+    report.details[COVERAGE].update(check_coverage(plan, view, ckpt, dest, report.failures))
+    check_config(plan, ckpt, dest, report.failures)
+    with tqdm(total=plan.input_bytes, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
+              desc="verify", dynamic_ncols=True) as bar:
+        failures, report.tensors, checked, skipped = check_jobs(plan, view, dest, devices, report.thresholds,
+                                                                bar.update)
+    report.failures += failures
+    report.details[BYTES].update({"jobs_checked": checked, "jobs_skipped": skipped})
+    report.details[NUMERICS]["tensors"] = len(report.tensors)
+    if skipped:
+        report.notes.append(f"{skipped} output group(s) not byte-checked: missing or malformed in DST "
+                            "(see coverage)")
+    report.layers = layer_summaries(report.tensors, int(ckpt.config.get("num_hidden_layers", 0)))
+    if logits:
+        _run_logits(report, view, dest, devices[0])
+    report.seconds = time.perf_counter() - start
+    _write_reports(report, report_path, html_path)
+    return report
+
+
+def _run_logits(report: VerifyReport, view, dest, device) -> None:
+    from converter.verify.logits import compare_logits
+
+    report.ran.add(LOGITS)
+    t = report.thresholds
+    if dest.config is None:
+        report.failures.append(Failure(LOGITS, None, f"cannot build the model: DST has no readable {CONFIG_FILE}"))
+        return
+    try:
+        result = compare_logits(view, dest, dest.config, min_cosine=t.min_cosine,
+                                min_top1_agreement=t.min_top1_agreement, max_kl=t.max_kl, device=device)
+    except MxconvError as e:
+        report.failures.append(Failure(LOGITS, None, f"could not compare logits: {e}"))
+        return
+    report.logits = result.to_dict()
+    report.details[LOGITS].update(report.logits)
+    report.failures += [Failure(LOGITS, None, p) for p in result.problems]
+
+
+def _write_reports(report: VerifyReport, report_path, html_path) -> None:
+    data = (json.dumps(report.to_dict(), indent=2) + "\n").encode()
+    targets = [report.dst / VERIFY_REPORT_FILE] + ([Path(report_path)] if report_path else [])
+    for path in targets:
+        try:
+            write_bytes_atomic(path, data)
+            report.report_files.append(str(path))
+        except MxconvError as e:
+            report.notes.append(f"report not written: {e}")
+    if html_path:
+        from converter.verify.html import render_html
+
+        try:
+            write_bytes_atomic(Path(html_path), render_html(report).encode())
+            report.report_files.append(str(html_path))
+        except MxconvError as e:
+            report.notes.append(f"HTML page not written: {e}")
+
+

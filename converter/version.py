@@ -1,0 +1,3 @@
+"""The mxconv version, recorded in every provenance file and report."""
+
+__version__ = "0.1.0"
