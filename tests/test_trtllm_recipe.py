@@ -3,6 +3,7 @@
 The layout semantics are checked with index formulas written here from SPEC section 4, not
 with converter.numerics.trtllm_layout (whose own tests compare it with FlashInfer's helpers)."""
 
+import numpy as np
 import pytest
 import torch
 from helpers import load_all, read_json, same_bytes
@@ -134,28 +135,40 @@ def test_unshuffle_refuses_a_canonical_checkpoint(conversions, tmp_path):
         unshuffle(conversions["bf16"][0], tmp_path / "x", quiet=True)
 
 
+def _integers(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """The tensors times one common power of two that makes every value an integer (MXFP8 values
+    have 4 significant bits), as arrays of Python ints: exact arithmetic, no rounding anywhere."""
+    nonzero = torch.cat([t[t != 0].abs().reshape(-1) for t in tensors])
+    shift = int((3 - torch.frexp(nonzero).exponent).max()) + 1
+    return [np.array([[int(v) for v in row] for row in torch.ldexp(t, torch.tensor(float(shift))).tolist()],
+                     dtype=object) for t in tensors]
+
+
 def test_moe_forward_from_the_packed_layout_equals_canonical(conversions):
-    """A SiLU-gated expert MLP computed straight from the packed tensors (undoing the row order
-    on the outputs, as the kernel's epilogue does) equals the canonical checkpoint's exactly."""
+    """A gated expert MLP computed straight from the packed tensors (undoing the row order on the
+    outputs, as the kernel's epilogue does) equals the canonical checkpoint's exactly. The
+    arithmetic is exact (Python integers: the weights scaled by a common power of two, a ReLU
+    gate), so the comparison cannot depend on a BLAS's summation order or the CPU."""
     canonical, shuffled = conversions["bf16"]
     canon, out = load_all(canonical), load_all(shuffled)
-    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    inv13, inv2 = torch.argsort(spec_w13_rows(128)), torch.argsort(spec_shuffle(256))
+    x = np.array(torch.randint(-3, 4, (4, 256), generator=torch.Generator().manual_seed(0)).tolist(), dtype=object)
+    inv13, inv2 = torch.argsort(spec_w13_rows(128)).numpy(), torch.argsort(spec_shuffle(256)).numpy()
     for layer in CFG_LAYERS:
         for e in EXPERTS:
             p = f"model.layers.{layer}.mlp.experts.{e}."
 
-            def deq(name, scale=None):
+            def deq(name):
                 return dequantize_mxfp8(canon[name + ".weight"], canon[name + ".weight_scale_inv"]).double()
 
-            gate, up, down = deq(p + "gate_proj"), deq(p + "up_proj"), deq(p + "down_proj")
-            want = (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
             w13 = dequantize_mxfp8(out[p + "w13_weight"], spec_unswizzle(out[p + "w13_weight_scale_inv"])).double()
-            h = (x @ w13.T)[:, inv13]  # -> [up | gate] columns
-            act = torch.nn.functional.silu(h[:, 128:]) * h[:, :128]
             w2 = dequantize_mxfp8(out[p + "w2_weight"], spec_unswizzle(out[p + "w2_weight_scale_inv"])).double()
-            got = (act @ w2[inv2].T)
-            assert torch.equal(got, want), p
+            gate, up, w13 = _integers(deq(p + "gate_proj"), deq(p + "up_proj"), w13)
+            down, w2 = _integers(deq(p + "down_proj"), w2)
+            relu = np.vectorize(lambda v: max(v, 0), otypes=[object])
+            want = (relu(x @ gate.T) * (x @ up.T)) @ down.T
+            h = (x @ w13.T)[:, inv13]  # -> [up | gate] columns
+            got = (relu(h[:, 128:]) * h[:, :128]) @ w2[inv2].T
+            assert (got == want).all(), p
 
 
 @pytest.mark.cuda
