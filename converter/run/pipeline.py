@@ -12,16 +12,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from converter.errors import MxconvError
+from converter.errors import MxconvError, SourceError
 from converter.plan.planner import ConversionPlan, build_plan
 from converter.plan.recipe import Recipe, load_recipe
 from converter.plan.view import CanonicalView
 from converter.run.execute import execute, resolve_devices
+from converter.run.freshness import changed_during_run, plan_fingerprint
 from converter.run.output import (
     copy_side_files,
     output_config,
-    plan_fingerprint,
     prepare_destination,
+    record_manifest,
     write_index_and_config,
     write_provenance,
 )
@@ -44,6 +45,7 @@ class ConversionResult:
     already_complete: bool = False
     dry_run: bool = False
     copied_files: list[str] = field(default_factory=list)
+    source_notes: list[str] = field(default_factory=list)  # source files found changed, or unchanged by sha256
 
 
 def open_source(src: str | Path, mapping: str = "auto") -> tuple[SourceCheckpoint, CanonicalView, str]:
@@ -108,11 +110,20 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
     provenance file that marks the checkpoint complete. Shared by convert and unshuffle."""
     ckpt, plan, dst = result.source, result.plan, result.dst
     devices = resolve_devices(device, workers)
-    fingerprint = plan_fingerprint(ckpt, plan, result.mapping)
-    state = preflight_destination(ckpt.root, dst, fingerprint, plan, overwrite)
+    fingerprint = plan_fingerprint(ckpt, plan, result.mapping, view)
+    state = preflight_destination(ckpt.root, dst, fingerprint, plan, overwrite, ckpt.files)
+    result.source_notes = state.sources.notes()
+    if state.sources.stale_shards and state.sources.changed:
+        result.source_notes.append(f"{len(state.sources.stale_shards)} of {len(plan.shards)} output shard(s) "
+                                   "were made from changed source files: redone")
     if state.complete:
         result.already_complete = True
         result.skipped_shards = len(plan.shards)
+        if state.sources.confirmed:
+            try:
+                record_manifest(dst, fingerprint, lock=True)
+            except MxconvError:
+                pass  # best effort: the next rerun hashes those files again
         return result
     prepare_destination(dst, fingerprint, state)
     todo = [s for s in plan.shards if s.name not in state.done_shards]
@@ -120,12 +131,34 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
     start = time.perf_counter()
     hasher = SourceHasher(ckpt.files if hash_sources else []).start()
     total = sum(j.input_bytes for s in todo for j in s.jobs)
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
-              desc="convert", dynamic_ncols=True) as bar:
-        execute(todo, view, dst, plan.recipe, devices, bar.update, reading=hasher.release)
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
+                  desc="convert", dynamic_ncols=True) as bar:
+            execute(todo, view, dst, plan.recipe, devices, bar.update, reading=hasher.release)
+    except BaseException:
+        _record_hashes_so_far(dst, fingerprint, ckpt.files, hasher)
+        raise
+    hashes = hasher.result()
+    moved = changed_during_run(fingerprint, ckpt.files)
+    if moved is not None:
+        raise SourceError("changed while it was being converted (its size, mtime or ctime moved); rerun the same "
+                          "command when it no longer changes: the shards made from it are redone", file=moved)
     result.copied_files = copy_side_files(ckpt.root, dst)
     write_index_and_config(dst, plan, config)
-    write_provenance(dst, ckpt, plan, mapping=result.mapping, source_hashes=hasher.result(), options=options,
+    record_manifest(dst, fingerprint, hashes)
+    write_provenance(dst, ckpt, plan, mapping=result.mapping, source_hashes=hashes, options=options,
                      origin=origin)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _record_hashes_so_far(dst: Path, fingerprint: dict, files: list[Path], hasher: SourceHasher) -> None:
+    """An interrupted run keeps the sha256 of the source files hashed so far in its manifest (for
+    files that did not change meanwhile), so that a resume from a copy of the source can tell
+    they are the same bytes. Best effort, and quick: pending hashes are dropped."""
+    try:
+        hashes = hasher.finished()
+        if hashes and changed_during_run(fingerprint, [p for p in files if p.name in hashes]) is None:
+            record_manifest(dst, fingerprint, hashes)
+    except Exception:
+        pass

@@ -149,11 +149,11 @@ def _dir_id(path: Path) -> tuple[int, int] | None:
 
 
 def preflight_destination(src_root: str | Path, dst: str | Path, fingerprint: dict, plan: ConversionPlan,
-                          overwrite: bool) -> DestinationState:
+                          overwrite: bool, src_files: list[Path] | None = None) -> DestinationState:
     """The destination checks, then what DST already holds, then whether what is left to write
-    fits on its disk. Changes nothing."""
+    fits on its disk. Changes nothing (it may read `src_files`, to tell whether they changed)."""
     check_destination(src_root, dst)
-    state = inspect_destination(Path(dst), fingerprint, plan, overwrite, Path(src_root))
+    state = inspect_destination(Path(dst), fingerprint, plan, overwrite, Path(src_root), src_files)
     if not state.complete:
         todo = [s for s in plan.shards if s.name not in state.done_shards]
         side = sum((Path(src_root) / rel).stat().st_size for rel in side_files(Path(src_root)))
