@@ -37,6 +37,9 @@ def convert(
                                     help="UE8M0 FP8 sources: dequantize and requantize with the recipe's scale "
                                          "rule instead of the lossless re-layout"),
     scale_rule: Optional[str] = typer.Option(None, help="override the recipe's scale rule: rceil or floor"),
+    scale_zero_blocks: Optional[str] = typer.Option(None, help="override the recipe's values of blocks with scale "
+                                                               "byte 0: exact (TransformerEngine >= 2.13, default) "
+                                                               "or flush (signed zeros: TE <= 2.12, torchao 0.18)"),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
                                          help="quantize NaN/Inf instead of failing (Inf saturates, NaN stays)"),
     overwrite: bool = typer.Option(False, "--overwrite",
@@ -59,7 +62,7 @@ def convert(
         result = run_convert(src, dst, recipe=recipe, mapping=mapping, device=device, workers=workers,
                              max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run, quiet=quiet,
                              requantize=True if requantize else None, scale_rule=scale_rule,
-                             allow_nonfinite=True if allow_nonfinite else None)
+                             allow_nonfinite=True if allow_nonfinite else None, scale_zero_blocks=scale_zero_blocks)
         if dry_run:
             typer.echo(describe_plan(result.source, result.plan, result.mapping, verbose=True))
             typer.echo("dry run: nothing written")

@@ -81,7 +81,8 @@ def plan_conversion(src: str | Path, *, recipe: str | Path | Recipe = DEFAULT_RE
 def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe = DEFAULT_RECIPE,
             mapping: str = "auto", device: str = "cpu", workers: int | None = None, max_shard_size: str | int = "5GB",
             overwrite: bool = False, dry_run: bool = False, quiet: bool = False, requantize: bool | None = None,
-            scale_rule: str | None = None, allow_nonfinite: bool | None = None, hash_sources: bool = True) -> ConversionResult:
+            scale_rule: str | None = None, allow_nonfinite: bool | None = None, hash_sources: bool = True,
+            scale_zero_blocks: str | None = None) -> ConversionResult:
     """Convert the checkpoint in `src` into `dst`; what `mxconv convert` does."""
     if workers is not None and workers < 1:
         raise MxconvError(f"--workers must be at least 1, got {workers}")
@@ -89,7 +90,7 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe = D
     ckpt, view, mapping_name, plan = plan_conversion(
         src, recipe=recipe, mapping=mapping, max_shard_size=max_shard_size,
         ue8m0_source=None if requantize is None else ("requantize" if requantize else "relayout"),
-        scale_rule=scale_rule, allow_nonfinite=allow_nonfinite)
+        scale_rule=scale_rule, allow_nonfinite=allow_nonfinite, scale_zero_blocks=scale_zero_blocks)
     result = ConversionResult(dst, ckpt, plan, mapping_name, dry_run=dry_run)
     if dry_run:
         return result
