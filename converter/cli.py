@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from converter.errors import MxconvError, MxconvWarning
+from converter.errors import Interrupted, MxconvError, MxconvWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert DeepSeek V3 checkpoints to bit-exact MXFP8 for SGLang on Blackwell.")
@@ -21,6 +22,21 @@ DEVICE_HELP = "where the numerics run: cpu, cuda (all visible GPUs) or cuda:N; o
 def _fail(err: Exception) -> None:
     typer.echo(f"mxconv: error: {err}", err=True)
     raise typer.Exit(1)
+
+
+@contextmanager
+def _interruptible(default: str):
+    """Ctrl-C: one line saying what is kept and how to go on (the command's own `Interrupted`
+    message, else `default`), exit status 130, no traceback. (typer would exit 130 silently.)"""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        message = e.message if isinstance(e, Interrupted) else default
+        typer.echo(f"mxconv: interrupted: {message}", err=True)
+        raise typer.Exit(130) from None
+
+
+_RERUN = "rerun the same command to resume"
 
 
 @app.command()
@@ -55,32 +71,38 @@ def convert(
         from converter.sources.hashing import start_early
 
         start_early(src)
-    from converter.run.pipeline import convert as run_convert
-    from converter.run.summary import describe_plan, describe_result
+    with _interruptible(_RERUN):
+        from converter.run.pipeline import convert as run_convert
+        from converter.run.summary import describe_plan, describe_result
 
-    try:
-        result = run_convert(src, dst, recipe=recipe, mapping=mapping, device=device, workers=workers,
-                             max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run, quiet=quiet,
-                             requantize=True if requantize else None, scale_rule=scale_rule,
-                             allow_nonfinite=True if allow_nonfinite else None, scale_zero_blocks=scale_zero_blocks)
-        if dry_run:
-            typer.echo(describe_plan(result.source, result.plan, result.mapping, verbose=True))
-            typer.echo("dry run: nothing written")
-            return
-        typer.echo(describe_result(result))
-        if verify or push_to:  # a push refuses unverified conversions, so --push-to verifies first
-            _run_verify(src, dst, device=device, workers=workers, quiet=quiet)
-        if push_to:
-            _run_push(dst, push_to, quiet=quiet)
-    except MxconvError as e:
-        _fail(e)
+        try:
+            result = run_convert(src, dst, recipe=recipe, mapping=mapping, device=device, workers=workers,
+                                 max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run, quiet=quiet,
+                                 requantize=True if requantize else None, scale_rule=scale_rule,
+                                 allow_nonfinite=True if allow_nonfinite else None, scale_zero_blocks=scale_zero_blocks)
+            if dry_run:
+                typer.echo(describe_plan(result.source, result.plan, result.mapping, verbose=True))
+                typer.echo("dry run: nothing written")
+                return
+            typer.echo(describe_result(result))
+            if verify or push_to:  # a push refuses unverified conversions, so --push-to verifies first
+                _run_verify(src, dst, device=device, workers=workers, quiet=quiet)
+            if push_to:
+                _run_push(dst, push_to, quiet=quiet)
+        except MxconvError as e:
+            _fail(e)
 
 
 def _run_verify(src: Path, dst: Path, **kwargs) -> None:
     from converter.verify.report import format_summary
     from converter.verify.runner import verify_checkpoint
 
-    report = verify_checkpoint(src, dst, **kwargs)
+    try:
+        report = verify_checkpoint(src, dst, **kwargs)
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted):
+            raise
+        raise Interrupted("verify stopped, no report written; rerun the same command to verify") from None
     typer.echo(format_summary(report))
     if not report.passed:
         raise typer.Exit(1)
@@ -101,11 +123,12 @@ def verify(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Check DST against SRC (coverage, config, bytes, numerics, logits); exit 0 only if every check passes."""
-    try:
-        _run_verify(src, dst, device=device, workers=workers, quiet=quiet, report_path=report, html_path=html,
-                    logits=logits)
-    except MxconvError as e:
-        _fail(e)
+    with _interruptible("verify stopped, no report written; rerun the same command to verify"):
+        try:
+            _run_verify(src, dst, device=device, workers=workers, quiet=quiet, report_path=report, html_path=html,
+                        logits=logits)
+        except MxconvError as e:
+            _fail(e)
 
 
 @app.command()
@@ -161,11 +184,12 @@ def push(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Upload DST to the Hugging Face Hub with a model card (resumable; re-runs upload only what is missing)."""
-    try:
-        _run_push(dst, repo_id, private=private, revision=revision, token=token, commit_message=commit_message,
-                  dry_run=dry_run, force=force, quiet=quiet)
-    except MxconvError as e:
-        _fail(e)
+    with _interruptible("rerun the same command to resume: files already on the Hub are skipped"):
+        try:
+            _run_push(dst, repo_id, private=private, revision=revision, token=token, commit_message=commit_message,
+                      dry_run=dry_run, force=force, quiet=quiet)
+        except MxconvError as e:
+            _fail(e)
 
 
 @app.command()
@@ -182,12 +206,13 @@ def unshuffle(
     from converter.run.summary import describe_result
     from converter.run.unshuffle import unshuffle as run_unshuffle
 
-    try:
-        result = run_unshuffle(src, dst, device=device, workers=workers, max_shard_size=max_shard_size,
-                               overwrite=overwrite, quiet=quiet)
-        typer.echo(describe_result(result))
-    except MxconvError as e:
-        _fail(e)
+    with _interruptible(_RERUN):
+        try:
+            result = run_unshuffle(src, dst, device=device, workers=workers, max_shard_size=max_shard_size,
+                                   overwrite=overwrite, quiet=quiet)
+            typer.echo(describe_result(result))
+        except MxconvError as e:
+            _fail(e)
 
 
 @app.command()
@@ -201,18 +226,19 @@ def demo(
     from converter.run.pipeline import convert as run_convert
     from converter.run.summary import describe_result
 
-    try:
-        src, dst = directory / "source-bf16", directory / "mxfp8"
-        build_checkpoint(src)
-        typer.echo(f"built a tiny DeepSeek V3 checkpoint in {src}: 3 decoder layers (1 dense, 2 MoE with 4 routed "
-                   "experts + 1 shared) and an MTP layer, real tensor names, 3 shards with weights split from their "
-                   "partners")
-        result = run_convert(src, dst, device=device, overwrite=True, quiet=quiet, max_shard_size="1MB")
-        typer.echo(describe_result(result))
-        _run_verify(src, dst, device=device, quiet=True)
-        typer.echo(f"next: mxconv inspect {dst}   |   mxconv convert YOUR_DEEPSEEK_V3 OUT --dry-run")
-    except MxconvError as e:
-        _fail(e)
+    with _interruptible("rerun the same command to start the demo again"):
+        try:
+            src, dst = directory / "source-bf16", directory / "mxfp8"
+            build_checkpoint(src)
+            typer.echo(f"built a tiny DeepSeek V3 checkpoint in {src}: 3 decoder layers (1 dense, 2 MoE with 4 routed "
+                       "experts + 1 shared) and an MTP layer, real tensor names, 3 shards with weights split from their "
+                       "partners")
+            result = run_convert(src, dst, device=device, overwrite=True, quiet=quiet, max_shard_size="1MB")
+            typer.echo(describe_result(result))
+            _run_verify(src, dst, device=device, quiet=True)
+            typer.echo(f"next: mxconv inspect {dst}   |   mxconv convert YOUR_DEEPSEEK_V3 OUT --dry-run")
+        except MxconvError as e:
+            _fail(e)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

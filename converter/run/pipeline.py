@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from converter.errors import MxconvError, SourceError
+from converter.errors import Interrupted, MxconvError, SourceError
 from converter.plan.planner import ConversionPlan, build_plan
 from converter.plan.recipe import Recipe, load_recipe
 from converter.plan.view import CanonicalView
@@ -136,21 +136,34 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
                   desc="convert", dynamic_ncols=True) as bar:
             execute(todo, view, dst, plan.recipe, devices, bar.update, reading=hasher.release)
-    except BaseException:
+    except BaseException as e:
         _record_hashes_so_far(dst, fingerprint, ckpt.files, hasher)
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
+            raise Interrupted(_resume_hint(dst, plan)) from None
         raise
-    hashes = hasher.result()
-    moved = changed_during_run(fingerprint, ckpt.files)
-    if moved is not None:
-        raise SourceError("changed while it was being converted (its size, mtime or ctime moved); rerun the same "
-                          "command when it no longer changes: the shards made from it are redone", file=moved)
-    result.copied_files = copy_side_files(ckpt.root, dst)
-    write_index_and_config(dst, plan, config)
-    record_manifest(dst, fingerprint, hashes)
-    write_provenance(dst, ckpt, plan, mapping=result.mapping, source_hashes=hashes, options=options,
-                     origin=origin)
+    try:
+        hashes = hasher.result()
+        moved = changed_during_run(fingerprint, ckpt.files)
+        if moved is not None:
+            raise SourceError("changed while it was being converted (its size, mtime or ctime moved); rerun the "
+                              "same command when it no longer changes: the shards made from it are redone", file=moved)
+        result.copied_files = copy_side_files(ckpt.root, dst)
+        write_index_and_config(dst, plan, config)
+        record_manifest(dst, fingerprint, hashes)
+        write_provenance(dst, ckpt, plan, mapping=result.mapping, source_hashes=hashes, options=options,
+                         origin=origin)
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted):
+            raise
+        raise Interrupted(_resume_hint(dst, plan)) from None
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _resume_hint(dst: Path, plan: ConversionPlan) -> str:
+    """For Ctrl-C: finished shards are those renamed into place (temporary ones never are)."""
+    done = sum((dst / s.name).is_file() for s in plan.shards)
+    return f"{done} of {len(plan.shards)} shard(s) done; rerun the same command to resume"
 
 
 def _record_hashes_so_far(dst: Path, fingerprint: dict, files: list[Path], hasher: SourceHasher) -> None:
