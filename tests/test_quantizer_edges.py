@@ -209,3 +209,21 @@ def test_gaussian_round_trip_error_is_as_expected():
 def test_k_not_multiple_of_32_is_an_error():
     with pytest.raises(NumericsError, match="multiple of 32"):
         quantize_mxfp8(torch.ones(2, 48), name="w")
+
+
+@pytest.mark.cuda
+def test_flush_on_cuda_tensors_gives_the_cpu_bytes():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 512, generator=gen)
+    x[::2] *= 2.0**-125
+    x = x.to(torch.bfloat16)
+    codes = torch.randint(0, 256, (256, 256), generator=gen, dtype=torch.int32).to(torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x80
+    codes[:128] = (codes[:128] & 0x80) | torch.minimum(codes[:128] & 0x7F, torch.tensor(0x2E))
+    weight, scale_inv = codes.view(torch.float8_e4m3fn), torch.tensor([[2.0**-117] * 2, [0.5] * 2])
+    for scale_zero in ("exact", "flush"):
+        for cpu, cuda in ((quantize_mxfp8(x, scale_zero=scale_zero), quantize_mxfp8(x.cuda(), scale_zero=scale_zero)),
+                          (requantize_fp8_block(weight, scale_inv, scale_zero=scale_zero),
+                           requantize_fp8_block(weight.cuda(), scale_inv.cuda(), scale_zero=scale_zero))):
+            assert torch.equal(cpu[0].view(torch.uint8), cuda[0].cpu().view(torch.uint8))
+            assert torch.equal(cpu[1], cuda[1].cpu()) and bool((cpu[1] == 0).any())
