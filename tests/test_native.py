@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (converter/native): every input code and bit pattern against the
+"""The compiled CPU kernels (converter/numerics/native.py, mxfp8.c): every input code and bit pattern against the
 references, byte for byte, and the build: cached, optional, never required."""
 
 from __future__ import annotations

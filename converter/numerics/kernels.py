@@ -1,5 +1,5 @@
 """Fast paths for the conversion's hot loops, byte-identical to the reference functions in
-`numerics` (which stay the specification and the fallback).
+`converter.numerics.reference` (the specification; `dispatch` falls back to it where these decline).
 
 On CPU the compiled kernels of `converter.numerics.native` run when they could be built (one pass per
 block; an FP8 source costs a table lookup per element: 1.4-3.3 G elements/s per core on the VM
