@@ -25,7 +25,7 @@ from converter.errors import RecipeError, SourceError
 
 _TOP_KEYS = {"name", "description", "extends", "architectures", "model_types", "config", "optional_config",
              "checks", "experts", "mtp_layers", "moe_layer", "tensors", "fp8_release", "high_precision",
-             "recipes", "mappings", "logits", "sglang", "demo_config"}
+             "recipes", "mappings", "logits", "sglang", "card_kept", "demo_config"}
 _TENSOR_KEYS = {"name", "shape", "when", "dtype", "optional", "experts"}
 _SECTIONS = ("global", "layer", "global_end")
 _DTYPES = ("BF16", "F32")
@@ -122,6 +122,7 @@ class Family:
     mappings: tuple[str, ...]
     logits: dict | None
     sglang: str
+    card_kept: str  # the model card's sentence on what stays high precision and why
     demo_config: dict
     source: str
 
@@ -287,7 +288,7 @@ def parse_family(data: dict, where: str) -> Family:
         sections=sections, fp8_release=tuple(data.get("fp8_release", [])),
         high_precision=tuple(data.get("high_precision", [])), recipes=dict(recipes),
         mappings=tuple(data.get("mappings") or ["hf"]), logits=data.get("logits"),
-        sglang=str(data.get("sglang", "")), demo_config=dict(data.get("demo_config") or {}), source=where)
+        sglang=str(data.get("sglang", "")), card_kept=str(data.get("card_kept", "")), demo_config=dict(data.get("demo_config") or {}), source=where)
     if fam.demo_config:
         fam.check_config(fam.demo_config, where)
     return fam
@@ -317,8 +318,16 @@ def _rules(items, where: str, fail, top: bool) -> list:
     return out
 
 
+def family_or_none(config: dict) -> Family | None:
+    """The config's family, or None where it has none (for descriptions that must not fail)."""
+    try:
+        return family_of(config)
+    except SourceError:
+        return None
+
+
 def family_of(config: dict, path: str | Path = "config.json") -> Family:
-    """The family a config.json belongs to (by architectures, then model_type); unknown ones are
+    """The family a config.json belongs to (by model_type, then architectures); unknown ones are
     refused with the list of supported families."""
     archs = config.get("architectures") or []
     if isinstance(archs, str):
@@ -329,11 +338,11 @@ def family_of(config: dict, path: str | Path = "config.json") -> Family:
     if not isinstance(model_type, (str, type(None))):
         raise SourceError(f"model_type must be a string, got {model_type!r}", file=path)
     families = [load_family(n) for n in family_names()]
-    for fam in families:
-        if set(archs) & set(fam.architectures):
+    for fam in families:  # model_type first: Kimi K2 says DeepseekV3ForCausalLM with model_type kimi_k2
+        if model_type in fam.model_types:
             return fam
     for fam in families:
-        if model_type in fam.model_types:
+        if set(archs) & set(fam.architectures):
             return fam
     supported = "; ".join(f"{f.name} ({', '.join(f.architectures)})" for f in families)
     raise SourceError(f"unsupported architecture {archs or model_type!r}; mxconv converts these model "
