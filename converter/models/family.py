@@ -357,9 +357,8 @@ def recipe_for(family: Family, recipe: str | None) -> str | None:
     if recipe in family.recipes:
         return family.recipes[recipe]
     ours = set(family.recipes.values())
-    others = {r: f.name for f in map(load_family, family_names()) if f.name != family.name
-              for r in f.recipes.values()}
-    if recipe in others and recipe not in ours:
-        raise RecipeError(f"recipe {recipe!r} is for {others[recipe]} models, this source is {family.name}; "
-                          f"use {', '.join(sorted(set(family.recipes.values())))} or a recipe file")
+    owners = sorted(f.name for f in map(load_family, family_names()) if recipe in f.recipes.values())
+    if owners and recipe not in ours:
+        raise RecipeError(f"recipe {recipe!r} is for {', '.join(owners)} models, this source is {family.name}; "
+                          f"use {', '.join(sorted(ours))} or a recipe file")
     return recipe
