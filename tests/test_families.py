@@ -314,6 +314,27 @@ def test_qwen3_moe_trtllm_layout(qwen_converted):
     passes(src, shuffled)
 
 
+def test_qwen3_moe_unshuffle_restores_canonical(qwen_converted, tmp_path):
+    from converter.run.unshuffle import unshuffle
+
+    src, canonical, shuffled = qwen_converted
+    unshuffle(shuffled, tmp_path / "restored", quiet=True)
+    a, b = load_all(canonical), load_all(tmp_path / "restored")
+    assert a.keys() == b.keys() and all(same_bytes(a[n], b[n]) for n in a)
+    passes(src, tmp_path / "restored")
+
+
+def test_qwen3_moe_fp8_source(tmp_path):
+    """Qwen3-*-FP8 releases: the same 128x128 block format; router, lm_head and norms unquantized."""
+    src = build_checkpoint(tmp_path / "src", family="qwen3_moe", precision="fp8", seed=6)
+    source = load_all(src)
+    assert source["model.layers.0.self_attn.k_proj.weight"].dtype == torch.float8_e4m3fn
+    assert source["model.layers.0.mlp.gate.weight"].dtype == torch.bfloat16
+    converter.convert(src, tmp_path / "out", quiet=True)
+    check_every_byte(src, tmp_path / "out", quantized_by(QWEN3_QUANTIZED))
+    passes(src, tmp_path / "out")
+
+
 def test_qwen3_moe_last_8_layers_in_bf16(tmp_path):
     cfg = dict(tiny_config("qwen3_moe"), num_hidden_layers=10, mlp_only_layers=[], max_window_layers=10)
     src = build_checkpoint(tmp_path / "src", cfg, seed=5)
