@@ -199,6 +199,30 @@ def test_deepseek_v32_fp8_source_has_the_release_layout(sources):
     assert t[p + "k_norm.weight"].dtype == torch.float32 and p + "k_norm.weight_scale_inv" not in t
 
 
+def test_deepseek_v32_ue8m0_release_relayout_is_lossless(tmp_path):
+    """The V3.2 release's config says scale_fmt ue8m0 (power-of-two tile scales): indexer wq_b and
+    wk, like every FP8 linear, keep their FP8 bytes and get their tile exponent per 1x32 block."""
+    from reference import e4m3_decode
+
+    src = build_checkpoint(tmp_path / "src", family="deepseek_v32", precision="fp8_ue8m0", ue8m0_as_uint8=True,
+                           seed=15)
+    dst = tmp_path / "out"
+    converter.convert(src, dst, quiet=True)
+    source, out = load_all(src), load_all(dst)
+    indexer = [n for n in source if ".indexer." in n and source[n].dtype == torch.float8_e4m3fn]
+    assert len(indexer) == 8  # wq_b and wk of 3 layers + MTP
+    for name in indexer:
+        module = name[: -len(".weight")]
+        assert same_bytes(out[name], source[name]), name
+        n, k = source[name].shape
+        tile = torch.exp2(source[name + "_scale_inv"].to(torch.float64) - 127)
+        tile = tile.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+        mx = torch.exp2(out[module + ".weight_scale_inv"].to(torch.float64) - 127).repeat_interleave(32, 1)
+        assert torch.equal(e4m3_decode(source[name].view(torch.uint8)) * tile,
+                           e4m3_decode(out[name].view(torch.uint8)) * mx), name
+    passes(src, dst)
+
+
 def test_deepseek_v32_under_deepseek_inference_names(sources, tmp_path):
     want = tmp_path / "hf"
     converter.convert(sources["v32_fp8"], want, quiet=True)
