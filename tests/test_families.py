@@ -432,6 +432,7 @@ def _edit(src, dst, drop=(), add=None, config=None):
     ({"config": {"num_key_value_heads": 4}}, "does not match config.json", "model.layers.0.self_attn.k_proj.weight"),
     ({"config": {"mlp_only_layers": []}}, "no such tensor", "model.layers.1.mlp.gate_proj.weight"),
     ({"config": {"num_key_value_heads": 3}}, "not a multiple of num_key_value_heads", None),
+    ({"config": {"mlp_only_layers": 1}}, "does not give .*mlp_only_layers.* a value", None),
 ])
 def test_config_and_tensors_disagree_is_a_clear_error(sources, tmp_path, kwargs, message, tensor):
     src = _edit(sources["qwen"], tmp_path / "src", **kwargs)
@@ -439,4 +440,4 @@ def test_config_and_tensors_disagree_is_a_clear_error(sources, tmp_path, kwargs,
         converter.convert(src, tmp_path / "out", quiet=True)
     if tensor:
         assert tensor in str(err.value)
-    assert not (tmp_path / "out").exists()
+    assert err.value.file and not (tmp_path / "out").exists()

@@ -64,7 +64,12 @@ class Expr:
         return {n.id for n in ast.walk(self.tree) if isinstance(n, ast.Name)}
 
     def __call__(self, env: dict) -> object:
-        return self._eval(self.tree, env)
+        """The value in `env`; a config that makes it meaningless (a missing key in arithmetic, a
+        list where a number belongs) is a SourceError naming the expression."""
+        try:
+            return self._eval(self.tree, env)
+        except (TypeError, ZeroDivisionError) as e:
+            raise SourceError(f"config.json does not give {self.text!r} a value ({e})") from None
 
     def _eval(self, node: ast.AST, env: dict) -> object:
         if isinstance(node, ast.Name):
@@ -139,7 +144,7 @@ class Family:
         for expr, message in self.checks:
             try:
                 ok = expr(env)
-            except TypeError:
+            except SourceError:
                 ok = False
             if not ok:
                 raise SourceError(f"config.json: {message} ({expr.text})", file=path)
@@ -181,8 +186,12 @@ class Family:
     def _one(rule: TensorRule, prefix: str, env: dict, out: dict) -> None:
         if rule.when is not None and not rule.when(env):
             return
-        shape = tuple(int(s(env)) for s in rule.shape)
-        out[prefix + rule.name.replace("{e}", str(env.get("e")))] = (shape, rule.dtype, rule.optional)
+        name = prefix + rule.name.replace("{e}", str(env.get("e")))
+        shape = tuple(s(env) for s in rule.shape)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise SourceError(f"config.json gives tensor {name} the shape {list(shape)} "
+                              f"({', '.join(s.text for s in rule.shape)}), not non-negative integers")
+        out[name] = (shape, rule.dtype, rule.optional)
 
     def is_fp8_release_linear(self, name: str) -> bool:
         """Does the FP8 release store this weight block-quantized?"""

@@ -45,14 +45,17 @@ def expected_tensors(config: dict, have: int, config_file: str | Path = "config.
     checkpoint's tensor count) guards against a config that describes a model far larger than
     the files hold."""
     family = family or family_of(config, config_file)
-    layers = config["num_hidden_layers"] + family.n_mtp(config)
-    experts = family.n_experts(config)
-    estimate = layers * (3 * experts + 25) + 3
-    if estimate > 2 * have + 1000:
-        raise SourceError(f"config.json describes a model of about {estimate} tensors ({config['num_hidden_layers']} "
-                          f"layers, {experts} routed experts) but the checkpoint holds {have}: "
-                          "config and weights disagree", file=config_file)
-    return {name: (shape, optional) for name, (shape, _dtype, optional) in family.tensors(config).items()}
+    try:
+        layers = config["num_hidden_layers"] + family.n_mtp(config)
+        experts = family.n_experts(config)
+        estimate = layers * (3 * experts + 25) + 3
+        if estimate > 2 * have + 1000:
+            raise SourceError(f"config.json describes a model of about {estimate} tensors ({config['num_hidden_layers']} "
+                              f"layers, {experts} routed experts) but the checkpoint holds {have}: "
+                              "config and weights disagree", file=config_file)
+        return {name: (shape, optional) for name, (shape, _dtype, optional) in family.tensors(config).items()}
+    except SourceError as e:
+        raise e.in_file(config_file) from None
 
 
 def check_source_tensors(ckpt: SourceCheckpoint, view: CanonicalView, fmt: SourceFormat,
