@@ -8,6 +8,7 @@ FP8 variants are made with a 128x128 block quantizer of our own, in the release 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -17,9 +18,10 @@ from safetensors.torch import save_file
 from converter.files import INDEX_FILE
 from converter.models.family import Family, family_of, load_family
 
+
 def tiny_config(family: str = "deepseek_v3") -> dict:
-    """The tiny config of a family (its `demo_config`): real config keys, tiny sizes."""
-    return dict(load_family(family).demo_config)
+    """The tiny config of a family (its `demo_config`): real config keys, tiny sizes; a copy."""
+    return copy.deepcopy(load_family(family).demo_config)
 
 
 TINY_CONFIG = tiny_config("deepseek_v3")

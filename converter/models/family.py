@@ -297,7 +297,8 @@ def parse_family(data: dict, where: str) -> Family:
         sections=sections, fp8_release=tuple(data.get("fp8_release", [])),
         high_precision=tuple(data.get("high_precision", [])), recipes=dict(recipes),
         mappings=tuple(data.get("mappings") or ["hf"]), logits=data.get("logits"),
-        sglang=str(data.get("sglang", "")), card_kept=str(data.get("card_kept", "")), demo_config=dict(data.get("demo_config") or {}), source=where)
+        sglang=str(data.get("sglang", "")), card_kept=str(data.get("card_kept", "")),
+        demo_config=dict(data.get("demo_config") or {}), source=where)
     if fam.demo_config:
         fam.check_config(fam.demo_config, where)
     return fam

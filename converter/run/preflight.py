@@ -50,8 +50,9 @@ def expected_tensors(config: dict, have: int, config_file: str | Path = "config.
         experts = family.n_experts(config)
         estimate = layers * (3 * experts + 25) + 3
         if estimate > 2 * have + 1000:
-            raise SourceError(f"config.json describes a model of about {estimate} tensors ({config['num_hidden_layers']} "
-                              f"layers, {experts} routed experts) but the checkpoint holds {have}: "
+            raise SourceError(f"config.json describes a model of about {estimate} tensors "
+                              f"({config['num_hidden_layers']} layers, {experts} routed experts) but the "
+                              f"checkpoint holds {have}: "
                               "config and weights disagree", file=config_file)
         return {name: (shape, optional) for name, (shape, _dtype, optional) in family.tensors(config).items()}
     except SourceError as e:
