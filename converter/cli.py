@@ -14,7 +14,7 @@ import typer
 from converter.errors import Interrupted, MxconvError, MxconvWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Convert DeepSeek V3 checkpoints to bit-exact MXFP8 for SGLang on Blackwell.")
+                  help="Convert DeepSeek V3/V3.2, Kimi K2 and Qwen3-MoE checkpoints to bit-exact MXFP8 for SGLang on Blackwell.")
 
 DEVICE_HELP = "where the numerics run: cpu, cuda (all visible GPUs) or cuda:N; output bytes are identical"
 
@@ -43,7 +43,9 @@ _RERUN = "rerun the same command to resume"
 def convert(
     src: Path = typer.Argument(..., help="source checkpoint directory (Hugging Face layout)"),
     dst: Path = typer.Argument(..., help="output directory (absent or empty, or an earlier run to resume)"),
-    recipe: str = typer.Option("deepseek_v3_mxfp8", help="built-in recipe name or path to a recipe YAML"),
+    recipe: Optional[str] = typer.Option(None, help="built-in recipe name, a role of the source's family (mxfp8, "
+                                                    "trtllm, bf16, ...), or a recipe YAML path; default: the "
+                                                    "family's mxfp8 recipe (deepseek_v3_mxfp8, qwen3_moe_mxfp8, ...)"),
     mapping: str = typer.Option("auto", help="source tensor naming: auto, hf, megatron, deepseek, or a YAML path"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     workers: Optional[int] = typer.Option(None, min=1, help="jobs computed in parallel (default: one per CPU "
@@ -218,25 +220,27 @@ def unshuffle(
 @app.command()
 def demo(
     directory: Path = typer.Argument(Path("mxconv-demo"), help="where to build the tiny checkpoint and its conversion"),
+    family: str = typer.Option("deepseek_v3", help="model family: deepseek_v3, deepseek_v32, kimi_k2, qwen3_moe"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Build a tiny DeepSeek V3 checkpoint (no download), convert it to MXFP8, verify it, summarize."""
-    from converter.models.demo import build_checkpoint
+    """Build a tiny checkpoint of a model family (no download), convert it to MXFP8, verify it, summarize."""
+    from converter.models.demo import build_checkpoint, describe_tiny
+    from converter.models.family import load_family
     from converter.run.pipeline import convert as run_convert
     from converter.run.summary import describe_result
 
     with _interruptible("rerun the same command to start the demo again"):
         try:
+            fam = load_family(family)
             src, dst = directory / "source-bf16", directory / "mxfp8"
-            build_checkpoint(src)
-            typer.echo(f"built a tiny DeepSeek V3 checkpoint in {src}: 3 decoder layers (1 dense, 2 MoE with 4 routed "
-                       "experts + 1 shared) and an MTP layer, real tensor names, 3 shards with weights split from their "
-                       "partners")
+            build_checkpoint(src, family=fam.name)
+            typer.echo(f"built a tiny {fam.description} checkpoint in {src}: {describe_tiny(fam)}, real tensor names, "
+                       "3 shards with weights split from their partners")
             result = run_convert(src, dst, device=device, overwrite=True, quiet=quiet, max_shard_size="1MB")
             typer.echo(describe_result(result))
             _run_verify(src, dst, device=device, quiet=True)
-            typer.echo(f"next: mxconv inspect {dst}   |   mxconv convert YOUR_DEEPSEEK_V3 OUT --dry-run")
+            typer.echo(f"next: mxconv inspect {dst}   |   mxconv convert YOUR_CHECKPOINT OUT --dry-run")
         except MxconvError as e:
             _fail(e)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from converter.errors import Interrupted, MxconvError, SourceError
+from converter.errors import Interrupted, MappingError, MxconvError, SourceError
+from converter.models.family import Family, recipe_for
 from converter.plan.planner import ConversionPlan, build_plan
 from converter.plan.recipe import Recipe, load_recipe
 from converter.plan.view import CanonicalView
@@ -31,7 +32,7 @@ from converter.sources.checkpoint import SourceCheckpoint
 from converter.sources.hashing import SourceHasher
 from converter.units import parse_size
 
-DEFAULT_RECIPE = "deepseek_v3_mxfp8"
+DEFAULT_RECIPE = "deepseek_v3_mxfp8"  # when no family is known; otherwise the family's `recipes.mxfp8`
 
 
 @dataclass
@@ -51,10 +52,13 @@ class ConversionResult:
 def open_source(src: str | Path, mapping: str = "auto") -> tuple[SourceCheckpoint, CanonicalView, str]:
     """The source checkpoint, its canonical view and the name of the mapping used."""
     ckpt = SourceCheckpoint.open(src)
-    ckpt.check_architecture()
-    from converter.mapping.names import detect_mapping, load_mapping
+    family = ckpt.check_architecture()
+    from converter.mapping.names import BUILTIN, detect_mapping, load_mapping
 
     name = detect_mapping(ckpt.tensors) if mapping == "auto" else mapping
+    if name in BUILTIN and name not in family.mappings:
+        raise MappingError(f"the {name} naming has no rules for {family.name} models; mappings for "
+                           f"{family.name}: {', '.join(family.mappings)} (or a mapping YAML file)")
     m = load_mapping(name)
     num_layers = int(ckpt.config.get("num_hidden_layers", 0))
     derivations = m.plan({n: i.shape for n, i in ckpt.tensors.items()}, num_layers)
@@ -62,23 +66,27 @@ def open_source(src: str | Path, mapping: str = "auto") -> tuple[SourceCheckpoin
     return ckpt, CanonicalView(ckpt, None if identity else derivations), m.name
 
 
-def resolve_recipe(recipe: str | Path | Recipe, **overrides) -> Recipe:
-    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+def resolve_recipe(recipe: str | Path | Recipe | None, family: Family | None = None, **overrides) -> Recipe:
+    """A Recipe from an object, a path, a built-in name, a role of the family (mxfp8, trtllm,
+    bf16, ...) or None (the family's default recipe)."""
+    if not isinstance(recipe, Recipe) and family is not None and not isinstance(recipe, Path):
+        recipe = recipe_for(family, recipe)
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(DEFAULT_RECIPE if recipe is None else recipe)
     return r.with_options(**overrides)
 
 
-def plan_conversion(src: str | Path, *, recipe: str | Path | Recipe = DEFAULT_RECIPE, mapping: str = "auto",
+def plan_conversion(src: str | Path, *, recipe: str | Path | Recipe | None = None, mapping: str = "auto",
                     max_shard_size: str | int = "5GB", **recipe_overrides
                     ) -> tuple[SourceCheckpoint, CanonicalView, str, ConversionPlan]:
     ckpt, view, mapping_name = open_source(src, mapping)
-    r = resolve_recipe(recipe, **recipe_overrides)
+    r = resolve_recipe(recipe, ckpt.family, **recipe_overrides)
     fmt = ckpt.detect_format(view.tensors)
-    check_source_tensors(ckpt, view, fmt)
+    check_source_tensors(ckpt, view, fmt, ckpt.family)
     plan = build_plan(view, fmt, r, int(ckpt.config.get("num_hidden_layers", 0)), parse_size(max_shard_size))
     return ckpt, view, mapping_name, plan
 
 
-def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe = DEFAULT_RECIPE,
+def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe | None = None,
             mapping: str = "auto", device: str = "cpu", workers: int | None = None, max_shard_size: str | int = "5GB",
             overwrite: bool = False, dry_run: bool = False, quiet: bool = False, requantize: bool | None = None,
             scale_rule: str | None = None, allow_nonfinite: bool | None = None, hash_sources: bool = True,
