@@ -423,6 +423,8 @@ def main() -> int:
     ap.add_argument("--dest-dir", default="/dev/shm/mxconv-ceiling", help="--ceiling: where outputs go (tmpfs)")
     ap.add_argument("--compare", type=Path, help="--ceiling: also time the mxconv rows of this other checkout "
                     "(rows named 'before: ...')")
+    ap.add_argument("--variants", help="--ceiling: extra mxconv rows with environment variables set, as "
+                    "'name:VAR=VALUE,VAR=VALUE;name2:...' (the fewest and the most CPU workers)")
     args = ap.parse_args()
     if args.ceiling:
         import bench_ceiling

@@ -45,15 +45,21 @@ def chunked_digest(dst: Path) -> str:
 def plan_rows(args, cuda: bool, gpus: int) -> list[dict]:
     mx = ["-m", "converter.cli", "convert"]
     rows = [{"name": "cp -r", "kind": "cp"}, {"name": "parallel cp (one per shard)", "kind": "pcp"}]
-    checkouts = [("", None)] + ([("before: ", str(args.compare.resolve()))] if args.compare else [])
-    for label, path in checkouts:
-        for w in args.workers:
-            rows.append({"name": f"{label}mxconv cpu, {w} workers", "kind": "mxconv", "pythonpath": path,
+    checkouts = [("", None, {})] + ([("before: ", str(args.compare.resolve()), {})] if args.compare else [])
+    for variant in filter(None, (args.variants or "").split(";")):  # name:VAR=VALUE,VAR=VALUE
+        name, _, env = variant.partition(":")
+        checkouts.append((f"variant {name}: ", None, dict(kv.split("=", 1) for kv in env.split(",") if kv)))
+    for label, path, env in checkouts:
+        cpu_w, gpu_w = args.workers, args.gpu_worker_list
+        if label:  # another checkout or variant: the fewest and the most CPU workers only
+            cpu_w, gpu_w = sorted({min(cpu_w), max(cpu_w)}), sorted({min(gpu_w), max(gpu_w)}) if path else []
+        for w in cpu_w:
+            rows.append({"name": f"{label}mxconv cpu, {w} workers", "kind": "mxconv", "pythonpath": path, "env": env,
                          "argv": mx + ["--device", "cpu", "--workers", str(w)], "device": "cpu", "workers": w})
         if cuda:
-            for w in args.gpu_worker_list:
+            for w in gpu_w:
                 rows.append({"name": f"{label}mxconv cuda ({gpus} GPU), {w} workers", "kind": "mxconv",
-                             "pythonpath": path, "argv": mx + ["--device", "cuda", "--workers", str(w)],
+                             "pythonpath": path, "env": env, "argv": mx + ["--device", "cuda", "--workers", str(w)],
                              "device": "cuda", "workers": w})
     return rows
 
@@ -64,7 +70,7 @@ def run_row(row: dict, src: Path, dst: Path, timed) -> dict:
     if row["kind"] == "pcp":
         script = 'mkdir -p "$2" && for f in "$1"/*; do cp "$f" "$2"/ & done; wait'
         return timed(["sh", "-c", script, "pcp", str(src), str(dst)], sync=False)
-    env = dict(os.environ)
+    env = dict(os.environ, **row.get("env", {}))
     path = row["pythonpath"] or bench._PYTHONPATH
     if path:
         env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
@@ -96,7 +102,7 @@ def summarize(rows: dict[str, list[dict]], weight_bytes: int) -> list[dict]:
 
 def targets(precision: str, summary: list[dict]) -> list[str]:
     """Issue 16's targets, against this run (rows of this checkout, not --compare's)."""
-    by = {s["name"]: s for s in summary if "error" not in s and not s["name"].startswith("before")}
+    by = {s["name"]: s for s in summary if "error" not in s and s["name"].startswith("mxconv")}
     cpu = {int(n.split(", ")[1].split()[0]): s for n, s in by.items() if n.startswith("mxconv cpu")}
     gpu = {int(n.split(", ")[-1].split()[0]): s for n, s in by.items() if n.startswith("mxconv cuda")}
     out = []

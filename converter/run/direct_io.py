@@ -21,6 +21,7 @@ in memory (`in_memory_fs`: tmpfs, ramfs) has no disk to bypass; the shard writer
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -38,6 +39,23 @@ def phase(offset: int) -> int:
 
 
 _MEMORY_FS = {"tmpfs", "ramfs"}
+MADV_DONTNEED, MADV_POPULATE_WRITE = 4, 23  # Linux's values (POPULATE_WRITE: 5.14+)
+_libc = None
+
+
+def madvise(address: int, length: int, advice: int) -> bool:
+    """madvise(2) on the pages covering [address, address + length), through ctypes, which lets
+    other threads run meanwhile (Python's mmap.madvise holds the GIL: a 16 MB populate stalled
+    every thread for milliseconds). False where the call is unsupported or fails."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        start = address - address % mmap.PAGESIZE
+        return _libc.madvise(start, address + length - start, advice) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def in_memory_fs(path: str | os.PathLike) -> bool:

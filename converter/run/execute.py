@@ -45,6 +45,11 @@ _MIN_INFLIGHT = 128 * 1024 * 1024
 # ...and at most this much whatever the worker count: beyond a few workers the disk is the limit,
 # and memory must not grow with cores (32 workers held 3.3 GB with 32 MB each and a 4x pool).
 _MAX_INFLIGHT = 384 * 1024 * 1024
+# GPU workers computing at once on one GPU. More made a conversion slower (FP8, 16-core H200:
+# 3.6 s with 2 workers, 7.1 s with 16): their streams only contend (for the GIL between kernel
+# launches, the copy engines, pinned memory), while one piece's numerics take about a millisecond
+# on the GPU. Workers beyond this wait their turn; bytes move in the reader and writer threads.
+_STREAMS_PER_GPU = 2
 
 
 class Cancelled(Exception):
@@ -102,9 +107,10 @@ def _intra_op_threads(devices: list[torch.device]):
     """Workers parallelize over jobs; torch's own thread pool on top of that would oversubscribe
     the cores (N workers x N OpenMP threads busy-waiting), so it gets the cores left over."""
     before = torch.get_num_threads()
-    cpu_workers = sum(d.type == "cpu" for d in devices)
-    if cpu_workers:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cpu_workers // 2))
+    # the reader and writer threads count too: a copy into a mapped shard is a torch op, and 16
+    # writer threads each fanning out to 16 OpenMP threads would bury the cores
+    busy = max(sum(d.type == "cpu" for d in devices), io_threads(devices))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // busy // 2))
     try:
         yield
     finally:
@@ -146,6 +152,7 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
     todo = iter(pieces)  # handed to the readers in plan order
     seen: set[Path] = set()
     live_readers = [readers]
+    gpu_slots = {d: threading.Semaphore(_STREAMS_PER_GPU) for d in set(devices) if d.type == "cuda"}
 
     def fail(e: BaseException) -> None:
         with lock:
@@ -201,7 +208,7 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
             raise e
 
     def worker(device: torch.device) -> None:
-        stream = None
+        stream, slot = None, gpu_slots.get(device)
         try:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
@@ -214,7 +221,11 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
             p, inputs, bufs = item
             try:
                 try:
-                    outputs = run(p, inputs, device, stream, bufs)
+                    if slot is None:
+                        outputs = run(p, inputs, device, stream, bufs)
+                    else:
+                        with slot:
+                            outputs = run(p, inputs, device, stream, bufs)
                 except MxconvError as e:  # numerics name the tensor; add the file it came from
                     raise e.in_file((view.tensors.get(e.tensor) or view.tensors[p.job.inputs[0]]).file)
                 computed.put((p, outputs, bufs))

@@ -12,10 +12,16 @@ from pathlib import Path
 import torch
 
 from converter.errors import OutputError
-from converter.run.direct_io import DirectFile, in_memory_fs, open_direct, phase
-from converter.sources.safetensors import DTYPE_CODES, DTYPES, PlannedTensor, build_header
-
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
+from converter.run.direct_io import (
+    MADV_DONTNEED,
+    MADV_POPULATE_WRITE,
+    DirectFile,
+    in_memory_fs,
+    madvise,
+    open_direct,
+    phase,
+)
+from converter.sources.safetensors import DTYPE_CODES, PlannedTensor, build_header
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -31,12 +37,14 @@ class ShardWriter:
     atomic rename from `tmp_path` to `path`. Refuses tensors that are not in the plan, have the
     wrong dtype/shape, or come twice; refuses to finish while any planned tensor is missing.
 
-    On a file system in memory (tmpfs) the file is written through shared mappings instead:
+    On a file system in memory (tmpfs) the file is written through one shared mapping instead:
     `region` hands out the planned bytes of some rows as a tensor to fill (the numerics write
     there directly, reads land there), and writes of other tensors are copies into such regions.
     Why: every write(2) to one tmpfs file holds the file's lock for its memcpy, so threads writing
-    one shard take turns (one writer thread reached about 1.7 GB/s); page faults in mappings of
-    one file run in parallel, and a region filled in place costs no copy at all."""
+    one shard take turns (one writer thread reached about 1.7 GB/s); page faults in a mapping run
+    in parallel, and a region filled in place costs no copy at all. A region's pages are
+    allocated in one call when it is handed out, and unmapped (they stay in the file) once it is
+    recorded, so resident memory holds the pieces in flight, not the shard."""
 
     def __init__(self, path: Path, tmp_path: Path, tensors: list[PlannedTensor], direct: bool = True,
                  mapped: bool | None = None):
@@ -51,17 +59,23 @@ class ShardWriter:
         self.fd: int | None = None
         self.want_direct, self.want_mapped = direct, mapped
         self.direct: DirectFile | None = None  # O_DIRECT writes (no page cache) where supported
-        self.mapped = False  # writes through shared mappings (tmpfs)
+        self.mapped = False  # writes through a shared mapping (tmpfs)
+        self.map: mmap.mmap | None = None
+        self.view: torch.Tensor | None = None  # the whole file as uint8, over self.map
         self.placed: dict[tuple[str, int], tuple[int, int]] = {}  # regions handed out: (address, bytes)
 
     def __enter__(self) -> "ShardWriter":
         self.tmp_path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.mapped = in_memory_fs(self.tmp_path.parent) if self.want_mapped is None else self.want_mapped
+            self.mapped = self.want_mapped
+            if self.mapped is None:  # MXCONV_MAPPED_WRITES=0: write(2) also on tmpfs
+                self.mapped = os.environ.get("MXCONV_MAPPED_WRITES", "1") != "0" and in_memory_fs(self.tmp_path.parent)
             if self.mapped:  # a shared writable mapping needs a file open for reading too
                 self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.ftruncate(self.fd, self.size)
                 self._pwrite(memoryview(self.header), 0)
+                self.map = mmap.mmap(self.fd, self.size)
+                self.view = torch.frombuffer(self.map, dtype=torch.uint8)
                 return self
             self.direct = open_direct(self.tmp_path, self.size) if self.want_direct else None
             if self.direct is not None:
@@ -92,22 +106,25 @@ class ShardWriter:
         return self.offsets[name] + per_row * row, n
 
     def _map(self, offset: int, nbytes: int) -> torch.Tensor:
-        """nbytes of the file from `offset` as a writable uint8 tensor over a shared mapping, its
-        pages allocated in one call (faulting them in one by one cost more). The mapping lives as
-        long as a tensor uses it, and goes with the last."""
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        m = mmap.mmap(self.fd, offset + nbytes - start, offset=start)
-        try:
-            m.madvise(_MADV_POPULATE_WRITE)
-        except (OSError, ValueError):  # older kernels: the pages fault in as they are written
-            pass
-        return torch.frombuffer(m, dtype=torch.uint8)[offset - start:]
+        """nbytes of the file from `offset` as a writable uint8 tensor over the shared mapping,
+        its pages allocated in one call (faulting them in one by one cost more)."""
+        t = self.view[offset:offset + nbytes]
+        if os.environ.get("MXCONV_POPULATE", "0") == "1":
+            madvise(t.data_ptr(), nbytes, MADV_POPULATE_WRITE)  # older kernels: pages fault in as written
+        return t
+
+    def _unmap(self, offset: int, nbytes: int) -> None:
+        """Drop the pages wholly inside [offset, offset + nbytes) from this process (not from the
+        file): written regions stop counting as resident memory."""
+        a0, a1 = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE, (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if a1 > a0:
+            madvise(self.view.data_ptr() + a0, a1 - a0, MADV_DONTNEED)
 
     def region(self, name: str, row: int = 0, rows: int | None = None) -> torch.Tensor | None:
         """Where the file is mapped: the planned bytes of `name`, rows [row, row + rows) (None:
         the whole tensor), as a flat uint8 tensor to fill; passing it (or a tensor over the same
         memory) to `write_rows` then records it without a copy. None where the file is not mapped."""
-        if not self.mapped or self.fd is None or name not in self.planned:
+        if self.view is None or name not in self.planned:
             return None
         offset, n = self._span(name, row, rows if self.planned[name].shape else None)
         if not n:
@@ -158,6 +175,7 @@ class ShardWriter:
                 if placed != (t.data_ptr(), nbytes) or not t.is_contiguous() or t.device.type != "cpu":
                     if nbytes:  # not filled in place: copy it there
                         self._map(offset, nbytes).copy_(t.contiguous().view(torch.uint8).reshape(-1).cpu())
+                self._unmap(offset, nbytes)
             elif self.direct is not None:
                 t = tensor.detach().contiguous()
                 self.direct.write((t if t.device.type == "cpu" else t.cpu()).view(torch.uint8).reshape(-1), offset)
@@ -170,7 +188,13 @@ class ShardWriter:
             if self.covered[name] == rows or not plan.shape:
                 self.written.add(name)
 
+    def _unmap_all(self) -> None:
+        """Forget the mapping; it goes with the last tensor over it (closing it under a live
+        tensor would leave that tensor pointing at nothing)."""
+        self.view = self.map = None
+
     def _abort(self) -> None:
+        self._unmap_all()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -194,6 +218,7 @@ class ShardWriter:
             raise OutputError(f"{len(missing)} planned tensors were never written, e.g. {sorted(missing)[0]}",
                               file=self.path)
         try:
+            self._unmap_all()
             if self.direct is not None:
                 self.direct.close()  # remaining edge blocks, exact size, fsync
             else:
