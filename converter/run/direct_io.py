@@ -39,14 +39,14 @@ def phase(offset: int) -> int:
 
 
 _MEMORY_FS = {"tmpfs", "ramfs"}
-MADV_DONTNEED, MADV_POPULATE_WRITE = 4, 23  # Linux's values (POPULATE_WRITE: 5.14+)
+MADV_DONTNEED = 4  # Linux's value
 _libc = None
 
 
 def madvise(address: int, length: int, advice: int) -> bool:
     """madvise(2) on the pages covering [address, address + length), through ctypes, which lets
-    other threads run meanwhile (Python's mmap.madvise holds the GIL: a 16 MB populate stalled
-    every thread for milliseconds). False where the call is unsupported or fails."""
+    other threads run meanwhile (Python's mmap.madvise holds the GIL). False where the call is
+    unsupported or fails."""
     global _libc
     try:
         if _libc is None:

@@ -14,7 +14,6 @@ import torch
 from converter.errors import OutputError
 from converter.run.direct_io import (
     MADV_DONTNEED,
-    MADV_POPULATE_WRITE,
     DirectFile,
     in_memory_fs,
     madvise,
@@ -43,8 +42,8 @@ class ShardWriter:
     Why: every write(2) to one tmpfs file holds the file's lock for its memcpy, so threads writing
     one shard take turns (one writer thread reached about 1.7 GB/s); page faults in a mapping run
     in parallel, and a region filled in place costs no copy at all. A region's pages are
-    allocated in one call when it is handed out, and unmapped (they stay in the file) once it is
-    recorded, so resident memory holds the pieces in flight, not the shard."""
+    unmapped (they stay in the file) once it is recorded, so resident memory holds the pieces in
+    flight, not the shard. MXCONV_MAPPED_WRITES=0 turns this off (write(2) at offsets instead)."""
 
     def __init__(self, path: Path, tmp_path: Path, tensors: list[PlannedTensor], direct: bool = True,
                  mapped: bool | None = None):
@@ -106,12 +105,11 @@ class ShardWriter:
         return self.offsets[name] + per_row * row, n
 
     def _map(self, offset: int, nbytes: int) -> torch.Tensor:
-        """nbytes of the file from `offset` as a writable uint8 tensor over the shared mapping,
-        its pages allocated in one call (faulting them in one by one cost more)."""
-        t = self.view[offset:offset + nbytes]
-        if os.environ.get("MXCONV_POPULATE", "0") == "1":
-            madvise(t.data_ptr(), nbytes, MADV_POPULATE_WRITE)  # older kernels: pages fault in as written
-        return t
+        """nbytes of the file from `offset` as a writable uint8 tensor over the shared mapping.
+        Its pages fault in as they are written (under the mapping's own lock, in parallel);
+        allocating them ahead with MADV_POPULATE_WRITE holds the whole process's mmap lock
+        meanwhile (and through Python's mmap.madvise, the GIL: that was slower)."""
+        return self.view[offset:offset + nbytes]
 
     def _unmap(self, offset: int, nbytes: int) -> None:
         """Drop the pages wholly inside [offset, offset + nbytes) from this process (not from the
