@@ -242,6 +242,27 @@ def test_mapped_shards_filled_in_place_give_the_same_bytes(tiny_sources, unsplit
         assert sum(copied) < 1.2 * written  # each byte mapped once (filled in place), not twice (then copied)
 
 
+def test_a_shard_that_would_not_fit_is_not_mapped(tmp_path, monkeypatch):
+    """Running out of room in a mapped file kills the process (SIGBUS); write(2) fails cleanly."""
+    import converter.run.writer as sio
+
+    planned = [PlannedTensor("t", "U8", (10, 3))]
+    monkeypatch.setattr(sio, "in_memory_fs", lambda path: True)
+    with ShardWriter(tmp_path / "a", tmp_path / "a.partial", planned) as w:
+        assert w.mapped
+        w.write("t", torch.ones(10, 3, dtype=torch.uint8))
+    monkeypatch.setattr(sio, "_free_bytes", lambda folder: 100)
+    with ShardWriter(tmp_path / "b", tmp_path / "b.partial", planned) as w:
+        assert not w.mapped
+        w.write("t", torch.ones(10, 3, dtype=torch.uint8))
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
+    monkeypatch.setenv("MXCONV_MAPPED_WRITES", "0")
+    monkeypatch.setattr(sio, "_free_bytes", lambda folder: 1 << 40)
+    with ShardWriter(tmp_path / "c", tmp_path / "c.partial", planned) as w:
+        assert not w.mapped
+        w.write("t", torch.ones(10, 3, dtype=torch.uint8))
+
+
 def test_memory_file_systems_are_recognized(tmp_path):
     assert direct_io.in_memory_fs(tmp_path / "nonexistent" / "path") in (True, False)  # never raises
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):

@@ -118,7 +118,8 @@ def _sub_rows(shape: tuple[int, ...], rows: tuple[int, int]) -> tuple[int, ...]:
 def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWriter, bufs: list
          ) -> dict[str, torch.Tensor]:
     """A piece's source tensors (their rows, or the matching scale tile rows) in pooled buffers.
-    A copied tensor is written as read, so its buffer gets the phase of its place in the output."""
+    A copied tensor is written as read: it is read straight into its place in a mapped output
+    shard, or else into a buffer with the phase of that place (for O_DIRECT)."""
     job = piece.job
     if view.derivations is not None:  # renamed, split or fused: the mapping materializes them
         return {name: view.load(name, "cpu") for name in job.inputs}
@@ -137,12 +138,12 @@ def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWrite
         if job.action == COPY:  # read straight into its place in the output where the file is mapped
             r0 = piece.rows[0] if piece.rows else 0
             out = writer.region(job.outputs[0].name, r0, piece.rows[1] - r0 if piece.rows else None)
-            if out is not None and out.numel() != info.nbytes:
-                out = None
-            if out is None:
+            if out is None or out.numel() != info.nbytes:
                 out = pool.take(info.nbytes, writer.phase(job.outputs[0].name, r0), bufs)
+        else:
+            out = pool.take(info.nbytes, 0, bufs)
         # through the checkpoint module, where every source read goes (and tests watch them)
-        inputs[name] = checkpoint.read_tensor(info, out=out if out is not None else pool.take(info.nbytes, 0, bufs))
+        inputs[name] = checkpoint.read_tensor(info, out=out)
     return inputs
 
 

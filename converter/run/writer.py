@@ -31,6 +31,16 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
 
 
+def _free_bytes(folder: Path) -> int:
+    """Room left on the file system of `folder`. A mapped file that runs out of room kills the
+    process (SIGBUS) where write(2) fails cleanly, so a shard is mapped only where it fits."""
+    try:
+        st = os.statvfs(folder)
+        return st.f_bavail * st.f_frsize
+    except OSError:
+        return 0
+
+
 class ShardWriter:
     """Writes one planned shard: header first, tensors at their planned offsets, then fsync and an
     atomic rename from `tmp_path` to `path`. Refuses tensors that are not in the plan, have the
@@ -68,7 +78,8 @@ class ShardWriter:
         try:
             self.mapped = self.want_mapped
             if self.mapped is None:  # MXCONV_MAPPED_WRITES=0: write(2) also on tmpfs
-                self.mapped = os.environ.get("MXCONV_MAPPED_WRITES", "1") != "0" and in_memory_fs(self.tmp_path.parent)
+                self.mapped = (os.environ.get("MXCONV_MAPPED_WRITES", "1") != "0" and in_memory_fs(self.tmp_path.parent)
+                               and _free_bytes(self.tmp_path.parent) > self.size)
             if self.mapped:  # a shared writable mapping needs a file open for reading too
                 self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.ftruncate(self.fd, self.size)
