@@ -43,7 +43,7 @@ def chunked_digest(dst: Path) -> str:
 
 
 def plan_rows(args, cuda: bool, gpus: int) -> list[dict]:
-    mx = ["-m", "converter.cli", "convert"]
+    mx = ["-m", "converter.cli", "convert"] + (["--max-shard-size", args.max_shard_size] if args.max_shard_size else [])
     rows = [{"name": "cp -r", "kind": "cp"}, {"name": "parallel cp (one per shard)", "kind": "pcp"}]
     checkouts = [("", None, {})] + ([("before: ", str(args.compare.resolve()), {})] if args.compare else [])
     for variant in filter(None, (args.variants or "").split(";")):  # name:VAR=VALUE,VAR=VALUE
