@@ -1,5 +1,6 @@
-"""Several output shards written at once (pieces handed out round-robin over a window of open
-shards): the order is right, and the bytes are those of one shard at a time."""
+"""How work is shared: several output shards written at once (pieces handed out round-robin over
+a window of open shards: the order is right, and the bytes are those of one shard at a time), and
+the CPU workers that `--device cuda` adds beside the GPU workers."""
 
 from __future__ import annotations
 
@@ -45,3 +46,21 @@ def test_many_open_shards_give_the_bytes_of_one_at_a_time(tiny_sources, tmp_path
     assert sorted(one) == sorted(four) and all(same_bytes(one[n], four[n]) for n in one)
     index = json.loads((tmp_path / "four" / INDEX_FILE).read_text())
     assert index == json.loads((tmp_path / "one" / INDEX_FILE).read_text())
+
+
+def test_cuda_adds_cpu_helpers_beside_the_gpu_workers(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("MXCONV_CPU_HELPERS", "3")
+    devices = execute.resolve_devices("cuda", None)
+    assert [str(d) for d in devices] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cpu", "cpu", "cpu"]
+    assert [str(d) for d in execute.resolve_devices("cuda:1", 1)] == ["cuda:1", "cpu", "cpu", "cpu"]
+    monkeypatch.setenv("MXCONV_CPU_HELPERS", "0")
+    assert [str(d) for d in execute.resolve_devices("cuda", 2)] == ["cuda:0", "cuda:1"]
+    monkeypatch.delenv("MXCONV_CPU_HELPERS")
+    monkeypatch.setattr(execute.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert execute.cpu_helpers() == 14 and execute.resolve_devices("cpu", None).count(torch.device("cpu")) == 16
+    monkeypatch.setattr(execute.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert execute.cpu_helpers() == 0
