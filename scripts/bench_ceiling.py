@@ -51,8 +51,8 @@ def plan_rows(args, cuda: bool, gpus: int) -> list[dict]:
         checkouts.append((f"variant {name}: ", None, dict(kv.split("=", 1) for kv in env.split(",") if kv)))
     for label, path, env in checkouts:
         cpu_w, gpu_w = args.workers, args.gpu_worker_list
-        if label:  # another checkout or variant: the fewest and the most CPU workers only
-            cpu_w, gpu_w = sorted({min(cpu_w), max(cpu_w)}), sorted({min(gpu_w), max(gpu_w)}) if path else []
+        if label:  # another checkout or a variant: the fewest and the most workers only
+            cpu_w, gpu_w = sorted({min(cpu_w), max(cpu_w)}), sorted({min(gpu_w), max(gpu_w)})
         for w in cpu_w:
             rows.append({"name": f"{label}mxconv cpu, {w} workers", "kind": "mxconv", "pythonpath": path, "env": env,
                          "argv": mx + ["--device", "cpu", "--workers", str(w)], "device": "cpu", "workers": w})
