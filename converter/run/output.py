@@ -67,6 +67,9 @@ def _file_identity(path: Path) -> dict:
     size = path.stat().st_size
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
+        if 8 + n > size or n > _SAMPLE * 1024:  # not a safetensors header (DCP .metadata or .distcp)
+            f.seek(0)
+            n = min(size, _SAMPLE)
         header_hash = hashlib.sha256(f.read(n)).hexdigest()
         data_start, data_len = 8 + n, max(size - 8 - n, 0)
         sample = hashlib.sha256()

@@ -16,7 +16,8 @@ import torch
 from converter.errors import SourceError
 from converter.files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from converter.numerics.reference import fp8_block_scale_shape
-from converter.sources.safetensors import TensorInfo, read_header, read_tensor
+from converter.sources.safetensors import TensorInfo, read_header
+from converter.sources.safetensors import read_tensor as _read_safetensors
 
 SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -103,6 +104,16 @@ class SourceCheckpoint:
         return t if str(device) == "cpu" else t.to(device, non_blocking=pin)
 
     @property
+    def side_root(self) -> Path:
+        """Where the tokenizer and other side files come from."""
+        return self.root
+
+    @property
+    def hashed_files(self) -> list[Path]:
+        """The files whose sha256 the provenance records."""
+        return self.files
+
+    @property
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.files)
 
@@ -159,6 +170,13 @@ class SourceCheckpoint:
         if self.config["first_k_dense_replace"] > self.config["num_hidden_layers"]:
             raise SourceError(f"first_k_dense_replace {self.config['first_k_dense_replace']} exceeds "
                               f"num_hidden_layers {self.config['num_hidden_layers']}", file=path)
+
+
+def read_tensor(info: TensorInfo, pin: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Every source read goes through here: a safetensors tensor by offset, or a tensor that
+    knows how to read itself (a DCP tensor assembled from its chunks)."""
+    read = getattr(info, "read", None)
+    return _read_safetensors(info, pin=pin, out=out) if read is None else read(pin=pin, out=out)
 
 
 # config.json fields the DeepSeek V3 tensor shapes are made of: key -> smallest valid value.
