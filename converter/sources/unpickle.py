@@ -43,13 +43,28 @@ class Record:
     """A stand-in for an allowed metadata class: its pickled fields as attributes."""
 
     kind = "Record"
+    positional: tuple[str, ...] = ()  # field names of a tuple state (TensorProperties pickles one)
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2 and all(isinstance(s, (dict, type(None))) for s in state):
+            for part in state:
+                vars(self).update(part or {})
+        elif isinstance(state, dict):
+            vars(self).update(state)
+        elif isinstance(state, tuple) and len(state) <= len(self.positional):
+            vars(self).update(zip(self.positional, state))
+        else:
+            raise pickle.UnpicklingError(f"unexpected state of a {self.kind}")
 
     def __repr__(self):
         return f"{self.kind}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
+_POSITIONAL = {"TensorProperties": ("dtype", "layout", "requires_grad", "memory_format", "pin_memory")}
+
+
 def _record_class(name: str) -> type:
-    return type(name, (Record,), {"kind": name})
+    return type(name, (Record,), {"kind": name, "positional": _POSITIONAL.get(name, ())})
 
 
 _RECORDS = {(m, n): _record_class(n) for m, names in RECORD_CLASSES.items() for n in names}
