@@ -156,9 +156,22 @@ class DcpCheckpoint(SourceCheckpoint):
             else:
                 raise MappingError(f"a {d.op} along dim {d.dim} is not a row range; DCP sources support "
                                    "renames and row slices only", tensor=target)
-            out[target] = dataclasses.replace(src, name=target, shape=tuple(new), start=src.start + r0 * row_bytes,
-                                              end=src.start + r1 * row_bytes)
+            start, end = src.start + r0 * row_bytes, src.start + r1 * row_bytes
+            out[target] = dataclasses.replace(src, name=target, shape=tuple(new), start=start, end=end,
+                                              chunks=_overlapping(src, start, end))
         return dataclasses.replace(self, tensors=out)
+
+
+def _overlapping(t: DcpTensor, start: int, end: int) -> tuple[Chunk, ...]:
+    """The chunks of `t` that can hold bytes [start, end) (by their range along dim 0), so reading
+    one expert of a stacked tensor does not look at every other expert's chunks."""
+    if not t.global_shape or end <= start:
+        return t.chunks
+    per = t.nbytes // max(t.global_shape[0], 1)  # bytes per index of dim 0
+    if not per:
+        return t.chunks
+    first, last = start // per, (end - 1) // per
+    return tuple(c for c in t.chunks if c.offsets[0] <= last and c.offsets[0] + c.sizes[0] > first)
 
 
 def _tensor(root: Path, meta_path: Path, fqn: str, entry: Record, places: dict, sizes: dict,
