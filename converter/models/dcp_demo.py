@@ -41,9 +41,31 @@ def load_hf(root: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def megatron_tensors(hf: dict[str, torch.Tensor], config: dict, padded_vocab: int, seed: int = 0
-                     ) -> dict[str, torch.Tensor]:
-    """The Hugging Face tensors under Megatron-core torch_dist names (stacked experts, padded vocab)."""
+class LazyHF:
+    """The tensors of an HF checkpoint, each read when asked for (building a multi-GB DCP
+    checkpoint then holds one global tensor at a time besides the rank's own chunks)."""
+
+    def __init__(self, root: Path):
+        from safetensors import safe_open
+
+        self.files = {}
+        for path in sorted(Path(root).glob("*.safetensors")):
+            f = safe_open(str(path), framework="pt")
+            self.files.update({name: f for name in f.keys()})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.files[name].get_tensor(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def keys(self):
+        return self.files.keys()
+
+
+def megatron_tensors(hf, config: dict, padded_vocab: int, seed: int = 0):
+    """(name, tensor) of the Hugging Face tensors under Megatron-core torch_dist names (stacked
+    experts, padded vocabulary), made one at a time."""
     gen = torch.Generator().manual_seed(seed)
     n = config["num_hidden_layers"]
 
@@ -51,10 +73,12 @@ def megatron_tensors(hf: dict[str, torch.Tensor], config: dict, padded_vocab: in
         extra = torch.randn(padded_vocab - t.shape[0], t.shape[1], generator=gen).to(t.dtype)
         return torch.cat([t, extra])
 
-    out = {"embedding.word_embeddings.weight": pad(hf["model.embed_tokens.weight"]),
-           "decoder.final_layernorm.weight": hf["model.norm.weight"], "output_layer.weight": pad(hf["lm_head.weight"])}
+    yield "embedding.word_embeddings.weight", pad(hf["model.embed_tokens.weight"])
+    yield "decoder.final_layernorm.weight", hf["model.norm.weight"]
+    yield "output_layer.weight", pad(hf["lm_head.weight"])
     layers = n + (config.get("num_nextn_predict_layers") or 0)
     for layer in range(layers):
+        out = {}
         p = f"model.layers.{layer}."
         q = f"decoder.layers.{layer}." if layer < n else f"mtp.layers.{layer - n}.transformer_layer."
         a = q + "self_attention."
@@ -86,26 +110,26 @@ def megatron_tensors(hf: dict[str, torch.Tensor], config: dict, padded_vocab: in
             for k in ("enorm.weight", "hnorm.weight", "eh_proj.weight"):
                 out[m + k] = hf[p + k]
             out[m + "final_layernorm.weight"] = hf[p + "shared_head.norm.weight"]
-    return out
+        yield from out.items()
 
 
-def fsdp_tensors(hf: dict[str, torch.Tensor], config: dict, prefix: str) -> dict[str, torch.Tensor]:
-    """The Hugging Face tensors under `prefix`, routed experts fused as in transformers 5."""
-    out, fused = {}, set()
-    for name, t in hf.items():
+def fsdp_tensors(hf, config: dict, prefix: str):
+    """(name, tensor) of the Hugging Face tensors under `prefix`, routed experts fused as in
+    transformers 5."""
+    fused = set()
+    for name in list(hf.keys()):
         m = re.match(r"(model\.layers\.\d+\.mlp\.experts\.)(\d+)\.", name)
         if m is None:
-            out[prefix + name] = t
+            yield prefix + name, hf[name]
             continue
         x = m[1]
         if x in fused:
             continue
         fused.add(x)
         e = config["n_routed_experts"]
-        out[prefix + x + "gate_up_proj"] = torch.stack(
+        yield prefix + x + "gate_up_proj", torch.stack(
             [torch.cat([hf[f"{x}{i}.gate_proj.weight"], hf[f"{x}{i}.up_proj.weight"]]) for i in range(e)])
-        out[prefix + x + "down_proj"] = torch.stack([hf[f"{x}{i}.down_proj.weight"] for i in range(e)])
-    return out
+        yield prefix + x + "down_proj", torch.stack([hf[f"{x}{i}.down_proj.weight"] for i in range(e)])
 
 
 def megatron_chunks(name: str, shape: tuple, ranks: int) -> list[tuple[tuple, tuple, int]]:
@@ -149,9 +173,10 @@ def _megatron_state(rank: int, ranks: int, job: dict) -> dict:
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
     from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
-    tensors = torch.load(job["tensors"], weights_only=True)  # our own temporary file
+    config = json.loads((Path(job["hf"]) / "config.json").read_text())
+    tensors = megatron_tensors(LazyHF(job["hf"]), config, job.get("padded_vocab") or config["vocab_size"])
     state: dict = {}
-    for name, t in tensors.items():
+    for name, t in tensors:
         metas, local = [], []
         for k, (offsets, sizes, owner) in enumerate(megatron_chunks(name, tuple(t.shape), ranks)):
             meta = ShardMetadata(list(offsets), list(sizes), f"rank:{owner}/cpu")
@@ -178,9 +203,9 @@ def _fsdp_state(rank: int, ranks: int, job: dict) -> dict:
     from torch.distributed.tensor import DTensor, Shard
 
     mesh = init_device_mesh("cpu", (ranks,))
-    tensors = torch.load(job["tensors"], weights_only=True)
+    config = json.loads((Path(job["hf"]) / "config.json").read_text())
     state: dict = {}
-    for name, t in tensors.items():
+    for name, t in fsdp_tensors(LazyHF(job["hf"]), config, job.get("prefix", "model_state.model.")):
         parts = torch.chunk(t, ranks, dim=0)
         local = parts[rank] if rank < len(parts) else t[:0]
         state[name] = DTensor.from_local(local.clone(), mesh, [Shard(0)], run_check=False, shape=t.shape,
@@ -193,18 +218,8 @@ def build_dcp_checkpoints(hf_root: str | Path, jobs: list[dict], ranks: int = 2)
     """Write DCP checkpoints from the HF checkpoint in `hf_root`; each job: {"kind": "megatron"
     (with "padded_vocab") or "fsdp" (with "prefix"), "dst": directory}. One group of `ranks`
     gloo processes writes them all."""
-    hf_root = Path(hf_root)
-    hf = load_hf(hf_root)
-    config = json.loads((hf_root / "config.json").read_text())
+    jobs = [dict(job, dst=str(job["dst"]), hf=str(hf_root)) for job in jobs]
     with tempfile.TemporaryDirectory() as tmp:
-        for k, job in enumerate(jobs):
-            if job["kind"] == "megatron":
-                tensors = megatron_tensors(hf, config, job.get("padded_vocab", config["vocab_size"]))
-            else:
-                tensors = fsdp_tensors(hf, config, job.get("prefix", "model_state.model."))
-            job["tensors"] = os.path.join(tmp, f"{k}.pt")
-            torch.save(tensors, job["tensors"])
-            job["dst"] = str(job["dst"])
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
