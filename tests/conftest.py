@@ -35,7 +35,7 @@ def tiny_sources(tmp_path_factory):
 def dcp_sources(tmp_path_factory):
     """DCP training checkpoints written by torch.distributed.checkpoint with 2 gloo ranks (built
     once per session, ~5-15 s), and the HF checkpoint holding the same weights: {"hf", "megatron",
-    "fsdp"}. The HF one is the tiny BF16 model with the MTP layer's embed_tokens and
+    "fsdp", "hf_dcp" (HuggingFaceStorageWriter, distributed: safetensors with DCP_SHARDING_INFO)}. The HF one is the tiny BF16 model with the MTP layer's embed_tokens and
     shared_head.head equal to the main model's (Megatron stores them once). Tests must not modify them."""
     import json
     import shutil
@@ -55,5 +55,6 @@ def dcp_sources(tmp_path_factory):
         if not f.name.endswith((".safetensors", ".index.json")):
             shutil.copy(f, root / "hf" / f.name)
     build_dcp_checkpoints(root / "hf", [{"kind": "megatron", "padded_vocab": 640, "dst": root / "megatron"},
-                                        {"kind": "fsdp", "prefix": "model_state.model.", "dst": root / "fsdp"}])
-    return {"hf": root / "hf", "megatron": root / "megatron", "fsdp": root / "fsdp"}
+                                        {"kind": "fsdp", "prefix": "model_state.model.", "dst": root / "fsdp"},
+                                        {"kind": "hf-dcp", "prefix": "model.", "dst": root / "hf_dcp"}])
+    return {"hf": root / "hf", "megatron": root / "megatron", "fsdp": root / "fsdp", "hf_dcp": root / "hf_dcp"}

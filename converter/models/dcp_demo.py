@@ -8,6 +8,8 @@
   spread over the ranks (expert parallelism), norms and biases written once by rank 0, the
   vocabulary padded, a column chunk of `linear_proj` saved with transposed strides, plus
   `_extra_state`, optimizer, `rng_state` and `common_state` items that a converter must skip.
+- "hf-dcp": the "fsdp" state written by `HuggingFaceStorageWriter(save_distributed=True)`:
+  safetensors per rank with DCP_SHARDING_INFO offsets, no pickle.
 - "fsdp": FSDP2 style, `DTensor`s sharded along dim 0 over the ranks (uneven last shard), the
   Hugging Face names under a wrapper prefix, transformers-5 fused experts
   (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]), optimizer state.
@@ -162,7 +164,12 @@ def _save_rank(rank: int, ranks: int, port: int, jobs: list) -> None:
     try:
         for job in jobs:
             state = _megatron_state(rank, ranks, job) if job["kind"] == "megatron" else _fsdp_state(rank, ranks, job)
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(job["dst"], thread_count=1))
+            if job["kind"] == "hf-dcp":  # Hugging Face DCP: safetensors with DCP_SHARDING_INFO, per rank
+                writer = dcp.HuggingFaceStorageWriter(job["dst"], save_distributed=True)
+                state = {k: v for k, v in state.items() if not k.startswith("optim_state")}
+            else:
+                writer = dcp.FileSystemWriter(job["dst"], thread_count=1)
+            dcp.save(state, storage_writer=writer)
             dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -26,20 +26,35 @@ from pathlib import Path
 import torch
 
 from converter.errors import MappingError, SourceError
-from converter.files import CONFIG_FILE
+from converter.files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from converter.sources.checkpoint import SourceCheckpoint, _read_json
 from converter.sources.dcp_chunks import Chunk, ChunkReader, flat_boxes
-from converter.sources.safetensors import DTYPE_CODES, ITEMSIZE, TensorInfo
+from converter.sources.safetensors import DTYPE_CODES, ITEMSIZE, TensorInfo, read_header
 from converter.sources.unpickle import Record, load_metadata
 
 METADATA_FILE = ".metadata"
+SHARDING_KEY = "DCP_SHARDING_INFO"  # Hugging Face DCP safetensors: {fqn: {"saved_offsets": [...]}}
 WRAPPER_PREFIXES = ("model_state.model.", "dcp.model.", "model.")
 # Not model weights: never read (bytes items are skipped whatever their name).
 _SKIP = re.compile(r"^(optimizer\.|rng_state|common_state|rerun_state_machine)|_extra_state|(^|\.)optim(izer)?_state")
 
 
 def is_dcp(path: str | Path) -> bool:
-    return (Path(path) / METADATA_FILE).is_file()
+    """A PyTorch DCP checkpoint: `.metadata` and .distcp files, or the Hugging Face variant
+    (safetensors files with DCP_SHARDING_INFO and no index)."""
+    return (Path(path) / METADATA_FILE).is_file() or bool(hf_dcp_files(Path(path)))
+
+
+def hf_dcp_files(root: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face DCP checkpoint saved distributed (each rank its
+    own chunks, no index), or [] when `root` is not one."""
+    if not root.is_dir() or (root / INDEX_FILE).exists() or (root / SINGLE_FILE).exists():
+        return []
+    files = sorted(root.glob("*.safetensors")) or sorted((root / "sharded").glob("*.safetensors"))
+    try:
+        return files if files and SHARDING_KEY in read_header(files[0])[1] else []
+    except SourceError:
+        return []
 
 
 @dataclass(frozen=True)
@@ -94,36 +109,25 @@ class DcpCheckpoint(SourceCheckpoint):
     @classmethod
     def open(cls, root: str | Path, config_root: str | Path | None = None) -> "DcpCheckpoint":
         root = Path(root)
+        if config_root is None and (root / CONFIG_FILE).is_file():
+            config_root = root
+        config_root = Path(config_root) if config_root is not None else None
         if config_root is None:
             raise SourceError("a PyTorch DCP checkpoint carries no Hugging Face config.json: pass --config "
                               "HF_DIR (the model the run started from)", file=root)
-        config_root = Path(config_root)
         config_path = config_root / CONFIG_FILE
         if not config_path.is_file():
             raise SourceError("no config.json in the --config directory", file=config_path)
         config = _read_json(config_path)
         config.pop("quantization_config", None)  # training checkpoints hold high-precision weights
-        meta_path = root / METADATA_FILE
-        md = load_metadata(meta_path)
-        state, storage = getattr(md, "state_dict_metadata", None), getattr(md, "storage_data", None)
-        if not isinstance(state, dict) or not isinstance(storage, dict):
-            raise SourceError("Metadata lacks state_dict_metadata or storage_data", file=meta_path)
-        places = {}
-        for key, info in storage.items():
-            fqn, offset = getattr(key, "fqn", None), getattr(key, "offset", None)
-            if isinstance(fqn, str) and isinstance(offset, tuple):
-                places[(fqn, offset)] = info
-        reader, sizes = ChunkReader(), {}
-        tensors: dict[str, DcpTensor] = {}
-        for fqn, entry in state.items():
-            if not isinstance(fqn, str) or _SKIP.search(fqn) or getattr(entry, "kind", "") != "TensorStorageMetadata":
-                continue
-            tensors[fqn] = _tensor(root, meta_path, fqn, entry, places, sizes, reader)
-        if not tensors:
-            raise SourceError("the DCP checkpoint holds no model weights", file=meta_path)
+        reader = ChunkReader()
+        if not (root / METADATA_FILE).is_file():
+            tensors, meta_path = _hf_tensors(root, reader), None
+        else:
+            tensors, meta_path = _pickled_tensors(root, reader), root / METADATA_FILE
         prefix = _wrapper_prefix(list(tensors))
         tensors = {n[len(prefix):]: dataclasses.replace(t, name=n[len(prefix):]) for n, t in tensors.items()}
-        files = [meta_path] + sorted({c.file for t in tensors.values() for c in t.chunks})
+        files = ([meta_path] if meta_path else []) + sorted({c.file for t in tensors.values() for c in t.chunks})
         return cls(root, config, tensors, files, {}, config_root, prefix)
 
     @property
@@ -132,8 +136,9 @@ class DcpCheckpoint(SourceCheckpoint):
 
     @property
     def hashed_files(self) -> list[Path]:
-        """The .metadata only: the .distcp files also hold optimizer state (often twice the weights)."""
-        return self.files[:1]
+        """The .metadata only: the .distcp files also hold optimizer state (often twice the weights).
+        (Hugging Face DCP safetensors hold weights only: all of them.)"""
+        return self.files[:1] if self.files[0].name == METADATA_FILE else self.files
 
     def canonical(self, derivations: dict) -> "DcpCheckpoint":
         """This checkpoint under canonical names: each mapped tensor a byte range of a source tensor."""
@@ -160,6 +165,64 @@ class DcpCheckpoint(SourceCheckpoint):
             out[target] = dataclasses.replace(src, name=target, shape=tuple(new), start=start, end=end,
                                               chunks=_overlapping(src, start, end))
         return dataclasses.replace(self, tensors=out)
+
+
+def _pickled_tensors(root: Path, reader: ChunkReader) -> dict[str, DcpTensor]:
+    """The weights of a `.metadata` + .distcp checkpoint."""
+    meta_path = root / METADATA_FILE
+    md = load_metadata(meta_path)
+    state, storage = getattr(md, "state_dict_metadata", None), getattr(md, "storage_data", None)
+    if not isinstance(state, dict) or not isinstance(storage, dict):
+        raise SourceError("Metadata lacks state_dict_metadata or storage_data", file=meta_path)
+    places = {}
+    for key, info in storage.items():
+        fqn, offset = getattr(key, "fqn", None), getattr(key, "offset", None)
+        if isinstance(fqn, str) and isinstance(offset, tuple):
+            places[(fqn, offset)] = info
+    sizes: dict[Path, int] = {}
+    tensors: dict[str, DcpTensor] = {}
+    for fqn, entry in state.items():
+        if not isinstance(fqn, str) or _SKIP.search(fqn) or getattr(entry, "kind", "") != "TensorStorageMetadata":
+            continue
+        tensors[fqn] = _tensor(root, meta_path, fqn, entry, places, sizes, reader)
+    if not tensors:
+        raise SourceError("the DCP checkpoint holds no model weights", file=meta_path)
+    return tensors
+
+
+def _hf_tensors(root: Path, reader: ChunkReader) -> dict[str, DcpTensor]:
+    """The weights of a Hugging Face DCP checkpoint: each safetensors entry is a chunk at its
+    DCP_SHARDING_INFO `saved_offsets`; the global shape is where the chunks end."""
+    import json
+
+    chunks: dict[str, list[Chunk]] = {}
+    dtypes: dict[str, str] = {}
+    for path in hf_dcp_files(root):
+        infos, meta = read_header(path)
+        try:
+            sharding = json.loads(meta.get(SHARDING_KEY, "{}"))
+        except ValueError as e:
+            raise SourceError(f"{SHARDING_KEY} is not valid JSON: {e}", file=path) from None
+        for name, info in infos.items():
+            offsets = (sharding.get(name) or {}).get("saved_offsets") if isinstance(sharding, dict) else None
+            if not isinstance(offsets, list) or len(offsets) != len(info.shape) or \
+                    not all(isinstance(o, int) and o >= 0 for o in offsets):
+                raise SourceError(f"no usable saved_offsets in {SHARDING_KEY}", file=path, tensor=name)
+            if dtypes.setdefault(name, info.dtype) != info.dtype:
+                raise SourceError(f"chunk is {info.dtype}, another chunk {dtypes[name]}", file=path, tensor=name)
+            chunks.setdefault(name, []).append(Chunk(tuple(offsets), info.shape, path, info.start, info.nbytes,
+                                                     raw=True))
+    tensors = {}
+    for name, cs in chunks.items():
+        if _SKIP.search(name):
+            continue
+        shape = tuple(max(c.offsets[k] + c.sizes[k] for c in cs) for k in range(len(cs[0].sizes)))
+        _check_tiling(cs[0].file, name, shape, cs)
+        nbytes = math.prod(shape) * ITEMSIZE[dtypes[name]]
+        tensors[name] = DcpTensor(name, cs[0].file, dtypes[name], shape, 0, nbytes, name, shape, tuple(cs), reader)
+    if not tensors:
+        raise SourceError("the DCP checkpoint holds no model weights", file=root)
+    return tensors
 
 
 def _overlapping(t: DcpTensor, start: int, end: int) -> tuple[Chunk, ...]:

@@ -35,6 +35,7 @@ class Chunk:
     file: Path
     offset: int
     length: int
+    raw: bool = False  # the record is the bytes themselves, row-major (Hugging Face DCP safetensors)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ class ChunkReader:
             found = self.located.get(key)
         if found is not None:
             return found
+        if chunk.raw:
+            return _Located(chunk.offset, 0, contiguous_strides(chunk.sizes), True)
         members = _zip_members(fd, chunk, tensor)
         pkl_at, pkl_len = _member_data(fd, chunk, members, "data.pkl", tensor)
         if pkl_len > 1 << 20:
