@@ -294,7 +294,8 @@ def build_dcp_source(root: Path, hf_src: Path) -> dict:
     vocab = json.loads((hf_src / "config.json").read_text())["vocab_size"]
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_dcp_checkpoints(hf_src, [{"kind": "megatron", "padded_vocab": -(-vocab // 256) * 256 + 256, "dst": tmp}])
+    build_dcp_checkpoints(hf_src, [{"kind": "megatron", "padded_vocab": -(-vocab // 256) * 256 + 256, "dst": tmp,
+                                           "transposed": False}])  # Megatron saves contiguous chunks
     tmp.rename(root)
     return dcp_facts(root)
 

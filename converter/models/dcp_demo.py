@@ -192,7 +192,7 @@ def _megatron_state(rank: int, ranks: int, job: dict) -> dict:
                 local.append(Shard(t[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))].clone(), meta))
         gmeta = ShardedTensorMetadata(metas, t.shape, TensorProperties(dtype=t.dtype))
         state[name] = ShardedTensor._init_from_local_shards_and_global_metadata(local, gmeta)
-        if name.endswith("self_attention.linear_proj.weight") and rank == 1:
+        if name.endswith("self_attention.linear_proj.weight") and rank == 1 and job.get("transposed", True):
             # a chunk saved from a transposed view (a clone keeps its strides): readers must honour them
             shard = state[name].local_shards()[0]
             shard.tensor = shard.tensor.t().contiguous().t()

@@ -5,7 +5,8 @@ Each chunk is a record (file, offset, length) holding an uncompressed `torch.sav
 central directory gives the members; `data.pkl` (restricted unpickler) gives the chunk's storage
 offset and strides; the raw little-endian bytes of `data/<key>` are read with positioned reads,
 only the part a request needs, straight into the caller's buffer where the layout allows (else
-into a temporary the size of that part, copied with strides).
+into a temporary the size of that part: a column chunk's rows are scattered into their places
+by one `preadv`, a chunk saved with other strides is read run by run in its storage order).
 """
 
 from __future__ import annotations
@@ -56,6 +57,26 @@ def _pread(fd: int, view: memoryview, at: int, file: Path, tensor: str) -> None:
         if n <= 0:
             raise SourceError(f"file ended after {at + got} bytes (truncated .distcp)", file=file, tensor=tensor)
         got += n
+
+
+def _pread_rows(fd: int, views: list[memoryview], at: int, file: Path, tensor: str) -> None:
+    """Fill `views` in order from consecutive file bytes starting at `at` (one scatter read per
+    1024 of them: a column chunk's rows land straight in their places in a row piece)."""
+    i, pos = 0, at
+    while i < len(views):
+        try:
+            n = os.preadv(fd, views[i:i + 1024], pos)
+        except OSError as e:
+            raise SourceError(f"read failed: {e.strerror}", file=file, tensor=tensor) from e
+        if n <= 0:
+            raise SourceError(f"file ended after {pos} bytes (truncated .distcp)", file=file, tensor=tensor)
+        pos += n
+        while n and i < len(views):
+            if n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            else:
+                views[i], n = views[i][n:], 0
 
 
 def _read(fd: int, at: int, n: int, file: Path, tensor: str) -> bytes:
@@ -202,14 +223,39 @@ class ChunkReader:
         first = loc.storage_offset + sum(r * st for r, st in zip(rel, loc.strides))
         last = loc.storage_offset + sum((r + s - 1) * st for r, s, st in zip(rel, shape, loc.strides))
         span = last - first + 1
-        if loc.contiguous and span == dest.numel() and dest.is_contiguous():
+        if loc.contiguous and span == dest.numel() and (dest.is_contiguous() or dest.stride()[-1] == 1):
             at = dest.data_ptr() - dest_buf.data_ptr()
-            view = memoryview(dest_buf.numpy())[at:at + span * itemsize]
-            _pread(fd, view, loc.data + first * itemsize, chunk.file, tensor)
+            whole = memoryview(dest_buf.numpy())
+            if dest.is_contiguous():
+                _pread(fd, whole[at:at + span * itemsize], loc.data + first * itemsize, chunk.file, tensor)
+                return
+            row = shape[-1] * itemsize  # rows of a column chunk: scattered straight into their places
+            starts = torch.zeros((), dtype=torch.int64)
+            for size, stride in zip(dest.shape[:-1], dest.stride()[:-1]):
+                starts = starts[..., None] + torch.arange(size) * stride
+            views = [whole[at + o * itemsize:at + o * itemsize + row] for o in starts.reshape(-1).tolist()]
+            _pread_rows(fd, views, loc.data + first * itemsize, chunk.file, tensor)
             return
-        tmp = torch.empty(span * itemsize, dtype=torch.uint8)
-        _pread(fd, memoryview(tmp.numpy()), loc.data + first * itemsize, chunk.file, tensor)
-        dest.copy_(tmp.view(dtype).as_strided(shape, loc.strides, 0))
+        if loc.contiguous:  # a contiguous span, into a row piece that is not: one copy
+            tmp = torch.empty(span * itemsize, dtype=torch.uint8)
+            _pread(fd, memoryview(tmp.numpy()), loc.data + first * itemsize, chunk.file, tensor)
+            dest.copy_(tmp.view(dtype).view(shape))
+            return
+        # saved with other strides (a clone of a transposed view): read the box's runs along the
+        # stride-1 dim in storage order, exactly its bytes, then put them in place with one copy
+        order = sorted(range(len(shape)), key=lambda k: -loc.strides[k])
+        inner = order[-1]
+        tmp = torch.empty(dest.numel() * itemsize, dtype=torch.uint8)
+        run = shape[inner] * itemsize if loc.strides[inner] == 1 else itemsize
+        starts = torch.full((), first, dtype=torch.int64)
+        for k in order if run == itemsize else order[:-1]:
+            starts = starts[..., None] + torch.arange(shape[k]) * loc.strides[k]
+        whole, pos = memoryview(tmp.numpy()), 0
+        for start in starts.reshape(-1).tolist():
+            _pread(fd, whole[pos:pos + run], loc.data + start * itemsize, chunk.file, tensor)
+            pos += run
+        stored = tmp.view(dtype).view([shape[k] for k in order])
+        dest.copy_(stored.permute([order.index(k) for k in range(len(shape))]))
 
 
 def flat_boxes(shape: tuple[int, ...], e0: int, e1: int) -> list[tuple[int, tuple, tuple]]:
