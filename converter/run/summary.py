@@ -12,7 +12,9 @@ def describe_plan(ckpt: SourceCheckpoint, plan: ConversionPlan, mapping: str, ve
     lines = [f"source: {ckpt.root} ({plan.source_format.value}, mapping {mapping}, "
              f"{len(ckpt.files)} shard(s), {format_size(ckpt.total_bytes)})"]
     for path in ckpt.files:
-        n = sum(1 for i in ckpt.tensors.values() if i.file == path)
+        # a DCP tensor spans files: count the tensors with a chunk in this one
+        n = sum(1 for i in ckpt.tensors.values()
+                if i.file == path or any(c.file == path for c in getattr(i, "chunks", ())))
         lines.append(f"  {path.name}: {n} tensors, {format_size(path.stat().st_size)}")
     r = plan.recipe
     lines.append(f"recipe: {r.name} (target {r.target}, scale rule {r.scale_rule}, MoE layout {r.moe_layout}"

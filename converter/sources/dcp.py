@@ -4,7 +4,9 @@
 optimizer state, RNG state, `_extra_state` or other bytes items, whose bytes are never read),
 strips a wrapper prefix (`model_state.model.`, `dcp.model.`, `model.`), checks that every
 weight's chunks tile it exactly and lie inside their files, and takes `config.json` and the side
-files from the Hugging Face directory given with `--config`.
+files from the Hugging Face directory given with `--config`. The Hugging Face DCP variant
+(per-rank safetensors whose `DCP_SHARDING_INFO` metadata gives each chunk's offsets) is read the
+same way, each safetensors entry being one raw chunk.
 
 Each tensor is a `DcpTensor`: a `TensorInfo` whose [start, end) is a byte range of the global
 tensor flattened row-major, so the planner and the row pieces of `converter.run.pieces` work on
