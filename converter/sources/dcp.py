@@ -18,6 +18,7 @@ whole.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import os
@@ -144,7 +145,7 @@ class DcpCheckpoint(SourceCheckpoint):
 
     def canonical(self, derivations: dict) -> "DcpCheckpoint":
         """This checkpoint under canonical names: each mapped tensor a byte range of a source tensor."""
-        out = {}
+        out, index = {}, {}
         for target, d in derivations.items():
             src = self.tensors[d.sources[0]]
             shape = src.shape
@@ -165,7 +166,7 @@ class DcpCheckpoint(SourceCheckpoint):
                                    "renames and row slices only", tensor=target)
             start, end = src.start + r0 * row_bytes, src.start + r1 * row_bytes
             out[target] = dataclasses.replace(src, name=target, shape=tuple(new), start=start, end=end,
-                                              chunks=_overlapping(src, start, end))
+                                              chunks=_overlapping(src, start, end, index))
         return dataclasses.replace(self, tensors=out)
 
 
@@ -227,16 +228,23 @@ def _hf_tensors(root: Path, reader: ChunkReader) -> dict[str, DcpTensor]:
     return tensors
 
 
-def _overlapping(t: DcpTensor, start: int, end: int) -> tuple[Chunk, ...]:
+def _overlapping(t: DcpTensor, start: int, end: int, index: dict) -> tuple[Chunk, ...]:
     """The chunks of `t` that can hold bytes [start, end) (by their range along dim 0), so reading
-    one expert of a stacked tensor does not look at every other expert's chunks."""
+    one expert of a stacked tensor does not look at every other expert's chunks. `index` caches
+    each tensor's chunks sorted along dim 0 (256 experts x 3 slices each would otherwise scan
+    every chunk of the tensor for every slice)."""
     if not t.global_shape or end <= start:
         return t.chunks
     per = t.nbytes // max(t.global_shape[0], 1)  # bytes per index of dim 0
     if not per:
         return t.chunks
+    if t.fqn not in index:
+        ordered = sorted(t.chunks, key=lambda c: c.offsets[0])
+        index[t.fqn] = ([c.offsets[0] for c in ordered], ordered, max((c.sizes[0] for c in ordered), default=0))
+    offsets, ordered, longest = index[t.fqn]
     first, last = start // per, (end - 1) // per
-    return tuple(c for c in t.chunks if c.offsets[0] <= last and c.offsets[0] + c.sizes[0] > first)
+    lo, hi = bisect.bisect_left(offsets, first - longest + 1), bisect.bisect_right(offsets, last)
+    return tuple(c for c in ordered[lo:hi] if c.offsets[0] + c.sizes[0] > first)
 
 
 def _tensor(root: Path, meta_path: Path, fqn: str, entry: Record, places: dict, sizes: dict,
