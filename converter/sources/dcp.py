@@ -182,7 +182,7 @@ def _pickled_tensors(root: Path, reader: ChunkReader) -> dict[str, DcpTensor]:
         fqn, offset = getattr(key, "fqn", None), getattr(key, "offset", None)
         if isinstance(fqn, str) and isinstance(offset, tuple):
             places[(fqn, offset)] = info
-    sizes: dict[Path, int] = {}
+    sizes: dict[str, tuple[Path, int]] = {}
     tensors: dict[str, DcpTensor] = {}
     for fqn, entry in state.items():
         if not isinstance(fqn, str) or _SKIP.search(fqn) or getattr(entry, "kind", "") != "TensorStorageMetadata":
@@ -271,19 +271,21 @@ def _tensor(root: Path, meta_path: Path, fqn: str, entry: Record, places: dict, 
         if getattr(info, "transform_descriptors", None):
             raise SourceError(f"chunk at {list(offsets)} is stored transformed ({info.transform_descriptors}); "
                               "mxconv reads untransformed records only", file=root / str(rel), tensor=fqn)
-        if not isinstance(rel, str) or not rel or "\x00" in rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        if not isinstance(rel, str) or rel not in sizes and (
+                not rel or "\x00" in rel or Path(rel).is_absolute() or ".." in Path(rel).parts):
             raise SourceError(f"chunk at {list(offsets)} names an unusable file {rel!r}", file=meta_path, tensor=fqn)
         if not isinstance(off, int) or not isinstance(length, int) or off < 0 or length <= 0:
             raise SourceError(f"chunk at {list(offsets)} has a bad record {off!r}+{length!r}", file=root / rel,
                               tensor=fqn)
-        path = root / rel
-        if path not in sizes:
+        if rel not in sizes:  # by name: one Path and one stat per file, not per chunk
+            path = root / rel
             try:
-                sizes[path] = path.stat().st_size
+                sizes[rel] = path, path.stat().st_size
             except OSError as e:
                 raise SourceError(f"data file is missing or unreadable ({e.strerror})", file=path, tensor=fqn) from e
-        if off + length > sizes[path]:
-            raise SourceError(f"chunk at {list(offsets)} ends at byte {off + length} but the file has {sizes[path]} "
+        path, size = sizes[rel]
+        if off + length > size:
+            raise SourceError(f"chunk at {list(offsets)} ends at byte {off + length} but the file has {size} "
                               "(truncated .distcp)", file=path, tensor=fqn)
         chunks.append(Chunk(offsets, csizes, path, off, length))
     _check_tiling(meta_path, fqn, shape, chunks)
