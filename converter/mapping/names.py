@@ -158,7 +158,8 @@ class Mapping:
                     r0 = e * per + j * part
                     if target in out:
                         add("twice", f"{target} (from {', '.join(out[target].sources)} and from {name})")
-                    out[target] = Derivation(target, (name,), "slice", rows=(r0, r0 + part))
+                    else:
+                        out[target] = Derivation(target, (name,), "slice", rows=(r0, r0 + part))
 
         def emit(rule, in_prefix, values, srcs):
             if rule.stacked is not None and not reverse:
