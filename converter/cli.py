@@ -16,6 +16,8 @@ from converter.errors import Interrupted, MxconvError, MxconvWarning
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert DeepSeek V3/V3.2, Kimi K2 and Qwen3-MoE checkpoints to bit-exact MXFP8 for SGLang on Blackwell.")
 
+CONFIG_HELP = ("PyTorch DCP sources: the Hugging Face model directory (config.json, tokenizer) the "
+               "training run started from")
 DEVICE_HELP = "where the numerics run: cpu, cuda (all visible GPUs) or cuda:N; output bytes are identical"
 
 
@@ -41,12 +43,14 @@ _RERUN = "rerun the same command to resume"
 
 @app.command()
 def convert(
-    src: Path = typer.Argument(..., help="source checkpoint directory (Hugging Face layout)"),
+    src: Path = typer.Argument(..., help="source checkpoint directory (Hugging Face layout, or a PyTorch DCP "
+                                         "training checkpoint: Megatron torch_dist, FSDP2)"),
     dst: Path = typer.Argument(..., help="output directory (absent or empty, or an earlier run to resume)"),
     recipe: Optional[str] = typer.Option(None, help="built-in recipe name, a role of the source's family (mxfp8, "
                                                     "trtllm, bf16, ...), or a recipe YAML path; default: the "
                                                     "family's mxfp8 recipe (deepseek_v3_mxfp8, qwen3_moe_mxfp8, ...)"),
     mapping: str = typer.Option("auto", help="source tensor naming: auto, hf, megatron, deepseek, or a YAML path"),
+    config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     workers: Optional[int] = typer.Option(None, min=1, help="jobs computed in parallel (default: one per CPU "
                                                             "core; with --device cuda, two per GPU)"),
@@ -81,14 +85,15 @@ def convert(
             result = run_convert(src, dst, recipe=recipe, mapping=mapping, device=device, workers=workers,
                                  max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run, quiet=quiet,
                                  requantize=True if requantize else None, scale_rule=scale_rule,
-                                 allow_nonfinite=True if allow_nonfinite else None, scale_zero_blocks=scale_zero_blocks)
+                                 allow_nonfinite=True if allow_nonfinite else None, scale_zero_blocks=scale_zero_blocks,
+                                 config=config)
             if dry_run:
                 typer.echo(describe_plan(result.source, result.plan, result.mapping, verbose=True))
                 typer.echo("dry run: nothing written")
                 return
             typer.echo(describe_result(result))
             if verify or push_to:  # a push refuses unverified conversions, so --push-to verifies first
-                _run_verify(src, dst, device=device, workers=workers, quiet=quiet)
+                _run_verify(src, dst, device=device, workers=workers, quiet=quiet, config=config)
             if push_to:
                 _run_push(dst, push_to, quiet=quiet)
         except MxconvError as e:
@@ -122,13 +127,15 @@ def verify(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     workers: Optional[int] = typer.Option(None, min=1, help="DST shards checked in parallel (default: one per "
                                                             "CPU core)"),
+    config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP + " (default: the one the "
+                                                                               "conversion recorded)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Check DST against SRC (coverage, config, bytes, numerics, logits); exit 0 only if every check passes."""
     with _interruptible("verify stopped, no report written; rerun the same command to verify"):
         try:
             _run_verify(src, dst, device=device, workers=workers, quiet=quiet, report_path=report, html_path=html,
-                        logits=logits)
+                        logits=logits, config=config)
         except MxconvError as e:
             _fail(e)
 

@@ -11,6 +11,8 @@ subprocess, so its peak RSS is its own. Prints a table and writes JSON.
     python scripts/bench.py --quick          # small smoke run
     python scripts/bench.py --json out.json --workdir /big/disk --keep
     python scripts/bench.py --ceiling        # no disk in the way: page cache -> tmpfs (bench_ceiling.py)
+    python scripts/bench.py --precisions dcp # Megatron torch_dist (DCP) source built from the BF16 one:
+                                             # mxconv straight from it vs dcp_to_torch_save + export + mxconv
 """
 
 from __future__ import annotations
@@ -245,6 +247,67 @@ model_free_ptq(model_stub=src, save_directory=dst, scheme="MXFP8", ignore=ignore
 """
 
 
+# The route a user has today from a training checkpoint: torch's own dcp_to_torch_save (one
+# process, the whole state dict), then an export to HF-named BF16 safetensors (the Megatron
+# names mapped with mxconv's own mapping), then mxconv on that.
+TWO_STEP_DRIVER = r"""
+import json, shutil, sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from converter.mapping.names import load_mapping, materialize
+src, work, cfg_dir = map(Path, sys.argv[1:4])
+dcp_to_torch_save(src, work / "full.pt")
+state = torch.load(work / "full.pt", mmap=True, weights_only=False)  # written just now, by us
+config = json.loads((cfg_dir / "config.json").read_text())
+weights = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.startswith("optimizer.")}
+plan = load_mapping("megatron").plan({k: tuple(v.shape) for k, v in weights.items()}, config["num_hidden_layers"],
+                                     vocab_size=config["vocab_size"])
+hf = work / "hf"
+hf.mkdir()
+weight_map, shard, size, n = {}, {}, 0, 0
+def flush():
+    global shard, size, n
+    if shard:
+        n += 1
+        save_file(shard, str(hf / f"model-{n:05d}.safetensors"), metadata={"format": "pt"})
+        weight_map.update({k: f"model-{n:05d}.safetensors" for k in shard})
+        shard, size = {}, 0
+for name, d in plan.items():
+    shard[name] = materialize(d, weights.__getitem__)
+    size += shard[name].numel() * shard[name].element_size()
+    if size >= 2 << 30:
+        flush()
+flush()
+(hf / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+for f in cfg_dir.iterdir():
+    if f.is_file() and not f.name.endswith((".safetensors", ".index.json")):
+        shutil.copy(f, hf / f.name)
+"""
+
+
+def build_dcp_source(root: Path, hf_src: Path) -> dict:
+    """A Megatron torch_dist checkpoint (2 gloo ranks, Megatron chunking, vocabulary padded to a
+    multiple of 256) holding the weights of the BF16 source `hf_src`."""
+    from converter.models.dcp_demo import build_dcp_checkpoints
+
+    vocab = json.loads((hf_src / "config.json").read_text())["vocab_size"]
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_dcp_checkpoints(hf_src, [{"kind": "megatron", "padded_vocab": -(-vocab // 256) * 256 + 256, "dst": tmp,
+                                           "transposed": False}])  # Megatron saves contiguous chunks
+    tmp.rename(root)
+    return dcp_facts(root)
+
+
+def dcp_facts(root: Path) -> dict:
+    files = sorted(root.glob("*.distcp"))
+    return {"path": str(root), "bytes": sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
+            "weight_bytes": sum(p.stat().st_size for p in files), "shards": len(files),
+            "largest_shard_bytes": max(p.stat().st_size for p in files)}
+
+
 def find_llmc_python(explicit: str | None) -> tuple[str | None, str]:
     """An interpreter that can import llmcompressor, and why not if none."""
     candidates = [explicit] if explicit else [sys.executable, "/tmp/llmc-venv/bin/python"]
@@ -294,6 +357,14 @@ def plan_runs(args, precision: str, llmc_python: str | None) -> list[dict]:
     """The rows of one precision: what to run and how to name it."""
     mx = [sys.executable, "-m", "converter.cli", "convert"]
     runs = [{"name": "cp -r + sync", "kind": "cp"}]
+    if precision == "dcp":
+        for w in args.workers:
+            runs.append({"name": f"mxconv DCP -> MXFP8, cpu, {w} worker{'s' if w > 1 else ''}", "kind": "mxconv",
+                         "argv": mx + ["--device", "cpu", "--workers", str(w)], "digest_group": "canonical"})
+        w = max(args.workers)
+        runs.append({"name": f"dcp_to_torch_save + HF export + mxconv ({w} workers)", "kind": "two-step",
+                     "workers": w})
+        return runs
     for w in args.workers:
         runs.append({"name": f"mxconv cpu, {w} worker{'s' if w > 1 else ''}", "kind": "mxconv",
                      "argv": mx + ["--device", "cpu", "--workers", str(w)], "digest_group": "canonical"})
@@ -318,15 +389,31 @@ def plan_runs(args, precision: str, llmc_python: str | None) -> list[dict]:
 TRTLLM_RECIPE = "deepseek_v3_mxfp8_trtllm"
 
 
-def run_one(run: dict, src: Path, dst: Path, precision: str) -> dict:
+def run_one(run: dict, src: Path, dst: Path, precision: str, config: Path | None = None) -> dict:
     if run["kind"] == "cp":
         return _timed(["cp", "-r", str(src), str(dst)])
-    if run["kind"] == "llmc":
-        return _timed(run["argv"] + [str(src), str(dst), precision, str(run["workers"])])
     env = dict(os.environ)
     if _PYTHONPATH:
         env["PYTHONPATH"] = _PYTHONPATH + os.pathsep + env.get("PYTHONPATH", "")
-    return _timed(run["argv"] + [str(src), str(dst), "-q"], env=env)
+    if run["kind"] == "two-step":
+        work = dst.with_name(dst.name + "-two-step")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        try:
+            first = _timed([sys.executable, "-c", TWO_STEP_DRIVER, str(src), str(work), str(config)], env=env)
+            if first["returncode"]:
+                return first
+            second = _timed([sys.executable, "-m", "converter.cli", "convert", str(work / "hf"), str(dst), "-q",
+                             "--workers", str(run["workers"])], env=env)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return dict(second, wall_s=round(first["wall_s"] + second["wall_s"], 3),
+                    peak_rss_bytes=max(first["peak_rss_bytes"], second["peak_rss_bytes"]),
+                    cpu_s=first["cpu_s"] + second["cpu_s"], stdout="", first_step_s=first["wall_s"])
+    if run["kind"] == "llmc":
+        return _timed(run["argv"] + [str(src), str(dst), precision, str(run["workers"])])
+    extra = ["--config", str(config)] if config else []
+    return _timed(run["argv"] + [str(src), str(dst), "-q"] + extra, env=env)
 
 
 _CONVERT_TIME = re.compile(r" in ([0-9.]+) s \(")
@@ -383,6 +470,16 @@ def targets(precision: str, facts: dict, summary: list[dict]) -> list[str]:
             speedup = llmc["wall_s"] / best["wall_s"]
             out.append(f"{precision}: {speedup:.1f} x faster than llm-compressor (target >= 5): "
                        f"{'met' if speedup >= 5 else 'NOT met'}")
+    dcp = [s for n, s in by.items() if n.startswith("mxconv DCP")]
+    two = next((s for n, s in by.items() if n.startswith("dcp_to_torch_save")), None)
+    if dcp:
+        best = min(dcp, key=lambda s: s["wall_s"])
+        out.append(f"dcp: best mxconv run {best['ratio_to_cp']:.2f} x cp, peak RSS "
+                   f"{max(s['peak_rss_gb'] for s in dcp):.2f} GB (chunks of {facts['largest_shard_bytes'] / 1e9:.2f} GB "
+                   "files)")
+        if two:
+            out.append(f"dcp: {two['wall_s'] / best['wall_s']:.1f} x faster than dcp_to_torch_save + export + "
+                       f"mxconv ({two['wall_s']:.1f} s, peak RSS {two['peak_rss_gb']:.2f} GB)")
     gpu = [s for n, s in by.items() if n.startswith("mxconv cuda")]
     if gpu:
         g = gpu[0]
@@ -452,7 +549,8 @@ def main() -> int:
     free = shutil.disk_usage(workdir).free
     # every precision's source, and one destination at a time (a copy or a conversion, no bigger
     # than the largest source plus its MXFP8 scales)
-    sizes = [sum(_nbytes(*t[1:]) for t in _stored(config, p)) for p in args.precisions.split(",")]
+    sizes = [sum(_nbytes(*t[1:]) for t in _stored(config, "bf16" if p == "dcp" else p))
+             for p in args.precisions.split(",")]
     need = sum(sizes) + 1.1 * max(sizes)
     if free < need:
         print(f"bench: {workdir} has {free / 1e9:.0f} GB free, needs about {need / 1e9:.0f} GB", file=sys.stderr)
@@ -469,7 +567,19 @@ def main() -> int:
     try:
         for precision in args.precisions.split(","):
             src = workdir / f"src-{precision}" / f"{'quick' if args.quick else 'full'}-{config['num_hidden_layers']}"
-            if (src / INDEX_FILE).exists():
+            hf_src = None
+            if precision == "dcp":  # built from the BF16 source, which also gives --config
+                hf_src = workdir / "src-bf16" / src.name
+                if not (hf_src / INDEX_FILE).exists():
+                    build_source(hf_src, config, "bf16", args.shards)
+                if (src / ".metadata").exists():
+                    facts = dcp_facts(src)
+                else:
+                    t = time.perf_counter()
+                    facts = build_dcp_source(src, hf_src)
+                    print(f"bench: built DCP source, {facts['weight_bytes'] / 1e9:.2f} GB, in "
+                          f"{time.perf_counter() - t:.0f} s", flush=True)
+            elif (src / INDEX_FILE).exists():
                 facts = source_facts(src)
             else:
                 t = time.perf_counter()
@@ -480,7 +590,7 @@ def main() -> int:
             runs = plan_runs(args, precision, llmc_python)
             _prepare(src, dst, drop)
             _warm(src)
-            run_one(runs[0], src, dst, precision)  # warm-up copy, untimed
+            run_one(runs[0], src, dst, precision, hf_src)  # warm-up copy, untimed
             rows: dict[str, list[dict]] = {r["name"]: [] for r in runs}
             digests: dict[str, set[str]] = {}
             for rep in range(args.repeats):
@@ -488,7 +598,7 @@ def main() -> int:
                     if r["kind"] == "llmc" and rep >= args.llmc_repeats:
                         continue
                     _prepare(src, dst, drop)
-                    res = run_one(r, src, dst, precision)
+                    res = run_one(r, src, dst, precision, hf_src)
                     if res["returncode"] == 0 and r.get("digest_group") and rep == 0:
                         digests.setdefault(r["digest_group"], set()).add(output_digest(dst))
                     rows[r["name"]].append(res)

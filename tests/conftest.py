@@ -29,3 +29,32 @@ def tiny_sources(tmp_path_factory):
         "fp8_ue8m0": build_checkpoint(root / "ue8m0", precision="fp8_ue8m0", seed=3),
         "fp8_ue8m0_u8": build_checkpoint(root / "ue8m0_u8", precision="fp8_ue8m0", seed=4, ue8m0_as_uint8=True),
     }
+
+
+@pytest.fixture(scope="session")
+def dcp_sources(tmp_path_factory):
+    """DCP training checkpoints written by torch.distributed.checkpoint with 2 gloo ranks (built
+    once per session, ~5-15 s), and the HF checkpoint holding the same weights: {"hf", "megatron",
+    "fsdp", "hf_dcp" (HuggingFaceStorageWriter, distributed: safetensors with DCP_SHARDING_INFO)}. The HF one is the tiny BF16 model with the MTP layer's embed_tokens and
+    shared_head.head equal to the main model's (Megatron stores them once). Tests must not modify them."""
+    import json
+    import shutil
+
+    from converter.models.dcp_demo import build_dcp_checkpoints, load_hf
+    from converter.models.demo import write_sharded
+
+    root = tmp_path_factory.mktemp("dcp")
+    src = build_checkpoint(root / "hf0", precision="bf16", seed=11)
+    hf = load_hf(src)
+    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    hf[f"model.layers.{n}.embed_tokens.weight"] = hf["model.embed_tokens.weight"].clone()
+    hf[f"model.layers.{n}.shared_head.head.weight"] = hf["lm_head.weight"].clone()
+    (root / "hf").mkdir()
+    write_sharded(root / "hf", hf, 3, True)
+    for f in src.iterdir():
+        if not f.name.endswith((".safetensors", ".index.json")):
+            shutil.copy(f, root / "hf" / f.name)
+    build_dcp_checkpoints(root / "hf", [{"kind": "megatron", "padded_vocab": 640, "dst": root / "megatron"},
+                                        {"kind": "fsdp", "prefix": "model_state.model.", "dst": root / "fsdp"},
+                                        {"kind": "hf-dcp", "prefix": "model.", "dst": root / "hf_dcp"}])
+    return {"hf": root / "hf", "megatron": root / "megatron", "fsdp": root / "fsdp", "hf_dcp": root / "hf_dcp"}

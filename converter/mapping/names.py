@@ -5,6 +5,8 @@ and shapes only, except `materialize`, which cuts or joins tensors the plan name
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -31,7 +33,10 @@ _PROBLEMS = {  # kind of problem -> how to say it of one name, of several
 @dataclass(frozen=True)
 class Derivation:
     """How one tensor is made from others: `rename` (one source), `split` (part `index` of
-    `parts` equal parts of one source along `dim`) or `fuse` (sources concatenated along `dim`)."""
+    `parts` equal parts of one source along `dim`), `fuse` (sources concatenated along `dim`) or
+    `slice` (rows [rows[0], rows[1]) of one source seen as 2-D [all but the last dim, last dim]:
+    one expert of stacked experts, a vocabulary without its padding). `shared`: a copy of
+    another target that the source stores once (never inverted)."""
 
     target: str
     sources: tuple[str, ...]
@@ -39,10 +44,12 @@ class Derivation:
     dim: int = 0
     index: int = 0
     parts: int = 1
+    rows: tuple[int, int] | None = None
+    shared: bool = False
 
     def __post_init__(self):
         want = {"rename": len(self.sources) == 1, "split": len(self.sources) == 1,
-                "fuse": len(self.sources) >= 2}
+                "fuse": len(self.sources) >= 2, "slice": len(self.sources) == 1 and self.rows is not None}
         if not want.get(self.op, False):
             raise MappingError(f"bad derivation {self.op} of {len(self.sources)} source(s)", tensor=self.target)
 
@@ -72,8 +79,9 @@ class Mapping:
     canonical ones, `plan_to_source` the other way, `inverse` undoes a plan."""
 
     def __init__(self, name: str, path: str, rules: list[Rule], prefixes: list[str],
-                 limits: dict[str, int | str], detect: re.Pattern | None):
+                 limits: dict[str, int | str], detect: re.Pattern | None, shared: tuple = ()):
         self.name, self.path, self.rules, self.detect = name, path, tuple(rules), detect
+        self.shared = tuple(shared)
         self.prefixes = tuple(sorted(prefixes, key=len, reverse=True))
         self.limits = dict(limits)
         self._forward = _Matcher([(r, k, t) for r in rules for k, t in enumerate(r.sources)])
@@ -84,9 +92,11 @@ class Mapping:
         return f"Mapping({self.name!r}, {len(self.rules)} rules, from {self.path})"
 
     def plan(self, shapes: MappingOf[str, tuple[int, ...]], num_hidden_layers: int, *,
-             scale_block: int = 128) -> dict[str, Derivation]:
-        """Canonical name -> how to make it from the source tensors named in `shapes`."""
-        return self._build(shapes, num_hidden_layers, scale_block, reverse=False, out_prefix="")
+             scale_block: int = 128, vocab_size: int | None = None) -> dict[str, Derivation]:
+        """Canonical name -> how to make it from the source tensors named in `shapes`. Without
+        `vocab_size`, `rows: vocab_size` rules keep every row."""
+        return self._build(shapes, num_hidden_layers, scale_block, reverse=False, out_prefix="",
+                           vocab_size=vocab_size)
 
     def plan_to_source(self, shapes: MappingOf[str, tuple[int, ...]], num_hidden_layers: int, *,
                        scale_block: int = 128, prefix: str = "") -> dict[str, Derivation]:
@@ -105,6 +115,11 @@ class Mapping:
             out[d.target] = d
 
         for d in derivations.values():
+            if d.shared:
+                continue
+            if d.op == "slice":
+                raise MappingError("cannot invert a row slice (stacked experts, padded vocabulary)", file=self.path,
+                                   tensor=d.target)
             if d.op == "split":
                 pieces.setdefault(d.sources[0], {})[d.index] = d
             for k, s in enumerate(d.sources if d.op != "split" else ()):
@@ -119,8 +134,9 @@ class Mapping:
             put(Derivation(source, tuple(got[j].target for j in range(first.parts)), "fuse", first.dim))
         return out
 
-    def _build(self, shapes, num_hidden_layers, block, reverse, out_prefix) -> dict[str, Derivation]:
-        ctx = {"num_hidden_layers": num_hidden_layers}
+    def _build(self, shapes, num_hidden_layers, block, reverse, out_prefix, vocab_size=None
+               ) -> dict[str, Derivation]:
+        ctx = {"num_hidden_layers": num_hidden_layers, "vocab_size": vocab_size}
         bounds = {v: term_value(str(b), ctx) for v, b in self.limits.items()}
         problems: dict[str, list[str]] = {}  # kind of problem -> the names it concerns
         groups, out = {}, {}
@@ -129,13 +145,34 @@ class Mapping:
         def add(kind: str, item: str):
             problems.setdefault(kind, []).append(item)
 
+        def emit_stacked(rule, values, name):
+            shape = tuple(shapes[name])
+            per = math.prod(shape[1:-1]) if len(shape) >= 3 else 0  # rows of one expert
+            if not per or per % len(rule.targets):
+                return add("shape", f"{name} {list(shape)} is not [experts, rows, columns] with rows in "
+                                    f"{len(rule.targets)} equal parts")
+            part = per // len(rule.targets)
+            for e in range(shape[0]):
+                for j, t in enumerate(rule.targets):
+                    target = t.format({**values, rule.stacked: e}, ctx)
+                    r0 = e * per + j * part
+                    if target in out:
+                        add("twice", f"{target} (from {', '.join(out[target].sources)} and from {name})")
+                    else:
+                        out[target] = Derivation(target, (name,), "slice", rows=(r0, r0 + part))
+
         def emit(rule, in_prefix, values, srcs):
+            if rule.stacked is not None and not reverse:
+                return emit_stacked(rule, values, srcs[0])
             ins, outs = (rule.targets, rule.sources) if reverse else (rule.sources, rule.targets)
             names = [out_prefix + t.format(values, ctx) for t in outs]
             if len(ins) > 1:
                 ds = [Derivation(names[0], srcs, "fuse", rule.dim)]
             elif len(outs) > 1:
                 ds = [Derivation(n, srcs, "split", rule.dim, j, len(outs)) for j, n in enumerate(names)]
+            elif rule.rows and not reverse and ctx[rule.rows] and len(shapes[srcs[0]]) == 2 and \
+                    shapes[srcs[0]][0] > ctx[rule.rows]:  # padded (a shorter one fails the shape check)
+                ds = [Derivation(names[0], srcs, "slice", rows=(0, ctx[rule.rows]))]
             else:
                 ds = [Derivation(names[0], srcs, "rename")]
             weights = rule.weight and [in_prefix + t.format(values, ctx)
@@ -174,6 +211,13 @@ class Mapping:
                 add("partner", f"{', '.join(missing)} (partner of {next(iter(got.values()))})")
             else:
                 emit(rule, in_prefix, values, tuple(got[k] for k in range(len(ins))))
+        for shared in () if reverse else self.shared:
+            for name in shapes:
+                in_prefix = next((p for p in self.prefixes if name.startswith(p)), "")
+                values = shared.when.match(name[len(in_prefix):], ctx)
+                target = values is not None and shared.target.format(values, ctx)
+                if target and shared.same_as in out and target not in out:
+                    out[target] = dataclasses.replace(out[shared.same_as], target=target, shared=True)
         if problems:
             raise MappingError(f"mapping '{self.name}': " + "; ".join(
                 f"{len(v)} {_PROBLEMS[kind][len(v) > 1]}: "
@@ -203,6 +247,8 @@ def _shape_problem(d: Derivation, shapes, weights: list[str] | None, block: int)
 
 def derived_shape(d: Derivation, shapes: MappingOf[str, tuple[int, ...]]) -> tuple[int, ...]:
     shape = list(shapes[d.sources[0]])
+    if d.op == "slice":
+        return (d.rows[1] - d.rows[0], *shape[-1:]) if len(shape) > 1 else (d.rows[1] - d.rows[0],)
     if d.op == "split":
         shape[d.dim] //= d.parts
     elif d.op == "fuse":
@@ -215,6 +261,8 @@ def materialize(d: Derivation, load: Callable[[str], torch.Tensor]) -> torch.Ten
     if d.op == "fuse":
         return torch.cat([load(s) for s in d.sources], dim=d.dim)
     t = load(d.sources[0])
+    if d.op == "slice":
+        return (t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t)[d.rows[0]:d.rows[1]].contiguous()
     if d.op == "split":
         size, rest = divmod(t.shape[d.dim], d.parts)
         if rest:
@@ -233,7 +281,7 @@ def load_mapping(name_or_path: str) -> Mapping:
         if not path.is_file():
             raise MappingError(f"no mapping {name_or_path!r}: use one of {', '.join(BUILTIN)} or a YAML file path")
     spec = read_rule_file(path)
-    return Mapping(spec.name, str(path), spec.rules, spec.prefixes, spec.limits, spec.detect)
+    return Mapping(spec.name, str(path), spec.rules, spec.prefixes, spec.limits, spec.detect, spec.shared)
 
 
 def detect_mapping(names: Iterable[str]) -> str:

@@ -14,12 +14,12 @@ import yaml
 
 from converter.errors import MappingError
 
-CONTEXT_VARS = ("num_hidden_layers",)  # names a rule's {expression} may use besides placeholders
+CONTEXT_VARS = ("num_hidden_layers", "vocab_size")  # names a rule's {expression} may use besides placeholders
 CANONICAL_SCALE = "weight_scale_inv"
-_TOP_KEYS = {"name", "description", "detect", "prefixes", "scale_suffix", "limits", "rulesets", "rules"}
+_TOP_KEYS = {"name", "description", "detect", "prefixes", "scale_suffix", "limits", "rulesets", "rules", "shared"}
 _RULE_KEYS = {
-    "rename": {"op", "source", "target", "scaled", "alternative"},
-    "split": {"op", "source", "targets", "dim", "scaled", "alternative"},
+    "rename": {"op", "source", "target", "scaled", "alternative", "stacked", "rows"},
+    "split": {"op", "source", "targets", "dim", "scaled", "alternative", "stacked"},
     "fuse": {"op", "sources", "target", "dim", "scaled", "alternative"},
     "skip": {"op", "source"},
     "include": {"op", "include", "source", "target"},
@@ -119,6 +119,18 @@ class Rule:
     dim: int = 0
     alternative: bool = False  # an extra source spelling: read, never written by plan_to_source
     weight: "Rule | None" = None  # set on the FP8 scale rule generated from a `scaled` rule
+    stacked: str | None = None  # the source's dim 0 is this placeholder (stacked experts); read only
+    rows: str | None = None  # keep the first (context value) rows: a vocabulary padded for parallelism
+
+
+@dataclass(frozen=True)
+class Shared:
+    """A tensor the source shares instead of storing: for each name matching `when`, `target` is
+    made exactly as the canonical tensor `same_as` is (Megatron's MTP embedding and head)."""
+
+    when: Template
+    target: Template
+    same_as: str
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,7 @@ class RuleFile:
     prefixes: list[str]
     limits: dict[str, int | str]
     detect: re.Pattern
+    shared: tuple[Shared, ...] = ()
 
 
 def read_rule_file(path) -> RuleFile:
@@ -176,8 +189,17 @@ def parse_rule_file(text: str, file: str, stem: str) -> RuleFile:
         if e.file is None:
             fail(e.message)
         raise
+    shared = data.get("shared") or []
+    if not isinstance(shared, list) or not all(isinstance(s, dict) and set(s) == {"when", "target", "same_as"} and
+                                               all(isinstance(v, str) and v for v in s.values()) for s in shared):
+        fail("`shared` must be a list of {when: NAME, target: NAME, same_as: CANONICAL NAME}")
+    try:
+        shared_rules = tuple(Shared(Template(s["when"], "shared"), Template(s["target"], "shared"), s["same_as"])
+                             for s in shared)
+    except MappingError as e:
+        fail(e.message)
     return RuleFile(str(data.get("name", stem)), built, prefixes,
-                    {str(k): v["below"] for k, v in limits.items()}, detect_re)
+                    {str(k): v["below"] for k, v in limits.items()}, detect_re, shared_rules)
 
 
 def _parse_rules(rules, rulesets, scale_suffix, fail) -> list[Rule]:
@@ -232,6 +254,13 @@ def _parse_rule(raw, label, scale_suffix, fail, src_prefix, tgt_prefix) -> list[
             not (len(tgts) >= 2 if op == "split" else len(tgts) == (op != "skip")):
         fail(f"{label}: a {op} rule needs {arity} (non-empty strings), got sources {srcs!r}, targets {tgts!r}")
     dim, scaled, alternative = raw.get("dim", 0), raw.get("scaled", False), raw.get("alternative", False)
+    stacked, rows = raw.get("stacked"), raw.get("rows")
+    if stacked is not None and (not isinstance(stacked, str) or not stacked.isidentifier() or scaled or dim):
+        fail(f"{label}: `stacked` names the placeholder of the source's dim 0 (e.g. e); not with `scaled` "
+             "or a `dim` other than 0")
+    if rows is not None and rows not in CONTEXT_VARS:
+        fail(f"{label}: `rows` must be one of {', '.join(CONTEXT_VARS)}")
+    alternative = alternative or stacked is not None  # read only: plan_to_source never stacks
     if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
         fail(f"{label}: `dim` must be a non-negative integer, not {dim!r}")
     if not isinstance(scaled, bool) or not isinstance(alternative, bool):
@@ -241,14 +270,14 @@ def _parse_rule(raw, label, scale_suffix, fail, src_prefix, tgt_prefix) -> list[
     if op != "skip":
         if any(t.wild for t in sources + targets):
             fail(f"{label}: {{*}} is only allowed in skip rules")
-        tvars = set().union(*(t.vars for t in targets))
+        tvars = set().union(*(t.vars for t in targets)) - {stacked}
         for s in sources:
             if set(s.vars) != tvars:
                 extra, lost = sorted(tvars - set(s.vars)), sorted(set(s.vars) - tvars)
                 fail(f"{label}: " + (f"placeholder(s) {extra} used in target but not in source '{s.text}'" if extra
                                      else f"placeholder(s) {lost} of '{s.text}' missing from the target "
                                           f"(the rule could not be inverted)"))
-    rule = Rule(label, op, sources, targets, dim, alternative)
+    rule = Rule(label, op, sources, targets, dim, alternative, stacked=stacked, rows=rows)
     if not scaled:
         return [rule]
     if op == "skip" or not all(t.text.endswith(".weight") for t in targets) or \

@@ -35,6 +35,8 @@ from converter.version import __version__
 # Manifest keys that may differ between runs of the same conversion: compared file by file.
 SOURCE_KEYS = ("sources", "shard_sources")
 _STAT_FIELDS = ("dev", "ino", "mtime_ns", "ctime_ns")
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+_OTHER_HEADER = 64 * 1024
 
 
 def plan_fingerprint(src: SourceCheckpoint, plan: ConversionPlan, mapping: str, view: CanonicalView) -> dict:
@@ -60,17 +62,22 @@ def shard_sources(plan: ConversionPlan, view: CanonicalView) -> dict[str, list[s
     """Output shard -> the source files (names) its tensors are derived from."""
     out = {}
     for shard in plan.shards:
-        files = {view.ckpt.tensors[s].file.name for job in shard.jobs for name in job.inputs
-                 for s in view.tensors[name].sources}
+        files = {f.name for job in shard.jobs for name in job.inputs for s in view.tensors[name].sources
+                 for f in view.ckpt.tensors[s].files}
         out[shard.name] = sorted(files)
     return out
 
 
 def file_identity(path: Path) -> dict:
+    """Size, sha256 of the safetensors header (of the first 64 KiB for other files: a DCP
+    .metadata or .distcp) and the file system's identity of the file."""
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
         n = int.from_bytes(f.read(8), "little")
-        header = hashlib.sha256(f.read(min(n, st.st_size))).hexdigest()
+        if 8 + n > st.st_size or n > _MAX_HEADER:  # not a safetensors file
+            f.seek(0)
+            n = _OTHER_HEADER
+        header = hashlib.sha256(f.read(n)).hexdigest()
     return {"bytes": st.st_size, "header_sha256": header,
             "stat": {"dev": st.st_dev, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}}
 
@@ -114,7 +121,7 @@ def check_sources(previous: dict, fingerprint: dict, files: dict[str, Path], rec
         elif old.get("bytes") != now["bytes"]:
             check.changed[name] = f"size {old.get('bytes')} -> {now['bytes']} bytes"
         elif old.get("header_sha256") != now["header_sha256"]:
-            check.changed[name] = "its safetensors header differs"
+            check.changed[name] = "its header differs"
         else:
             sha = old.get("sha256") or recorded.get(name)
             moved = [k.removesuffix("_ns") for k in _STAT_FIELDS if (old.get("stat") or {}).get(k) != now["stat"][k]]

@@ -49,11 +49,22 @@ class ConversionResult:
     source_notes: list[str] = field(default_factory=list)  # source files found changed, or unchanged by sha256
 
 
-def open_source(src: str | Path, mapping: str = "auto") -> tuple[SourceCheckpoint, CanonicalView, str]:
-    """The source checkpoint, its canonical view and the name of the mapping used."""
-    ckpt = SourceCheckpoint.open(src)
-    family = ckpt.check_architecture()
+def open_source(src: str | Path, mapping: str = "auto", config: str | Path | None = None
+                ) -> tuple[SourceCheckpoint, CanonicalView, str]:
+    """The source checkpoint, its canonical view and the name of the mapping used. `config`: the
+    Hugging Face directory with config.json and side files (needed for a PyTorch DCP source)."""
     from converter.mapping.names import BUILTIN, detect_mapping, load_mapping
+    from converter.sources.dcp import DcpCheckpoint, is_dcp
+
+    dcp = is_dcp(src)
+    if dcp:
+        ckpt = DcpCheckpoint.open(src, config)
+    elif config is not None:
+        raise MxconvError("--config is for PyTorch DCP sources (a directory with .metadata); this source "
+                          "has its own config.json")
+    else:
+        ckpt = SourceCheckpoint.open(src)
+    family = ckpt.check_architecture()
 
     name = detect_mapping(ckpt.tensors) if mapping == "auto" else mapping
     if name in BUILTIN and name not in family.mappings:
@@ -61,7 +72,11 @@ def open_source(src: str | Path, mapping: str = "auto") -> tuple[SourceCheckpoin
                            f"{family.name}: {', '.join(family.mappings)} (or a mapping YAML file)")
     m = load_mapping(name)
     num_layers = int(ckpt.config.get("num_hidden_layers", 0))
-    derivations = m.plan({n: i.shape for n, i in ckpt.tensors.items()}, num_layers)
+    derivations = m.plan({n: i.shape for n, i in ckpt.tensors.items()}, num_layers,
+                         vocab_size=ckpt.config.get("vocab_size"))
+    if dcp:  # renames and row slices become byte ranges of the source tensors: read as pieces
+        ckpt = ckpt.canonical(derivations)
+        return ckpt, CanonicalView(ckpt, None), m.name
     identity = all(d.op == "rename" and d.sources == (t,) for t, d in derivations.items())
     return ckpt, CanonicalView(ckpt, None if identity else derivations), m.name
 
@@ -76,9 +91,9 @@ def resolve_recipe(recipe: str | Path | Recipe | None, family: Family | None = N
 
 
 def plan_conversion(src: str | Path, *, recipe: str | Path | Recipe | None = None, mapping: str = "auto",
-                    max_shard_size: str | int = "5GB", **recipe_overrides
+                    max_shard_size: str | int = "5GB", config: str | Path | None = None, **recipe_overrides
                     ) -> tuple[SourceCheckpoint, CanonicalView, str, ConversionPlan]:
-    ckpt, view, mapping_name = open_source(src, mapping)
+    ckpt, view, mapping_name = open_source(src, mapping, config)
     r = resolve_recipe(recipe, ckpt.family, **recipe_overrides)
     fmt = ckpt.detect_format(view.tensors)
     check_source_tensors(ckpt, view, fmt, ckpt.family)
@@ -90,13 +105,13 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe | N
             mapping: str = "auto", device: str = "cpu", workers: int | None = None, max_shard_size: str | int = "5GB",
             overwrite: bool = False, dry_run: bool = False, quiet: bool = False, requantize: bool | None = None,
             scale_rule: str | None = None, allow_nonfinite: bool | None = None, hash_sources: bool = True,
-            scale_zero_blocks: str | None = None) -> ConversionResult:
+            scale_zero_blocks: str | None = None, config: str | Path | None = None) -> ConversionResult:
     """Convert the checkpoint in `src` into `dst`; what `mxconv convert` does."""
     if workers is not None and workers < 1:
         raise MxconvError(f"--workers must be at least 1, got {workers}")
     src, dst = Path(src), Path(dst)
     ckpt, view, mapping_name, plan = plan_conversion(
-        src, recipe=recipe, mapping=mapping, max_shard_size=max_shard_size,
+        src, recipe=recipe, mapping=mapping, max_shard_size=max_shard_size, config=config,
         ue8m0_source=None if requantize is None else ("requantize" if requantize else "relayout"),
         scale_rule=scale_rule, allow_nonfinite=allow_nonfinite, scale_zero_blocks=scale_zero_blocks)
     result = ConversionResult(dst, ckpt, plan, mapping_name, dry_run=dry_run)
@@ -107,6 +122,8 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe | N
         from converter.numerics.trtllm_layout import LAYOUT_METADATA as moe_layout
     options = {"device": device, "workers": workers, "max_shard_size": parse_size(max_shard_size),
                "mapping": mapping_name}
+    if config is not None:
+        options["config"] = str(Path(config).resolve())
     return write_checkpoint(result, view, output_config(ckpt.config, plan, moe_layout), device=device,
                             workers=workers, overwrite=overwrite, quiet=quiet, hash_sources=hash_sources,
                             options=options)
@@ -120,7 +137,7 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
     ckpt, plan, dst = result.source, result.plan, result.dst
     devices = resolve_devices(device, workers)
     fingerprint = plan_fingerprint(ckpt, plan, result.mapping, view)
-    state = preflight_destination(ckpt.root, dst, fingerprint, plan, overwrite, ckpt.files)
+    state = preflight_destination(ckpt.root, dst, fingerprint, plan, overwrite, ckpt.files, ckpt.side_root)
     result.source_notes = state.sources.notes()
     if state.sources.stale_shards and state.sources.changed:
         result.source_notes.append(f"{len(state.sources.stale_shards)} of {len(plan.shards)} output shard(s) "
@@ -138,7 +155,7 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
     todo = [s for s in plan.shards if s.name not in state.done_shards]
     result.skipped_shards = len(plan.shards) - len(todo)
     start = time.perf_counter()
-    hasher = SourceHasher(ckpt.files if hash_sources else []).start()
+    hasher = SourceHasher(ckpt.hashed_files if hash_sources else []).start()
     total = sum(j.input_bytes for s in todo for j in s.jobs)
     try:
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
@@ -155,7 +172,7 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
         if moved is not None:
             raise SourceError("changed while it was being converted (its size, mtime or ctime moved); rerun the "
                               "same command when it no longer changes: the shards made from it are redone", file=moved)
-        result.copied_files = copy_side_files(ckpt.root, dst)
+        result.copied_files = copy_side_files(ckpt.side_root, dst)
         write_index_and_config(dst, plan, config)
         record_manifest(dst, fingerprint, hashes)
         write_provenance(dst, ckpt, plan, mapping=result.mapping, source_hashes=hashes, options=options,

@@ -100,7 +100,8 @@ def check_source_tensors(ckpt: SourceCheckpoint, view: CanonicalView, fmt: Sourc
         raise SourceError(f"a {family.name} checkpoint with this config.json has no such tensor (extra tensor, or "
                           "config and weights disagree)", file=t.file, tensor=_label(t))
     if missing:
-        where = ckpt.root / (INDEX_FILE if (ckpt.root / INDEX_FILE).exists() else SINGLE_FILE)
+        where = ckpt.files[0] if ckpt.files and ckpt.files[0].name == ".metadata" else \
+            ckpt.root / (INDEX_FILE if (ckpt.root / INDEX_FILE).exists() else SINGLE_FILE)
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise SourceError(f"missing from the checkpoint{more}, though config.json implies it", file=where,
                           tensor=missing[0])
@@ -155,14 +156,18 @@ def _dir_id(path: Path) -> tuple[int, int] | None:
 
 
 def preflight_destination(src_root: str | Path, dst: str | Path, fingerprint: dict, plan: ConversionPlan,
-                          overwrite: bool, src_files: list[Path] | None = None) -> DestinationState:
+                          overwrite: bool, src_files: list[Path] | None = None,
+                          side_root: str | Path | None = None) -> DestinationState:
     """The destination checks, then what DST already holds, then whether what is left to write
-    fits on its disk. Changes nothing (it may read `src_files`, to tell whether they changed)."""
+    fits on its disk. Changes nothing (it may read `src_files`, to tell whether they changed).
+    `side_root`: where the side files come from (default the source; a DCP source takes them
+    from its --config directory)."""
     check_destination(src_root, dst)
-    state = inspect_destination(Path(dst), fingerprint, plan, overwrite, Path(src_root), src_files)
+    side_root = Path(src_root if side_root is None else side_root)
+    state = inspect_destination(Path(dst), fingerprint, plan, overwrite, side_root, src_files)
     if not state.complete:
         todo = [s for s in plan.shards if s.name not in state.done_shards]
-        side = sum((Path(src_root) / rel).stat().st_size for rel in side_files(Path(src_root)))
+        side = sum((side_root / rel).stat().st_size for rel in side_files(side_root))
         needed = sum(shard_file_size(s) for s in todo) + len(index_bytes(plan)) + side + _CONFIG_SLACK
         check_free_space(Path(dst), needed, state.reclaimable)
     return state

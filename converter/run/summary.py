@@ -11,9 +11,12 @@ from converter.units import format_size
 def describe_plan(ckpt: SourceCheckpoint, plan: ConversionPlan, mapping: str, verbose: bool = False) -> str:
     lines = [f"source: {ckpt.root} ({plan.source_format.value}, mapping {mapping}, "
              f"{len(ckpt.files)} shard(s), {format_size(ckpt.total_bytes)})"]
+    counts: dict = {}
+    for info in ckpt.tensors.values():  # a DCP tensor counts in every file holding one of its chunks
+        for file in {info.file, *(c.file for c in getattr(info, "chunks", ()))}:
+            counts[file] = counts.get(file, 0) + 1
     for path in ckpt.files:
-        n = sum(1 for i in ckpt.tensors.values() if i.file == path)
-        lines.append(f"  {path.name}: {n} tensors, {format_size(path.stat().st_size)}")
+        lines.append(f"  {path.name}: {counts.get(path, 0)} tensors, {format_size(path.stat().st_size)}")
     r = plan.recipe
     lines.append(f"recipe: {r.name} (target {r.target}, scale rule {r.scale_rule}, MoE layout {r.moe_layout}"
                  + (f", UE8M0 sources: {r.ue8m0_source}" if plan.source_format.value == "fp8_ue8m0" else "") + ")")

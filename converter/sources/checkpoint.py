@@ -17,7 +17,8 @@ from converter.errors import SourceError
 from converter.models.family import Family
 from converter.files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from converter.numerics.reference import fp8_block_scale_shape
-from converter.sources.safetensors import TensorInfo, read_header, read_tensor
+from converter.sources.safetensors import TensorInfo, read_header
+from converter.sources.safetensors import read_tensor as _read_safetensors
 
 SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -103,6 +104,16 @@ class SourceCheckpoint:
         return t if str(device) == "cpu" else t.to(device, non_blocking=pin)
 
     @property
+    def side_root(self) -> Path:
+        """Where the tokenizer and other side files come from."""
+        return self.root
+
+    @property
+    def hashed_files(self) -> list[Path]:
+        """The files whose sha256 the provenance records."""
+        return self.files
+
+    @property
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.files)
 
@@ -143,10 +154,17 @@ class SourceCheckpoint:
         Unknown families are refused with the list of supported ones."""
         from converter.models.family import family_of
 
-        family = family_of(self.config, self.root / CONFIG_FILE)
-        family.check_config(self.config, self.root / CONFIG_FILE)
+        family = family_of(self.config, self.side_root / CONFIG_FILE)
+        family.check_config(self.config, self.side_root / CONFIG_FILE)
         self.family = family
         return family
+
+
+def read_tensor(info: TensorInfo, pin: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Every source read goes through here: a safetensors tensor by offset, or a tensor that
+    knows how to read itself (a DCP tensor assembled from its chunks)."""
+    read = getattr(info, "read", None)
+    return _read_safetensors(info, pin=pin, out=out) if read is None else read(pin=pin, out=out)
 
 
 def _weight_file(root: Path, fname: str, index_path: Path) -> Path:

@@ -59,6 +59,11 @@ class TensorInfo:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file the tensor's bytes come from."""
+        return (self.file,)
+
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate one safetensors file's header; returns (tensors, __metadata__)."""

@@ -81,7 +81,7 @@ def _default_recipe(dst: Path) -> Recipe:
 def verify_checkpoint(src: str | Path, dst: str | Path, *, device: str = "cpu", workers: int | None = None,
                       quiet: bool = False, report_path: str | Path | None = None,
                       html_path: str | Path | None = None, logits: bool = False,
-                      thresholds: Thresholds | None = None) -> VerifyReport:
+                      thresholds: Thresholds | None = None, config: str | Path | None = None) -> VerifyReport:
     """Check DST against SRC (what `mxconv verify` does); `report.passed` says whether all checks passed."""
     from converter.run.pipeline import plan_conversion
 
@@ -98,8 +98,12 @@ def verify_checkpoint(src: str | Path, dst: str | Path, *, device: str = "cpu", 
     devices = resolve_devices(device, workers)
     report = VerifyReport(src, dst, thresholds or Thresholds())
     recipe, mapping = _expected_recipe(dst, report)
+    if config is None:  # a DCP source: the --config directory the conversion recorded
+        recorded, _ = read_json(dst / PROVENANCE_FILE)
+        options = (recorded or {}).get("options") if isinstance(recorded, dict) else None
+        config = options.get("config") if isinstance(options, dict) and (src / ".metadata").is_file() else None
     try:
-        ckpt, view, mapping_name, plan = plan_conversion(src, recipe=recipe, mapping=mapping)
+        ckpt, view, mapping_name, plan = plan_conversion(src, recipe=recipe, mapping=mapping, config=config)
     except MxconvError as e:
         raise VerifyError(f"cannot plan the expected conversion from the source: {e}") from None
     report.recipe, report.source_format, report.mapping = recipe.name, plan.source_format.value, mapping_name
