@@ -92,3 +92,12 @@ class MxconvProcess:
 
 def run_mxconv(argv: list, logdir: Path, timeout: float = 120) -> Result:
     return MxconvProcess(argv, logdir).wait(timeout)
+
+
+def reference_conversion(src, root: Path, shard: str) -> Path:
+    """An uninterrupted `mxconv convert SRC DST -q --max-shard-size SHARD`, the bytes every
+    interrupted-then-resumed run must end with."""
+    dst = Path(root) / "dst"
+    result = run_mxconv(["convert", src, dst, "-q", "--max-shard-size", shard], Path(root) / "logs")
+    assert result.returncode == 0, result.stderr
+    return dst

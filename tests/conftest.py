@@ -58,3 +58,18 @@ def dcp_sources(tmp_path_factory):
                                         {"kind": "fsdp", "prefix": "model_state.model.", "dst": root / "fsdp"},
                                         {"kind": "hf-dcp", "prefix": "model.", "dst": root / "hf_dcp"}])
     return {"hf": root / "hf", "megatron": root / "megatron", "fsdp": root / "fsdp", "hf_dcp": root / "hf_dcp"}
+
+
+@pytest.fixture(params=["native", "torch"])
+def backend(request, monkeypatch):
+    """A fast-path test runs twice: on the compiled kernels and on the torch ones (what CUDA
+    tensors and machines without a C compiler use)."""
+    from converter.numerics import kernels, native
+
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "_native", lambda device: None)
+    elif native._compiler() is None:
+        pytest.skip("no C compiler here: mxconv uses the torch kernels")
+    else:
+        assert native.load() is not None, "the compiled kernels did not build"
+    return request.param

@@ -13,7 +13,16 @@ import pickle
 import pytest
 import torch
 from cli_process import run_mxconv
-from mutate import INDEX, clone, edit_header, edit_json, edit_tensors, file_of, put_nan, replace_file
+from mutate import (
+    INDEX,
+    clone,
+    edit_header,
+    edit_json,
+    edit_tensors,
+    file_of,
+    put_nan,
+    replace_file,
+)
 
 import converter.run.pipeline
 from converter.errors import SourceError

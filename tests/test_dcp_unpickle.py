@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed._shard.sharded_tensor.metadata import TensorProperties as OldProperties
+from torch.distributed._shard.sharded_tensor.metadata import (
+    TensorProperties as OldProperties,
+)
 from torch.distributed.checkpoint.metadata import Metadata
 
 from converter.errors import SourceError

@@ -16,8 +16,12 @@ from reference import reference_fp8_dequant, reference_mxfp8
 
 import converter
 from converter.errors import NumericsError
-from converter.numerics import kernels, native
-from converter.numerics.dispatch import dequantize_fp8_block, quantize_mxfp8, requantize_fp8_block
+from converter.numerics import kernels
+from converter.numerics.dispatch import (
+    dequantize_fp8_block,
+    quantize_mxfp8,
+    requantize_fp8_block,
+)
 from converter.run import direct_io, pieces
 from converter.run.writer import ShardWriter
 from converter.sources.safetensors import PlannedTensor, build_header
@@ -38,17 +42,6 @@ def _adversarial_bf16(n: int, k: int, seed: int) -> torch.Tensor:
     xb[rows] = torch.where(torch.isfinite(bits[rows]), bits[rows], torch.zeros_like(bits[rows]))
     return xb
 
-
-@pytest.fixture(params=["native", "torch"])
-def backend(request, monkeypatch):
-    """Each fast-path test runs twice: on the compiled kernels and on the torch ones."""
-    if request.param == "torch":
-        monkeypatch.setattr(kernels, "_native", lambda device: None)
-    elif native._compiler() is None:
-        pytest.skip("no C compiler here: mxconv uses the torch kernels")
-    else:
-        assert native.load() is not None, "the compiled kernels did not build"
-    return request.param
 
 
 @pytest.mark.parametrize("rule", ["rceil", "floor"])

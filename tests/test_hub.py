@@ -19,7 +19,12 @@ from safetensors.torch import save_file
 from converter.errors import HubError, OutputError
 from converter.files import INDEX_FILE, PROVENANCE_FILE, STATE_DIR, VERIFY_REPORT_FILE
 from converter.hub.modelcard import render_model_card, sglang_command, write_model_card
-from converter.hub.push import hub_errors, list_upload_files, plan_commits, push_checkpoint
+from converter.hub.push import (
+    hub_errors,
+    list_upload_files,
+    plan_commits,
+    push_checkpoint,
+)
 
 TOKEN = "hf_" + "A1b2C3d4E5" * 4  # looks like a real token, so scrubbing is exercised too
 BAD_TOKEN = "hf_" + "Zz9Yy8Xx7W" * 4

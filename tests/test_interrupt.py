@@ -9,10 +9,15 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_process import MxconvProcess, run_mxconv
+from cli_process import MxconvProcess, reference_conversion, run_mxconv
 from test_reliability import assert_same_tree, finished_shards, leftovers
 
-from converter.files import MANIFEST_FILE, PROVENANCE_FILE, STATE_DIR, VERIFY_REPORT_FILE
+from converter.files import (
+    MANIFEST_FILE,
+    PROVENANCE_FILE,
+    STATE_DIR,
+    VERIFY_REPORT_FILE,
+)
 from converter.run.output import incomplete_reason
 
 SHARD = "100KB"  # the tiny FP8 checkpoint becomes about 40 output shards
@@ -25,10 +30,7 @@ def src(tiny_sources):
 
 @pytest.fixture(scope="module")
 def reference(src, tmp_path_factory):
-    dst = tmp_path_factory.mktemp("reference") / "dst"
-    result = run_mxconv(["convert", src, dst, "-q", "--max-shard-size", SHARD], dst.parent / "logs")
-    assert result.returncode == 0, result.stderr
-    return dst
+    return reference_conversion(src, tmp_path_factory.mktemp("reference"), SHARD)
 
 
 def test_sigint_during_convert_says_so_exits_130_and_the_rerun_resumes(src, reference, tmp_path):

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from converter.errors import MappingError
-from converter.mapping.names import BUILTIN, Derivation, derived_shape, detect_mapping, load_mapping, materialize
+from converter.mapping.names import (
+    BUILTIN,
+    Derivation,
+    derived_shape,
+    detect_mapping,
+    load_mapping,
+    materialize,
+)
 
 LAYERS = 61  # DeepSeek V3 num_hidden_layers; layer 61 is the MTP layer
 

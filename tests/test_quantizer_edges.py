@@ -6,9 +6,15 @@ import torch
 from reference import reference_mxfp8
 
 from converter.errors import NumericsError
-from converter.numerics.dispatch import dequantize_mxfp8, quantize_mxfp8, requantize_fp8_block
+from converter.numerics.dispatch import (
+    dequantize_mxfp8,
+    quantize_mxfp8,
+    requantize_fp8_block,
+)
 from converter.numerics.reference import quantize_mxfp8 as reference_quantize_mxfp8
-from converter.numerics.reference import requantize_fp8_block as reference_requantize_fp8_block
+from converter.numerics.reference import (
+    requantize_fp8_block as reference_requantize_fp8_block,
+)
 
 # name: (first values of a 32-element block, rest zero), rule, expected scale byte, expected codes
 # Derivations: byte e means scale 2^(e-127); codes are e4m3 bit patterns (sign|eeee|mmm, bias 7).
@@ -82,17 +88,6 @@ def test_scale_byte_zero_blocks(case, scale_zero):
     ref_q, ref_s = reference_mxfp8(x, "rceil", scale_zero)
     assert torch.equal(ref_q, q.view(torch.uint8)) and torch.equal(ref_s, s)
 
-
-@pytest.fixture(params=["native", "torch"])
-def backend(request, monkeypatch):
-    """The compiled kernels, or the torch ones (what CUDA tensors use)."""
-    from converter.numerics import kernels, native
-
-    if request.param == "torch":
-        monkeypatch.setattr(kernels, "_native", lambda device: None)
-    elif native.load() is None:
-        pytest.skip("no compiled kernels here")
-    return request.param
 
 
 def test_flush_changes_only_scale_zero_blocks_mixed_with_others(backend):

@@ -18,12 +18,19 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_process import MxconvProcess, run_mxconv
+from cli_process import MxconvProcess, reference_conversion, run_mxconv
 from mutate import clone, edit_tensors, put_nan, replace_file
 
 import converter.run.output
 from converter.errors import NonFiniteWarning, OutputError
-from converter.files import CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, PROVENANCE_FILE, STATE_DIR, VERIFY_REPORT_FILE
+from converter.files import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    PROVENANCE_FILE,
+    STATE_DIR,
+    VERIFY_REPORT_FILE,
+)
 from converter.hub.push import check_publishable
 from converter.run.output import incomplete_reason
 from converter.run.pipeline import convert
@@ -75,10 +82,7 @@ def src(tiny_sources):
 @pytest.fixture(scope="module")
 def reference(src, tmp_path_factory):
     """An uninterrupted run of the command line."""
-    dst = tmp_path_factory.mktemp("reference") / "dst"
-    result = run_mxconv(["convert", src, dst, "-q", "--max-shard-size", SHARD], dst.parent / "logs")
-    assert result.returncode == 0, result.stderr
-    return dst
+    return reference_conversion(src, tmp_path_factory.mktemp("reference"), SHARD)
 
 
 def test_kill_9_at_random_moments_then_resume_is_byte_identical(src, reference, tmp_path):
