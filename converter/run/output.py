@@ -107,7 +107,7 @@ def inspect_destination(dst: Path, fingerprint: dict, plan: ConversionPlan, over
                 raise OutputError(_refusal(dst, previous, fingerprint), file=dst)
             _check_clearable(dst)
             return DestinationState(set(), False, clear=True, reclaimable=_tree_bytes(dst))
-        done = {s.name for s in plan.shards if _shard_is_done(dst / s.name, s)}
+        done = {s.name for s in plan.shards if shard_is_done(dst / s.name, s)}
         leftovers = _leftovers(dst)
         complete = (len(done) == len(plan.shards) and _finished(dst, plan)
                     and (src_root is None or _side_files_present(src_root, dst)))
@@ -185,7 +185,7 @@ def _read_manifest(dst: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _shard_is_done(path: Path, shard: ShardPlan) -> bool:
+def shard_is_done(path: Path, shard: ShardPlan) -> bool:
     """Finished shards were renamed into place only after a complete, fsynced write; a name that
     exists with the planned size and the planned header is one of them."""
     header, _ = build_header(shard.tensors)

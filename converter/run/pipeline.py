@@ -6,7 +6,10 @@ last, so an interrupted run never looks complete, and rerunning the same call re
 
 from __future__ import annotations
 
+import functools
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +47,7 @@ class ConversionResult:
     already_complete: bool = False
     dry_run: bool = False
     copied_files: list[str] = field(default_factory=list)
+    cluster: dict | None = None  # --ray: nodes, tasks, tasks moved off lost nodes
 
 
 def open_source(src: str | Path, mapping: str = "auto") -> tuple[SourceCheckpoint, CanonicalView, str]:
@@ -58,6 +62,11 @@ def open_source(src: str | Path, mapping: str = "auto") -> tuple[SourceCheckpoin
     derivations = m.plan({n: i.shape for n, i in ckpt.tensors.items()}, num_layers)
     identity = all(d.op == "rename" and d.sources == (t,) for t, d in derivations.items())
     return ckpt, CanonicalView(ckpt, None if identity else derivations), m.name
+
+
+def open_view(src: str, mapping: str) -> CanonicalView:
+    """The canonical view alone: how each node of a Ray cluster opens the source again."""
+    return open_source(src, mapping)[1]
 
 
 def resolve_recipe(recipe: str | Path | Recipe, **overrides) -> Recipe:
@@ -79,11 +88,19 @@ def plan_conversion(src: str | Path, *, recipe: str | Path | Recipe = DEFAULT_RE
 def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe = DEFAULT_RECIPE,
             mapping: str = "auto", device: str = "cpu", workers: int | None = None, max_shard_size: str | int = "5GB",
             overwrite: bool = False, dry_run: bool = False, quiet: bool = False, requantize: bool | None = None,
-            scale_rule: str | None = None, allow_nonfinite: bool | None = None, hash_sources: bool = True) -> ConversionResult:
-    """Convert the checkpoint in `src` into `dst`; what `mxconv convert` does."""
+            scale_rule: str | None = None, allow_nonfinite: bool | None = None, hash_sources: bool = True,
+            ray: str | None = None) -> ConversionResult:
+    """Convert the checkpoint in `src` into `dst`; what `mxconv convert` does. `ray`: run it on
+    a Ray cluster ("auto", "local", or an address; see run/cluster.py)."""
     if workers is not None and workers < 1:
         raise MxconvError(f"--workers must be at least 1, got {workers}")
     src, dst = Path(src), Path(dst)
+    if ray is not None:  # the nodes see the same paths, not the same working directory
+        src, dst = Path(os.path.abspath(src)), Path(os.path.abspath(dst))
+        from converter.mapping.names import BUILTIN
+
+        if mapping != "auto" and mapping not in BUILTIN:  # a YAML file
+            mapping = os.path.abspath(mapping)
     ckpt, view, mapping_name, plan = plan_conversion(
         src, recipe=recipe, mapping=mapping, max_shard_size=max_shard_size,
         ue8m0_source=None if requantize is None else ("requantize" if requantize else "relayout"),
@@ -96,36 +113,54 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe = D
         from converter.numerics.trtllm_layout import LAYOUT_METADATA as moe_layout
     options = {"device": device, "workers": workers, "max_shard_size": parse_size(max_shard_size),
                "mapping": mapping_name}
+    opener = functools.partial(open_view, str(src), mapping_name if mapping == "auto" else mapping)
     return write_checkpoint(result, view, output_config(ckpt.config, plan, moe_layout), device=device,
                             workers=workers, overwrite=overwrite, quiet=quiet, hash_sources=hash_sources,
-                            options=options)
+                            options=options, ray=ray, opener=opener)
 
 
 def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict, *, device: str,
                      workers: int | None, overwrite: bool, quiet: bool, hash_sources: bool, options: dict,
-                     origin: dict | None = None) -> ConversionResult:
+                     origin: dict | None = None, ray: str | None = None, opener=None) -> ConversionResult:
     """Execute a plan into result.dst: shards (resumable), side files, index and config, then the
-    provenance file that marks the checkpoint complete. Shared by convert and unshuffle."""
+    provenance file that marks the checkpoint complete. Shared by convert and unshuffle. With
+    `ray`, the shards are written by the nodes of a Ray cluster, each opening the source with
+    `opener()` (a picklable callable that returns the canonical view)."""
     ckpt, plan, dst = result.source, result.plan, result.dst
-    devices = resolve_devices(device, workers)
+    if ray is None:
+        devices = resolve_devices(device, workers)
+        cluster = nullcontext()
+    else:  # the devices are the nodes': only the name is checked here
+        from converter.run.cluster import check_device, connect, run_on_cluster
+
+        check_device(device)
+        cluster = connect(ray)
     fingerprint = plan_fingerprint(ckpt, plan, result.mapping)
     state = preflight_destination(ckpt.root, dst, fingerprint, plan, overwrite)
     if state.complete:
         result.already_complete = True
         result.skipped_shards = len(plan.shards)
         return result
-    prepare_destination(dst, fingerprint, state)
-    todo = [s for s in plan.shards if s.name not in state.done_shards]
-    result.skipped_shards = len(plan.shards) - len(todo)
-    start = time.perf_counter()
-    hasher = SourceHasher(ckpt.files if hash_sources else []).start()
-    total = sum(j.input_bytes for s in todo for j in s.jobs)
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
-              desc="convert", dynamic_ncols=True) as bar:
-        execute(todo, view, dst, plan.recipe, devices, bar.update, reading=hasher.release)
+    with cluster as ray_api:  # connected before DST is touched: a wrong address changes nothing
+        prepare_destination(dst, fingerprint, state)
+        todo = [s for s in plan.shards if s.name not in state.done_shards]
+        result.skipped_shards = len(plan.shards) - len(todo)
+        start = time.perf_counter()
+        if ray is None:
+            hasher = SourceHasher(ckpt.files if hash_sources else []).start()
+            total = sum(j.input_bytes for s in todo for j in s.jobs)
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
+                      desc="convert", dynamic_ncols=True) as bar:
+                execute(todo, view, dst, plan.recipe, devices, bar.update, reading=hasher.release)
+            hashes = hasher.result()
+        else:
+            hashes, result.cluster = run_on_cluster(ray_api, todo, view, ckpt, opener, fingerprint, dst, plan.recipe,
+                                                    device=device, workers=workers, hash_sources=hash_sources,
+                                                    quiet=quiet)
+            options = dict(options, ray=ray)
     result.copied_files = copy_side_files(ckpt.root, dst)
     write_index_and_config(dst, plan, config)
-    write_provenance(dst, ckpt, plan, mapping=result.mapping, source_hashes=hasher.result(), options=options,
+    write_provenance(dst, ckpt, plan, mapping=result.mapping, source_hashes=hashes, options=options,
                      origin=origin)
     result.seconds = time.perf_counter() - start
     return result
