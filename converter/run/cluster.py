@@ -157,10 +157,12 @@ def _start_checks(ray, nodes: dict[str, dict], spec: SourceSpec, dst: str, token
         spec, dst, token): nid for nid in nodes}
 
 
-def _check_problems(ray, ref, node: dict) -> list[tuple[str, str]]:
-    """(kind, text) of what is wrong with a node, from its check task."""
+def _check_problems(ray, ref, node: dict) -> list[tuple[str, str]] | None:
+    """(kind, text) of what is wrong with a node, from its check task; None: the node is gone."""
     try:
         answer = ray.get(ref, timeout=0)
+    except ray.exceptions.TaskUnschedulableError:  # pinned to a node that no longer exists
+        return None
     except ray.exceptions.RayError as e:
         cause = getattr(e, "cause", None) or e
         return [("node", f"{_label(node)} cannot run mxconv: {type(cause).__name__}: {str(cause).splitlines()[0]}")]
@@ -170,17 +172,28 @@ def _check_problems(ray, ref, node: dict) -> list[tuple[str, str]]:
                        for p in answer["problems"]]
 
 
-def check_nodes(ray, nodes: dict[str, dict], spec: SourceSpec, dst: str, token: Token) -> None:
-    """Every node sees SRC and DST as the driver does, or an error that names each that does not."""
+def check_nodes(ray, nodes: dict[str, dict], spec: SourceSpec, dst: str, token: Token) -> dict[str, dict]:
+    """The nodes still there, once every one is found to see SRC and DST as the driver does; or
+    an error that names each that does not."""
     refs = _start_checks(ray, nodes, spec, dst, token)
     ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=_CHECK_TIMEOUT)
-    problems = [p for ref in ready for p in _check_problems(ray, ref, nodes[refs[ref]])]
+    problems, gone = [], set()
+    for ref in ready:
+        found = _check_problems(ray, ref, nodes[refs[ref]])
+        if found is None:
+            gone.add(refs[ref])
+        else:
+            problems += found
     problems += [("node", f"{_label(nodes[refs[ref]])} did not answer within {_CHECK_TIMEOUT:.0f} s") for ref in late]
     if problems:
         kinds = {k for k, _ in problems}
         error = OutputError if "destination" in kinds else SourceError if kinds == {"source"} else MxconvError
         raise error(f"not every node of the Ray cluster sees SRC and DST as the driver does (every node needs them "
                     f"at the same paths, on a shared file system): {'; '.join(text for _, text in problems)}")
+    nodes = {nid: n for nid, n in nodes.items() if nid not in gone}
+    if not nodes:
+        raise MxconvError("every node of the Ray cluster was lost before the conversion could start")
+    return nodes
 
 
 def _task_result(ray, ref, where: str) -> dict:
@@ -208,7 +221,7 @@ def run_on_cluster(ray, todo: list[ShardPlan], view, ckpt: SourceCheckpoint, ope
     token = Token(f"cluster-{uuid.uuid4().hex}.tmp", uuid.uuid4().hex)
     write_bytes_atomic(token.path(dst), token.value.encode())
     try:
-        check_nodes(ray, nodes, spec, str(dst), token)
+        nodes = check_nodes(ray, nodes, spec, str(dst), token)
         groups = make_groups(todo, GROUPS_PER_NODE * len(nodes)) if todo else []
         owned, rest = hash_owners(groups, view, ckpt) if hash_sources else ([[] for _ in groups], [])
         return _dispatch(ray, nodes, groups, owned, rest, spec, token, str(dst), recipe, device, workers, quiet)
@@ -272,7 +285,9 @@ def _dispatch(ray, nodes, groups, owned, rest, spec, token, dst, recipe, device,
                     result = _task_result(ray, ref, _label(seen[nid]))
                     hashes.update(result["hashes"])
                     info["ran_on"].add(result["node"])
-                    info["moved"] += result["node"] != nid
+                    if result["node"] != nid:  # Ray ran it again elsewhere: its worker or node was lost
+                        info["moved"] += 1
+                        _lost(seen[nid], info, f"its task ran again on node {result['node'][:8]}")
             for ref in hash_refs:
                 hashes.update(_task_result(ray, ref, "a node"))
             bar.n = total
@@ -294,8 +309,7 @@ def _follow_nodes(ray, device, nodes, load, seen, checking, spec, dst, token, in
     nodes that joined get it once they pass the same check as the others."""
     alive = _usable(ray, device)
     for nid in [n for n in nodes if n not in alive]:
-        info["lost_nodes"].append(_label(nodes[nid]))
-        warnings.warn(MxconvWarning(f"{_label(nodes[nid])} was lost; Ray runs its task on another node"))
+        _lost(nodes[nid], info, "Ray runs its task on another node")
         del nodes[nid]
         load.pop(nid, None)
     for nid, node in alive.items():
@@ -305,11 +319,19 @@ def _follow_nodes(ray, device, nodes, load, seen, checking, spec, dst, token, in
     for ref in ray.wait(list(checking), num_returns=len(checking), timeout=0)[0] if checking else []:
         nid = checking.pop(ref)
         problems = _check_problems(ray, ref, seen[nid])
+        if problems is None:
+            continue
         if problems:
             warnings.warn(MxconvWarning(f"not using a node that joined: {'; '.join(t for _, t in problems)}"))
         elif nid in alive:
             nodes[nid], load[nid] = seen[nid], 0
             info["nodes"] += 1
+
+
+def _lost(node: dict, info: dict, what: str) -> None:
+    if _label(node) not in info["lost_nodes"]:
+        info["lost_nodes"].append(_label(node))
+        warnings.warn(MxconvWarning(f"{_label(node)} was lost; {what}"))
 
 
 def _show(ray, board, bar, total: int) -> None:
