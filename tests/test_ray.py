@@ -21,17 +21,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from cli_process import MxconvProcess
+from mutate import clone, edit_tensors, put_nan
 from test_mapping_convert import MEGATRON_ABSENT, rename_checkpoint
 
-from converter.errors import MxconvError, OutputError
+from converter.errors import MxconvError, NumericsError, OutputError
 from converter.files import PROVENANCE_FILE, STATE_DIR
 from converter.run.cluster import make_groups
+from converter.run.cluster_node import ProgressBoard, _Reporter
 from converter.run.pipeline import convert
 from converter.run.unshuffle import unshuffle
 
@@ -50,8 +53,12 @@ class SimulatedCluster:
         from ray.cluster_utils import Cluster
 
         self.ray, self.tmp = ray, tmp
+        with socket.socket() as s:  # a free port for the Ray Client server (ray:// addresses)
+            s.bind(("127.0.0.1", 0))
+            self.client_port = s.getsockname()[1]
         self.cluster = Cluster(initialize_head=True, head_node_args=dict(
-            num_cpus=0, include_dashboard=False, object_store_memory=80 * MB, _system_config=FAST_DEATH))
+            num_cpus=0, include_dashboard=False, object_store_memory=80 * MB, _system_config=FAST_DEATH,
+            ray_client_server_port=self.client_port))
         self.workers = [self.add() for _ in range(2)]
         ray.init(address=self.cluster.address, log_to_driver=False)
 
@@ -117,6 +124,17 @@ def test_cluster_conversion_is_byte_identical(cluster, tiny_sources, plain, tmp_
     assert result.cluster["ran_on"] == 2 and result.cluster["tasks"] >= 4
     same_conversion(tmp_path / "dst", want)
     assert json.loads((tmp_path / "dst" / PROVENANCE_FILE).read_text())["options"]["ray"] == "auto"
+
+
+def test_command_line_through_a_ray_client_address(cluster, tiny_sources, plain, tmp_path):
+    src = tiny_sources["fp8"]
+    want = plain("fp8-deepseek_v3_mxfp8", src, recipe="deepseek_v3_mxfp8")
+    result = MxconvProcess(["convert", src, tmp_path / "dst", "--max-shard-size", SHARD, "--ray",
+                            f"ray://127.0.0.1:{cluster.client_port}"], tmp_path / "logs").wait(180)
+    assert result.returncode == 0, result.stderr
+    assert "on 2 Ray node(s)" in result.stdout
+    assert "3.44M/3.44M" in result.stderr  # one progress bar, in source bytes, for the whole cluster
+    same_conversion(tmp_path / "dst", want)
 
 
 def test_megatron_names_and_unshuffle_on_the_cluster(cluster, tiny_sources, plain, tmp_path):
@@ -210,6 +228,48 @@ def test_node_that_does_not_see_the_destination_is_named(cluster, tiny_sources, 
     for node in cluster.workers:  # the nodes that see it are not blamed
         assert node.node_id[:8] not in str(e.value)
     assert not list(dst.glob("*.safetensors")) and not (dst / PROVENANCE_FILE).exists()
+
+
+def test_error_in_a_task_names_the_file_tensor_and_node(cluster, tiny_sources, tmp_path):
+    """A NaN in a source tensor stops the run with the one-machine error, the node added; DST
+    is left resumable, without a marker or temporary files."""
+    src = clone(tiny_sources["fp8"], tmp_path / "src")
+    edit_tensors(src, put_nan("model.layers.2.mlp.experts.3.up_proj.weight"))
+    dst = tmp_path / "dst"
+    with pytest.raises(NumericsError, match=r"file .*model-0000\d-of-00003.safetensors, tensor "
+                                            r"model.layers.2.mlp.experts.3.up_proj.weight: .*\(on node "):
+        convert(src, dst, max_shard_size=SHARD, quiet=True, ray="auto")
+    assert not (dst / PROVENANCE_FILE).exists()
+    assert not [p for p in dst.rglob("*") if p.suffix in (".partial", ".tmp")]
+
+
+def test_unreachable_address_fails_fast(monkeypatch, tmp_path, tiny_sources):
+    pytest.importorskip("ray")
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process
+    start = time.monotonic()
+    with pytest.raises(MxconvError, match=r"no Ray cluster answers at [\d.]+:9\b"):
+        convert(tiny_sources["fp8"], tmp_path / "dst", ray="127.0.0.1:9")
+    assert time.monotonic() - start < 30
+    assert not (tmp_path / "dst").exists()
+
+
+def test_progress_board_counts_a_retried_task_once():
+    board = ProgressBoard()
+
+    class Remote:  # what a task holds: an actor handle, whose calls it does not wait for
+        set = type("Method", (), {"remote": staticmethod(board.set)})
+
+    first = _Reporter(Remote, "group-3", 0)
+    for _ in range(4):
+        first.add(10)
+    first.send()
+    assert board.total() == 40
+    retry = _Reporter(Remote, "group-3", 25)  # its node was lost; the retry skips a finished shard
+    retry.add(15)
+    retry.send()
+    assert board.total() == 40
 
 
 def test_without_ray_the_option_says_how_to_install_it(tiny_sources, tmp_path, monkeypatch, capsys):

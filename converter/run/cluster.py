@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 import uuid
 import warnings
@@ -70,6 +71,8 @@ def connect(address: str):
     if ray.is_initialized():
         yield ray
         return
+    if address != "local":
+        _check_reachable(address)
     try:
         if address == "local":
             ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
@@ -81,6 +84,29 @@ def connect(address: str):
         yield ray
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds where nothing listens at the address (ray.init would retry for minutes),
+    e.g. `auto` finding the address file of a cluster that is gone."""
+    where = address.split("://", 1)[1] if "://" in address else address
+    try:
+        if "://" not in address:
+            from ray._private.services import canonicalize_bootstrap_address_or_die
+
+            where = canonicalize_bootstrap_address_or_die(address)
+        host, _, port = where.rpartition(":")
+        port = int(port)
+    except ConnectionError as e:  # `auto` and no cluster on this machine
+        raise MxconvError(f"no Ray cluster found for --ray {address}: {e}") from None
+    except Exception:  # an address form (or a Ray version) this does not know: ray.init decides
+        return
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as e:
+        found = f" (the address --ray {address} found)" if where != address else ""
+        raise MxconvError(f"no Ray cluster answers at {where}{found}: {e.strerror or e}; start one (`ray start "
+                          "--head`) or give the address of a running one") from None
 
 
 def check_device(device: str) -> None:
@@ -224,7 +250,12 @@ def run_on_cluster(ray, todo: list[ShardPlan], view, ckpt: SourceCheckpoint, ope
         nodes = check_nodes(ray, nodes, spec, str(dst), token)
         groups = make_groups(todo, GROUPS_PER_NODE * len(nodes)) if todo else []
         owned, rest = hash_owners(groups, view, ckpt) if hash_sources else ([[] for _ in groups], [])
-        return _dispatch(ray, nodes, groups, owned, rest, spec, token, str(dst), recipe, device, workers, quiet)
+        hashes, info = _dispatch(ray, nodes, groups, owned, rest, spec, token, str(dst), recipe, device, workers, quiet)
+        missing = [s.name for s in todo if not shard_is_done(dst / s.name, s)]
+        if missing:  # cannot happen with one shared DST; never finish without them
+            raise OutputError(f"the nodes reported {len(missing)} shard(s) written that this machine does not see in "
+                              f"DST, e.g. {missing[0]}: DST must be one directory shared by every node", file=dst)
+        return hashes, info
     finally:
         token.path(dst).unlink(missing_ok=True)
         for path in (dst / STATE_DIR).glob("*.partial"):  # what tasks on lost nodes left behind
