@@ -5,15 +5,16 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from converter.errors import MxconvError, MxconvWarning
+from converter.errors import Interrupted, MxconvError, MxconvWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Convert DeepSeek V3 checkpoints to bit-exact MXFP8 for SGLang on Blackwell.")
+                  help="Convert DeepSeek V3/V3.2, Kimi K2 and Qwen3-MoE checkpoints to bit-exact MXFP8 for SGLang on Blackwell.")
 
 DEVICE_HELP = "where the numerics run: cpu, cuda (all visible GPUs) or cuda:N; output bytes are identical"
 RAY_HELP = ("write the shards on the nodes of a Ray cluster that share SRC and DST at the same paths: auto (the "
@@ -26,11 +27,28 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(1)
 
 
+@contextmanager
+def _interruptible(default: str):
+    """Ctrl-C: one line saying what is kept and how to go on (the command's own `Interrupted`
+    message, else `default`), exit status 130, no traceback. (typer would exit 130 silently.)"""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        message = e.message if isinstance(e, Interrupted) else default
+        typer.echo(f"mxconv: interrupted: {message}", err=True)
+        raise typer.Exit(130) from None
+
+
+_RERUN = "rerun the same command to resume"
+
+
 @app.command()
 def convert(
     src: Path = typer.Argument(..., help="source checkpoint directory (Hugging Face layout)"),
     dst: Path = typer.Argument(..., help="output directory (absent or empty, or an earlier run to resume)"),
-    recipe: str = typer.Option("deepseek_v3_mxfp8", help="built-in recipe name or path to a recipe YAML"),
+    recipe: Optional[str] = typer.Option(None, help="built-in recipe name, a role of the source's family (mxfp8, "
+                                                    "trtllm, bf16, ...), or a recipe YAML path; default: the "
+                                                    "family's mxfp8 recipe (deepseek_v3_mxfp8, qwen3_moe_mxfp8, ...)"),
     mapping: str = typer.Option("auto", help="source tensor naming: auto, hf, megatron, deepseek, or a YAML path"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     workers: Optional[int] = typer.Option(None, min=1, help="jobs computed in parallel (default: one per CPU "
@@ -40,6 +58,9 @@ def convert(
                                     help="UE8M0 FP8 sources: dequantize and requantize with the recipe's scale "
                                          "rule instead of the lossless re-layout"),
     scale_rule: Optional[str] = typer.Option(None, help="override the recipe's scale rule: rceil or floor"),
+    scale_zero_blocks: Optional[str] = typer.Option(None, help="override the recipe's values of blocks with scale "
+                                                               "byte 0: exact (TransformerEngine >= 2.13, default) "
+                                                               "or flush (signed zeros: TE <= 2.12, torchao 0.18)"),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
                                          help="quantize NaN/Inf instead of failing (Inf saturates, NaN stays)"),
     overwrite: bool = typer.Option(False, "--overwrite",
@@ -56,32 +77,39 @@ def convert(
         from converter.sources.hashing import start_early
 
         start_early(src)
-    from converter.run.pipeline import convert as run_convert
-    from converter.run.summary import describe_plan, describe_result
+    with _interruptible(_RERUN):
+        from converter.run.pipeline import convert as run_convert
+        from converter.run.summary import describe_plan, describe_result
 
-    try:
-        result = run_convert(src, dst, recipe=recipe, mapping=mapping, device=device, workers=workers,
-                             max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run, quiet=quiet,
-                             requantize=True if requantize else None, scale_rule=scale_rule,
-                             allow_nonfinite=True if allow_nonfinite else None, ray=ray)
-        if dry_run:
-            typer.echo(describe_plan(result.source, result.plan, result.mapping, verbose=True))
-            typer.echo("dry run: nothing written")
-            return
-        typer.echo(describe_result(result))
-        if verify or push_to:  # a push refuses unverified conversions, so --push-to verifies first
-            _run_verify(src, dst, device=device, workers=workers, quiet=quiet)
-        if push_to:
-            _run_push(dst, push_to, quiet=quiet)
-    except MxconvError as e:
-        _fail(e)
+        try:
+            result = run_convert(src, dst, recipe=recipe, mapping=mapping, device=device, workers=workers,
+                                 max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run, quiet=quiet,
+                                 requantize=True if requantize else None, scale_rule=scale_rule,
+                                 allow_nonfinite=True if allow_nonfinite else None, scale_zero_blocks=scale_zero_blocks,
+                                 ray=ray)
+            if dry_run:
+                typer.echo(describe_plan(result.source, result.plan, result.mapping, verbose=True))
+                typer.echo("dry run: nothing written")
+                return
+            typer.echo(describe_result(result))
+            if verify or push_to:  # a push refuses unverified conversions, so --push-to verifies first
+                _run_verify(src, dst, device=device, workers=workers, quiet=quiet)
+            if push_to:
+                _run_push(dst, push_to, quiet=quiet)
+        except MxconvError as e:
+            _fail(e)
 
 
 def _run_verify(src: Path, dst: Path, **kwargs) -> None:
     from converter.verify.report import format_summary
     from converter.verify.runner import verify_checkpoint
 
-    report = verify_checkpoint(src, dst, **kwargs)
+    try:
+        report = verify_checkpoint(src, dst, **kwargs)
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted):
+            raise
+        raise Interrupted("verify stopped, no report written; rerun the same command to verify") from None
     typer.echo(format_summary(report))
     if not report.passed:
         raise typer.Exit(1)
@@ -102,11 +130,12 @@ def verify(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Check DST against SRC (coverage, config, bytes, numerics, logits); exit 0 only if every check passes."""
-    try:
-        _run_verify(src, dst, device=device, workers=workers, quiet=quiet, report_path=report, html_path=html,
-                    logits=logits)
-    except MxconvError as e:
-        _fail(e)
+    with _interruptible("verify stopped, no report written; rerun the same command to verify"):
+        try:
+            _run_verify(src, dst, device=device, workers=workers, quiet=quiet, report_path=report, html_path=html,
+                        logits=logits)
+        except MxconvError as e:
+            _fail(e)
 
 
 @app.command()
@@ -162,11 +191,12 @@ def push(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Upload DST to the Hugging Face Hub with a model card (resumable; re-runs upload only what is missing)."""
-    try:
-        _run_push(dst, repo_id, private=private, revision=revision, token=token, commit_message=commit_message,
-                  dry_run=dry_run, force=force, quiet=quiet)
-    except MxconvError as e:
-        _fail(e)
+    with _interruptible("rerun the same command to resume: files already on the Hub are skipped"):
+        try:
+            _run_push(dst, repo_id, private=private, revision=revision, token=token, commit_message=commit_message,
+                      dry_run=dry_run, force=force, quiet=quiet)
+        except MxconvError as e:
+            _fail(e)
 
 
 @app.command()
@@ -184,37 +214,41 @@ def unshuffle(
     from converter.run.summary import describe_result
     from converter.run.unshuffle import unshuffle as run_unshuffle
 
-    try:
-        result = run_unshuffle(src, dst, device=device, workers=workers, max_shard_size=max_shard_size,
-                               overwrite=overwrite, quiet=quiet, ray=ray)
-        typer.echo(describe_result(result))
-    except MxconvError as e:
-        _fail(e)
+    with _interruptible(_RERUN):
+        try:
+            result = run_unshuffle(src, dst, device=device, workers=workers, max_shard_size=max_shard_size,
+                                   overwrite=overwrite, quiet=quiet, ray=ray)
+            typer.echo(describe_result(result))
+        except MxconvError as e:
+            _fail(e)
 
 
 @app.command()
 def demo(
     directory: Path = typer.Argument(Path("mxconv-demo"), help="where to build the tiny checkpoint and its conversion"),
+    family: str = typer.Option("deepseek_v3", help="model family: deepseek_v3, deepseek_v32, kimi_k2, qwen3_moe"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Build a tiny DeepSeek V3 checkpoint (no download), convert it to MXFP8, verify it, summarize."""
-    from converter.models.demo import build_checkpoint
+    """Build a tiny checkpoint of a model family (no download), convert it to MXFP8, verify it, summarize."""
+    from converter.models.demo import build_checkpoint, describe_tiny
+    from converter.models.family import load_family
     from converter.run.pipeline import convert as run_convert
     from converter.run.summary import describe_result
 
-    try:
-        src, dst = directory / "source-bf16", directory / "mxfp8"
-        build_checkpoint(src)
-        typer.echo(f"built a tiny DeepSeek V3 checkpoint in {src}: 3 decoder layers (1 dense, 2 MoE with 4 routed "
-                   "experts + 1 shared) and an MTP layer, real tensor names, 3 shards with weights split from their "
-                   "partners")
-        result = run_convert(src, dst, device=device, overwrite=True, quiet=quiet, max_shard_size="1MB")
-        typer.echo(describe_result(result))
-        _run_verify(src, dst, device=device, quiet=True)
-        typer.echo(f"next: mxconv inspect {dst}   |   mxconv convert YOUR_DEEPSEEK_V3 OUT --dry-run")
-    except MxconvError as e:
-        _fail(e)
+    with _interruptible("rerun the same command to start the demo again"):
+        try:
+            fam = load_family(family)
+            src, dst = directory / "source-bf16", directory / "mxfp8"
+            build_checkpoint(src, family=fam.name)
+            typer.echo(f"built a tiny {fam.description} checkpoint in {src}: {describe_tiny(fam)}, real tensor names, "
+                       "3 shards with weights split from their partners")
+            result = run_convert(src, dst, device=device, overwrite=True, quiet=quiet, max_shard_size="1MB")
+            typer.echo(describe_result(result))
+            _run_verify(src, dst, device=device, quiet=True)
+            typer.echo(f"next: mxconv inspect {dst}   |   mxconv convert YOUR_CHECKPOINT OUT --dry-run")
+        except MxconvError as e:
+            _fail(e)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

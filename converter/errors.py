@@ -61,6 +61,16 @@ class VerifyError(MxconvError):
     """A verification could not run at all (as opposed to a check that failed)."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a command after it had cleaned up; `message` says, in a few words,
+    what is kept and how to go on (the CLI prints `mxconv: interrupted: MESSAGE` and exits 130).
+    A KeyboardInterrupt, so code that catches that still does."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
 class MxconvWarning(UserWarning):
     """Something the user asked for but should hear about; the CLI prints `mxconv: warning: ...`."""
 

@@ -49,12 +49,18 @@ def scale_bytes(amax: np.ndarray, rule: str) -> np.ndarray:
     return np.where(amax == 0, 0, np.clip(log2 + 127, 0, 254)).astype(np.uint8)
 
 
-def reference_mxfp8(x: torch.Tensor, rule: str = "rceil") -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 e4m3 codes [..., K], uint8 scale bytes [..., K/32])."""
+def reference_mxfp8(x: torch.Tensor, rule: str = "rceil", scale_zero: str = "exact"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 e4m3 codes [..., K], uint8 scale bytes [..., K/32]). Values are multiplied by
+    2^(127 - byte), except, with scale_zero "flush" (TransformerEngine <= 2.12), by 1 where the
+    byte is 0."""
     v = x.to(torch.float64).numpy()
     blocks = v.reshape(*v.shape[:-1], v.shape[-1] // 32, 32)
     s = scale_bytes(np.abs(blocks).max(axis=-1), rule)
-    scaled = blocks * np.exp2(127.0 - s.astype(np.float64))[..., None]
+    multiplier = np.exp2(127.0 - s.astype(np.float64))
+    if scale_zero == "flush":
+        multiplier = np.where(s == 0, 1.0, multiplier)
+    scaled = blocks * multiplier[..., None]
     return torch.from_numpy(e4m3_codes(scaled).reshape(v.shape)), torch.from_numpy(s)
 
 

@@ -141,6 +141,7 @@ def test_keep_first_and_last_layers_in_bf16(tiny_sources, tmp_path):
     ("name: x\ntarget: int4\n", "target must be one of"),
     ("name: x\ntarget: mxfp8\nquantize: ['*']\nscale_rule: nearest\n", "scale_rule"),
     ("name: x\ntarget: mxfp8\nquantize: ['*']\nkeep_first_layers: -1\n", "keep_first_layers"),
+    ("name: x\ntarget: mxfp8\nquantize: ['*']\nscale_zero_blocks: zero\n", "scale_zero_blocks must be 'exact'"),
     ("[1, 2]\n", "mapping"),
 ])
 def test_bad_recipes_are_rejected(tmp_path, body, message):
@@ -148,6 +149,41 @@ def test_bad_recipes_are_rejected(tmp_path, body, message):
     path.write_text(body)
     with pytest.raises(RecipeError, match=message):
         load_recipe(path)
+
+
+def test_scale_zero_blocks_flush_from_the_command_line(tiny_sources, tmp_path):
+    """--scale-zero-blocks flush (TransformerEngine <= 2.12): the blocks of a weight row scaled
+    down to scale byte 0 become signed zeros; the default keeps x * 2^127; nothing else differs."""
+    from mutate import clone, edit_tensors
+
+    name = "model.layers.1.mlp.experts.2.down_proj.weight"
+    src = clone(tiny_sources["bf16"], tmp_path / "src")
+
+    def tiny_row(tensors):  # called for each shard
+        if name in tensors:
+            tensors[name][5] = (tensors[name][5].float() * 2.0**-125).to(torch.bfloat16)
+
+    edit_tensors(src, tiny_row)
+    outs = {}
+    for mode in ("exact", "flush"):
+        dst = tmp_path / mode
+        proc = subprocess.run([sys.executable, "-m", "converter.cli", "convert", str(src), str(dst), "-q",
+                               "--scale-zero-blocks", mode], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        outs[mode] = load_all(dst)
+        recipe = read_json(dst / "mxconv.json")["recipe"]
+        assert recipe.get("scale_zero_blocks", "exact") == mode
+    exact, flush = outs["exact"], outs["flush"]
+    assert torch.equal(exact[name + "_scale_inv"], flush[name + "_scale_inv"])
+    assert exact[name + "_scale_inv"][5].eq(0).all()
+    x = load_all(src)[name]
+    assert torch.equal(flush[name].view(torch.uint8)[5], torch.signbit(x[5]).to(torch.uint8) << 7)
+    assert bool((exact[name].view(torch.uint8)[5] & 0x7F).ne(0).any())
+    for key in exact:
+        if key != name:
+            assert same_bytes(exact[key], flush[key]), key
+    assert torch.equal(exact[name].view(torch.uint8)[torch.arange(len(x)) != 5],
+                       flush[name].view(torch.uint8)[torch.arange(len(x)) != 5])
 
 
 def test_dry_run_writes_nothing(tiny_sources, tmp_path):

@@ -395,3 +395,33 @@ def test_existing_readme_is_kept(tmp_path):
 
 def test_sglang_command_without_mxfp8():
     assert sglang_command("m", config={}) == "python3 -m sglang.launch_server \\\n  --model-path m \\\n  --tp-size 8"
+
+
+def test_ctrl_c_during_push_says_so_and_the_rerun_resumes(hub, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+    from typer.testing import CliRunner
+
+    from converter.cli import app
+
+    dst = make_dst(tmp_path)
+    real, calls = HfApi.upload_folder, []
+
+    def upload_folder(self, **kwargs):
+        calls.append(kwargs)
+        if len(calls) == 2:  # Ctrl-C during the second commit (the metadata, after the shards)
+            raise KeyboardInterrupt
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    result = CliRunner().invoke(app, ["push", str(dst), REPO, "-q"])
+    assert result.exit_code == 130
+    assert result.stderr == ("mxconv: interrupted: 1 of 2 commit(s) pushed (3 of 9 file(s)); rerun the same "
+                             "command to resume: files already there are skipped\n")
+    assert "Traceback" not in result.output
+    assert set(hub.files(REPO)) == {".gitattributes", *SHARDS}  # nothing that looks loadable: no config yet
+    again = CliRunner().invoke(app, ["push", str(dst), REPO, "-q"])
+    assert again.exit_code == 0, again.output
+    assert "3 already there" in again.stdout
+    assert_repo_matches(hub, dst)

@@ -99,3 +99,13 @@ def test_every_module_has_a_docstring_and_is_not_too_long():
         text = path.read_text()
         assert ast.get_docstring(ast.parse(text)), f"{name} has no module docstring"
         assert len(text.splitlines()) <= MAX_LINES, f"{name} has {len(text.splitlines())} lines"
+
+
+def test_every_subpackage_is_installed():
+    """pyproject.toml lists packages by name: a new stage folder missing there would be left out of
+    the wheel (and out of a non-editable install) while the tests, run from the checkout, pass."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    present = {_module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    assert present <= listed, f"not in pyproject.toml's packages: {sorted(present - listed)}"

@@ -6,7 +6,9 @@ import torch
 from reference import reference_mxfp8
 
 from converter.errors import NumericsError
-from converter.numerics.dispatch import dequantize_mxfp8, quantize_mxfp8
+from converter.numerics.dispatch import dequantize_mxfp8, quantize_mxfp8, requantize_fp8_block
+from converter.numerics.reference import quantize_mxfp8 as reference_quantize_mxfp8
+from converter.numerics.reference import requantize_fp8_block as reference_requantize_fp8_block
 
 # name: (first values of a 32-element block, rest zero), rule, expected scale byte, expected codes
 # Derivations: byte e means scale 2^(e-127); codes are e4m3 bit patterns (sign|eeee|mmm, bias 7).
@@ -35,6 +37,111 @@ EDGE_CASES = {
     # mixed signs: amax 2 -> d = 2^-7.8 rounds up to 2^-7; -2 * 2^7 = -256 (0xF8), 0.25 * 2^7 = 32 (0x60)
     "mixed_signs": ([-2.0, 2.0, -0.25, 0.25], "rceil", 120, [0xF8, 0x78, 0xE0, 0x60]),
 }
+
+
+# Blocks with scale byte 0 (amax <= 448 * 2^-127, BF16 bits <= 0x0460; see SPEC section 3): one value
+# x followed by 31 zeros. name: (BF16 bits of x, (scale, code) with scale_zero_blocks "exact" =
+# TransformerEngine >= 2.13 = x * 2^127 rounded, (scale, code) with "flush" = TE <= 2.12 and
+# torchao 0.18 = x * 1 rounded: a signed zero).
+SCALE_ZERO_CASES = {
+    # 2^-130 * 2^127 = 2^-3 = 0x20 | 2^-130 * 1 rounds to +0
+    "two_to_minus_130": (0x0008, (0, 0x20), (0, 0x00)),
+    "minus_two_to_minus_130": (0x8008, (0, 0xA0), (0, 0x80)),
+    # the smallest BF16 subnormal 2^-133 -> 2^-6 = 0x08 | +0
+    "min_subnormal": (0x0001, (0, 0x08), (0, 0x00)),
+    "minus_min_subnormal": (0x8001, (0, 0x88), (0, 0x80)),
+    # 448 * 2^-127 = 1.75 * 2^-119: d = 2^-127 exactly, still byte 0; x * 2^127 = 448 = 0x7E | +0
+    "amax_448_times_2_to_minus_127": (0x0460, (0, 0x7E), (0, 0x00)),
+    "minus_448_times_2_to_minus_127": (0x8460, (0, 0xFE), (0, 0x80)),
+    # the next BF16 above, 1.7578125 * 2^-119: d > 2^-127 rounds up to 2^-126, byte 1 under both rules;
+    # x * 2^126 = 225 -> 224 (0x76)
+    "next_above": (0x0461, (1, 0x76), (1, 0x76)),
+    # 2^-127 -> 1.0 = 0x38 | +0; 2^-120 -> 2^7 = 0x70 | +0
+    "two_to_minus_127": (0x0040, (0, 0x38), (0, 0x00)),
+    "two_to_minus_120": (0x0380, (0, 0x70), (0, 0x00)),
+    # amax 0: byte 0 and signed zeros under both rules
+    "plus_zero": (0x0000, (0, 0x00), (0, 0x00)),
+    "minus_zero": (0x8000, (0, 0x80), (0, 0x80)),
+    # 448 * 2^-126 = 2^-118 * 1.75: d = 2^-126, a normal float32, byte 1 under both: 448 = 0x7E
+    "amax_448_times_2_to_minus_126": (0x04E0, (1, 0x7E), (1, 0x7E)),
+}
+
+
+@pytest.mark.parametrize("scale_zero", ["exact", "flush"])
+@pytest.mark.parametrize("case", sorted(SCALE_ZERO_CASES))
+def test_scale_byte_zero_blocks(case, scale_zero):
+    bits, exact, flush = SCALE_ZERO_CASES[case]
+    want_scale, want_code = exact if scale_zero == "exact" else flush
+    x = torch.zeros(1, 32, dtype=torch.int16)
+    x[0, 0] = bits - (1 << 16) if bits & 0x8000 else bits
+    x = x.view(torch.bfloat16)
+    for quantize in (quantize_mxfp8, reference_quantize_mxfp8):  # fast kernels + post-pass, and the reference
+        q, s = quantize(x, "rceil", scale_zero=scale_zero)
+        assert s.tolist() == [[want_scale]]
+        assert q.view(torch.uint8)[0].tolist() == [want_code] + [0] * 31
+    ref_q, ref_s = reference_mxfp8(x, "rceil", scale_zero)
+    assert torch.equal(ref_q, q.view(torch.uint8)) and torch.equal(ref_s, s)
+
+
+@pytest.fixture(params=["native", "torch"])
+def backend(request, monkeypatch):
+    """The compiled kernels, or the torch ones (what CUDA tensors use)."""
+    from converter.numerics import kernels, native
+
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "_native", lambda device: None)
+    elif native.load() is None:
+        pytest.skip("no compiled kernels here")
+    return request.param
+
+
+def test_flush_changes_only_scale_zero_blocks_mixed_with_others(backend):
+    """A tensor with scale-0 blocks (subnormal values of both signs) among ordinary ones: FLUSH
+    zeroes exactly the values of the scale-0 blocks, keeping their signs, in every path."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 256, generator=gen)
+    x[::3] *= 2.0**-125  # rows of tiny blocks: amax about 2^-123, scale byte 0
+    x[1, 32:64] = 0.0
+    x[1, 40] = -0.0
+    x = x.to(torch.bfloat16)
+    q_exact, s = quantize_mxfp8(x)
+    q_flush, s_flush = quantize_mxfp8(x, scale_zero="flush")
+    assert torch.equal(s, s_flush) and int((s == 0).sum()) > 16
+    zero = (s == 0).repeat_interleave(32, dim=-1)
+    a, b = q_exact.view(torch.uint8), q_flush.view(torch.uint8)
+    assert torch.equal(a[~zero], b[~zero])
+    assert torch.equal(b[zero], torch.signbit(x)[zero].to(torch.uint8) << 7)
+    assert bool((a[zero] & 0x7F).ne(0).any())  # the exact rule keeps information there
+    for path in (reference_quantize_mxfp8,):
+        q, s2 = path(x, scale_zero="flush")
+        assert torch.equal(q.view(torch.uint8), b) and torch.equal(s2, s)
+    ref_q, ref_s = reference_mxfp8(x, "rceil", "flush")
+    assert torch.equal(ref_q, b) and torch.equal(ref_s, s)
+
+
+def test_flush_from_fp8_sources_takes_the_sign_of_the_fp8_code(backend):
+    """FP8 sources (requantized): small codes (at most 0.4375) under a tile scale of 2^-117 make
+    every block of that tile scale byte 0; the fast path's post-pass gives the BF16 value's sign
+    (the code's, the scale being positive), as the reference that materializes the BF16 values
+    does."""
+    gen = torch.Generator().manual_seed(6)
+    codes = torch.randint(0, 256, (256, 256), generator=gen, dtype=torch.int32).to(torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x80  # no NaN codes; more -0 codes
+    for tile in (codes[:128, :128], codes[128:, 128:]):
+        tile.copy_((tile & 0x80) | torch.minimum(tile & 0x7F, torch.tensor(0x2E)))
+    weight = codes.view(torch.float8_e4m3fn)
+    scale_inv = torch.tensor([[2.0**-117, 0.5], [1e-3, 2.0**-117]], dtype=torch.float32)
+    from converter.numerics import kernels
+
+    assert kernels.requantize_fp8(weight, scale_inv, "rceil") is not None  # the fast path, then the post-pass
+    for scale_zero in ("exact", "flush"):
+        q, s = requantize_fp8_block(weight, scale_inv, scale_zero=scale_zero)
+        ref_q, ref_s = reference_requantize_fp8_block(weight, scale_inv, scale_zero=scale_zero)
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(s, ref_s)
+    zero = (s == 0).repeat_interleave(32, dim=-1)
+    assert bool(zero[:128, :128].all()) and not bool(zero[:128, 128:].any()) and bool(zero[128:, 128:].all())
+    flushed = q.view(torch.uint8)[zero]
+    assert torch.equal(flushed, codes[zero] & 0x80)
 
 
 @pytest.mark.parametrize("case", sorted(EDGE_CASES))
@@ -102,3 +209,21 @@ def test_gaussian_round_trip_error_is_as_expected():
 def test_k_not_multiple_of_32_is_an_error():
     with pytest.raises(NumericsError, match="multiple of 32"):
         quantize_mxfp8(torch.ones(2, 48), name="w")
+
+
+@pytest.mark.cuda
+def test_flush_on_cuda_tensors_gives_the_cpu_bytes():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 512, generator=gen)
+    x[::2] *= 2.0**-125
+    x = x.to(torch.bfloat16)
+    codes = torch.randint(0, 256, (256, 256), generator=gen, dtype=torch.int32).to(torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x80
+    codes[:128] = (codes[:128] & 0x80) | torch.minimum(codes[:128] & 0x7F, torch.tensor(0x2E))
+    weight, scale_inv = codes.view(torch.float8_e4m3fn), torch.tensor([[2.0**-117] * 2, [0.5] * 2])
+    for scale_zero in ("exact", "flush"):
+        for cpu, cuda in ((quantize_mxfp8(x, scale_zero=scale_zero), quantize_mxfp8(x.cuda(), scale_zero=scale_zero)),
+                          (requantize_fp8_block(weight, scale_inv, scale_zero=scale_zero),
+                           requantize_fp8_block(weight.cuda(), scale_inv.cuda(), scale_zero=scale_zero))):
+            assert torch.equal(cpu[0].view(torch.uint8), cuda[0].cpu().view(torch.uint8))
+            assert torch.equal(cpu[1], cuda[1].cpu()) and bool((cpu[1] == 0).any())

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from converter.files import CONFIG_FILE, INDEX_FILE, PROVENANCE_FILE, VERIFY_REPORT_FILE
+from converter.models.family import Family, family_or_none
 from converter.units import format_size
 
 CARD_FILE = "README.md"
@@ -31,10 +32,6 @@ _SCALE_RULES = {
     "floor": "FLOOR (OCP MX specification: 2^(floor(log2 amax) - 8)); it can clip the largest "
     "values of a block",
 }
-_KEPT_BY_FP8_RELEASE = (
-    "embeddings, `lm_head`, all norms, the MoE router `mlp.gate` and its `e_score_correction_bias`, "
-    "and the MTP layer's `eh_proj`, `enorm`, `hnorm` and `shared_head`"
-)
 
 
 def write_model_card(dst: Path, *, overwrite: bool = False, repo_id: str | None = None) -> Path | None:
@@ -64,12 +61,13 @@ def render_model_card(dst: Path, *, repo_id: str | None = None) -> str:
     source, recipe, output = _dict(prov.get("source")), _dict(prov.get("recipe")), _dict(prov.get("output"))
     quant = _dict(config.get("quantization_config"))
     base_model = _base_model(source, config)
+    family = family_or_none(config)
     title = repo_id.split("/")[-1] if repo_id else (f"{base_model.split('/')[-1]}-MXFP8" if base_model else dst.name)
 
     sections = [
-        f"# {title}\n\n{_intro(base_model, prov, quant)}",
+        f"# {title}\n\n{_intro(base_model, prov, quant, family)}",
         _conversion_section(source, recipe, output),
-        _kept_section(recipe, quant, output),
+        _kept_section(recipe, quant, output, family),
         _verification_section(report),
         _files_section(dst, output),
         _serving_section(repo_id or str(dst), config, recipe, quant),
@@ -108,8 +106,9 @@ def sglang_command(model: str, *, config: dict, recipe: dict | None = None) -> s
 # --- sections ------------------------------------------------------------------------------------
 
 
-def _intro(base_model: str | None, prov: dict, quant: dict) -> str:
-    of = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a DeepSeek V3 checkpoint"
+def _intro(base_model: str | None, prov: dict, quant: dict, family: Family | None) -> str:
+    of = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else \
+        (f"a {family.description.split(' (')[0]} checkpoint" if family else "a checkpoint")
     if "mxfp8" in str(quant.get("quant_method", "")):
         what = (
             f"MXFP8 conversion of {of} for SGLang on NVIDIA Blackwell GPUs. Quantized weights are "
@@ -159,7 +158,7 @@ def _conversion_section(source: dict, recipe: dict, output: dict) -> str:
     return "## Conversion\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
-def _kept_section(recipe: dict, quant: dict, output: dict) -> str:
+def _kept_section(recipe: dict, quant: dict, output: dict, family: Family | None) -> str:
     modules = quant.get("modules_to_not_convert") or output.get("modules_to_not_convert") or []
     if recipe.get("target") == "bf16":
         return "## Precision\n\nEvery weight is BF16: this recipe dequantizes and does not quantize."
@@ -172,7 +171,8 @@ def _kept_section(recipe: dict, quant: dict, output: dict) -> str:
             "absorbed attention and along the other in non-absorbed attention, and 1x32 blocks along one "
             "axis cannot serve both."
         )
-    lines.append(f"- What the FP8 release does not quantize either: {_KEPT_BY_FP8_RELEASE}.")
+    if family is not None and family.card_kept:
+        lines.append(f"- {family.card_kept[0].upper()}{family.card_kept[1:]}.")
     extra = [p for p in recipe.get("keep_bf16") or [] if "kv_b_proj" not in p]
     if extra:
         lines.append("- Also kept by the recipe: " + ", ".join(_code(p) for p in extra) + ".")

@@ -1,5 +1,5 @@
 """Name mapping stage: turn a source checkpoint's tensor names into the canonical Hugging Face
-DeepSeek V3 names (SPEC 1) as a plan of renames, splits and fuses. The rules are data
+names (SPEC 1) as a plan of renames, splits and fuses. The rules are data
 (`mappings/*.yaml`, format described in `mappings/hf.yaml`); everything here works from names
 and shapes only, except `materialize`, which cuts or joins tensors the plan names."""
 

@@ -1,5 +1,6 @@
-"""DeepSeek-V3-shaped checkpoints built from a config: the real tensor names and shape rules,
-any dimensions. `mxconv demo` uses a tiny one; tests and benchmarks use the same builder.
+"""Checkpoints of any supported model family built from a config: the real tensor names and shape
+rules of the family (families/*.yaml), any dimensions. `mxconv demo` uses a tiny one (the family's
+`demo_config`); tests and benchmarks use the same builder.
 
 FP8 variants are made with a 128x128 block quantizer of our own, in the release format
 (float32 scale_inv, or power-of-two UE8M0 scales as float32 or uint8 exponents).
@@ -7,6 +8,7 @@ FP8 variants are made with a 128x128 block quantizer of our own, in the release 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -14,97 +16,32 @@ import torch
 from safetensors.torch import save_file
 
 from converter.files import INDEX_FILE
+from converter.models.family import Family, family_of, load_family
 
-TINY_CONFIG = {
-    "architectures": ["DeepseekV3ForCausalLM"],
-    "model_type": "deepseek_v3",
-    "_name_or_path": "mxconv/tiny-deepseek-v3",
-    "vocab_size": 512,
-    "hidden_size": 256,
-    "intermediate_size": 384,
-    "moe_intermediate_size": 128,
-    "num_hidden_layers": 3,
-    "first_k_dense_replace": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "n_routed_experts": 4,
-    "n_shared_experts": 1,
-    "num_experts_per_tok": 2,
-    "n_group": 2,
-    "topk_group": 1,
-    "routed_scaling_factor": 2.5,
-    "norm_topk_prob": True,
-    "scoring_func": "sigmoid",
-    "topk_method": "noaux_tc",
-    "q_lora_rank": 96,
-    "kv_lora_rank": 64,
-    "qk_nope_head_dim": 32,
-    "qk_rope_head_dim": 32,
-    "v_head_dim": 32,
-    "num_nextn_predict_layers": 1,
-    "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,
-    "hidden_act": "silu",
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "tie_word_embeddings": False,
-    "initializer_range": 0.02,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "torch_dtype": "bfloat16",
-    "use_cache": True,
-}
 
-# Linear modules the DeepSeek FP8 release stores in FP8 (everything else stays high precision).
-_FP8_RELEASE_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
-                        "gate_proj", "up_proj", "down_proj")
+def tiny_config(family: str = "deepseek_v3") -> dict:
+    """The tiny config of a family (its `demo_config`): real config keys, tiny sizes; a copy."""
+    return copy.deepcopy(load_family(family).demo_config)
+
+
+TINY_CONFIG = tiny_config("deepseek_v3")
+_TORCH_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32}
 
 
 def tensor_shapes(config: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Every tensor of a BF16 DeepSeek V3 checkpoint with this config: name -> (shape, dtype)."""
-    c = config
-    h, heads = c["hidden_size"], c["num_attention_heads"]
-    qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
-    bf16, f32 = torch.bfloat16, torch.float32
-    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"model.embed_tokens.weight": ((c["vocab_size"], h), bf16)}
-    n_layers = c["num_hidden_layers"]
-    for layer in range(n_layers + c.get("num_nextn_predict_layers", 0)):
-        p = f"model.layers.{layer}."
-        t = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
-        a = "self_attn."
-        if c.get("q_lora_rank"):
-            t[a + "q_a_proj.weight"] = (c["q_lora_rank"], h)
-            t[a + "q_a_layernorm.weight"] = (c["q_lora_rank"],)
-            t[a + "q_b_proj.weight"] = (heads * qk, c["q_lora_rank"])
-        else:
-            t[a + "q_proj.weight"] = (heads * qk, h)
-        t[a + "kv_a_proj_with_mqa.weight"] = (c["kv_lora_rank"] + c["qk_rope_head_dim"], h)
-        t[a + "kv_a_layernorm.weight"] = (c["kv_lora_rank"],)
-        t[a + "kv_b_proj.weight"] = (heads * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"])
-        t[a + "o_proj.weight"] = (h, heads * c["v_head_dim"])
-        if layer < c["first_k_dense_replace"]:
-            t.update(_mlp("mlp.", h, c["intermediate_size"]))
-        else:
-            i = c["moe_intermediate_size"]
-            t["mlp.gate.weight"] = (c["n_routed_experts"], h)
-            for e in range(c["n_routed_experts"]):
-                t.update(_mlp(f"mlp.experts.{e}.", h, i))
-            t.update(_mlp("mlp.shared_experts.", h, i * c["n_shared_experts"]))
-        if layer >= n_layers:  # MTP / NextN layer
-            t.update({"embed_tokens.weight": (c["vocab_size"], h), "enorm.weight": (h,), "hnorm.weight": (h,),
-                      "eh_proj.weight": (h, 2 * h), "shared_head.norm.weight": (h,),
-                      "shared_head.head.weight": (c["vocab_size"], h)})
-        out.update({p + k: (v, bf16) for k, v in t.items()})
-        if layer >= c["first_k_dense_replace"]:
-            out[p + "mlp.gate.e_score_correction_bias"] = ((c["n_routed_experts"],), f32)
-    out["model.norm.weight"] = ((h,), bf16)
-    out["lm_head.weight"] = ((c["vocab_size"], h), bf16)
-    return out
+    """Every tensor of a BF16 checkpoint of the config's family: name -> (shape, dtype)."""
+    return {n: (shape, _TORCH_DTYPES[dtype]) for n, (shape, dtype, _opt) in family_of(config).tensors(config).items()}
 
 
-def _mlp(prefix: str, h: int, i: int) -> dict[str, tuple[int, ...]]:
-    return {prefix + "gate_proj.weight": (i, h), prefix + "up_proj.weight": (i, h), prefix + "down_proj.weight": (h, i)}
+def describe_tiny(family: Family) -> str:
+    """One line about the family's tiny demo model, for `mxconv demo`."""
+    c = family.demo_config
+    n = c["num_hidden_layers"]
+    moe = sum(family.is_moe_layer(c, layer) for layer in range(n))
+    mtp = family.n_mtp(c)
+    shared = f" + {c['n_shared_experts']} shared" if c.get("n_shared_experts") else ""
+    return (f"{n} decoder layers ({n - moe} dense, {moe} MoE with {family.n_experts(c)} routed experts{shared})"
+            + (f" and {mtp} MTP layer{'s' * (mtp > 1)}" if mtp else ""))
 
 
 def make_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -115,9 +52,8 @@ def make_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torc
     return (torch.randn(shape, generator=gen) * std).to(dtype)
 
 
-def is_fp8_release_linear(name: str) -> bool:
-    parts = name.split(".")
-    return name.endswith(".weight") and len(parts) >= 2 and parts[-2] in _FP8_RELEASE_LINEARS
+def is_fp8_release_linear(name: str, family: str = "deepseek_v3") -> bool:
+    return load_family(family).is_fp8_release_linear(name)
 
 
 def quantize_fp8_block(w: torch.Tensor, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,8 +73,9 @@ def quantize_fp8_block(w: torch.Tensor, ue8m0: bool = False) -> tuple[torch.Tens
 
 def build_checkpoint(root: str | Path, config: dict | None = None, *, precision: str = "bf16", shards: int = 3,
                      seed: int = 0, interleave: bool = True, ue8m0_as_uint8: bool = False,
-                     extra_files: bool = True) -> Path:
-    """Write a DeepSeek V3 checkpoint to `root`.
+                     extra_files: bool = True, family: str | None = None) -> Path:
+    """Write a checkpoint to `root`: of `config`'s family, or the tiny one of `family` (default
+    DeepSeek V3).
 
     precision: "bf16", "fp8" (float32 scale_inv) or "fp8_ue8m0" (power-of-two scales).
     interleave: deal tensors round-robin over the shards, so weights and their scales, and gate
@@ -146,12 +83,13 @@ def build_checkpoint(root: str | Path, config: dict | None = None, *, precision:
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    config = dict(config or TINY_CONFIG)
+    config = dict(config or tiny_config(family or "deepseek_v3"))
+    fam = family_of(config)
     gen = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for name, (shape, dtype) in tensor_shapes(config).items():
         t = make_tensor(name, shape, dtype, gen)
-        if precision != "bf16" and is_fp8_release_linear(name):
+        if precision != "bf16" and fam.is_fp8_release_linear(name):
             q, s = quantize_fp8_block(t, ue8m0=precision == "fp8_ue8m0")
             if precision == "fp8_ue8m0" and ue8m0_as_uint8:
                 s = ((s.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)

@@ -37,6 +37,22 @@ class ScaleRule(str, enum.Enum):
     FLOOR = "floor"
 
 
+class ScaleZeroBlocks(str, enum.Enum):
+    """What the value bytes of a block whose scale byte is 0 (scale 2^-127: amax <= 448 * 2^-127,
+    or amax 0) are.
+
+    EXACT: x * 2^127 rounded to e4m3, the exact quotient like every other block. TransformerEngine
+           v2.13 and later (its `exp2f_rcp` returns 2^127 for byte 0 since PR #2647, commit
+           71971e33d, Feb 2026) and torchao after 0.18. The default.
+    FLUSH: x * 1 rounded to e4m3, which is a signed zero (0x80 where x's sign bit is set, else
+           0x00; NaN stays NaN): TransformerEngine v2.12 and earlier (`exp2f_rcp(0) == 1`) and
+           torchao 0.18.0's RCEIL `to_mx`. Scale bytes are the same under both.
+    """
+
+    EXACT = "exact"
+    FLUSH = "flush"
+
+
 def _f32_bits(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(torch.int32)
 
@@ -89,8 +105,10 @@ def quantize_mxfp8(
     allow_nonfinite: bool = False,
     name: str | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scale_zero: ScaleZeroBlocks | str = ScaleZeroBlocks.EXACT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize x [..., K] to MXFP8: (data float8_e4m3fn [..., K], scale uint8 [..., K/32]).
+    `scale_zero`: the values of blocks with scale byte 0 (see ScaleZeroBlocks).
 
     `out`: optional buffers of those shapes the result may be written into (a hint, to reuse
     memory; the returned tensors are the result either way).
@@ -121,7 +139,24 @@ def quantize_mxfp8(
     exp = exp.clamp(max=253)  # finite bf16/fp16/fp32 inputs never exceed 247
     inv_scale = _pow2_from_biased(exp).repeat_interleave(MX_BLOCK, dim=-1)
     scaled = (xf * inv_scale).clamp(-E4M3_MAX, E4M3_MAX)  # clamp keeps NaN; Inf -> +-448
-    return scaled.to(torch.float8_e4m3fn), exp.to(torch.uint8)
+    q, s = scaled.to(torch.float8_e4m3fn), exp.to(torch.uint8)
+    if ScaleZeroBlocks(scale_zero) is ScaleZeroBlocks.FLUSH:
+        q = flush_scale_zero_blocks(q, s, torch.signbit(xf), torch.isinf(xf))
+    return q, s
+
+
+def flush_scale_zero_blocks(q: torch.Tensor, scale: torch.Tensor, negative: torch.Tensor,
+                            keep: torch.Tensor | None = None) -> torch.Tensor:
+    """ScaleZeroBlocks.FLUSH applied to MXFP8 data q [..., K] (e4m3) with scale bytes [..., K/32]:
+    every value of a block whose scale byte is 0 becomes 0x80 where `negative` (bool [..., K],
+    the input's sign bit) else 0x00, except NaN codes and where `keep` (bool [..., K], e.g.
+    the input was +-Inf and saturated) is set. A new tensor; q is not changed."""
+    codes = q.view(torch.uint8)
+    hit = (scale == 0).repeat_interleave(MX_BLOCK, dim=-1) & ((codes & 0x7F) != 0x7F)
+    if keep is not None:
+        hit &= ~keep
+    signed_zero = negative.to(torch.uint8) << 7
+    return torch.where(hit, signed_zero, codes).view(torch.float8_e4m3fn)
 
 
 def dequantize_mxfp8(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -164,10 +199,13 @@ def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, out: tor
 
 def requantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, rule: ScaleRule | str = ScaleRule.RCEIL,
                          *, allow_nonfinite: bool = False, name: str | None = None,
-                         out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_mxfp8(dequantize_fp8_block(weight, scale_inv)): DeepSeek's BF16 value, quantized.
+                         out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         scale_zero: ScaleZeroBlocks | str = ScaleZeroBlocks.EXACT) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_mxfp8(dequantize_fp8_block(weight, scale_inv)): DeepSeek's BF16 value, quantized
+    (under FLUSH, a value's sign is that BF16 value's: the FP8 code's sign times the scale's).
     `out` as for quantize_mxfp8."""
-    return quantize_mxfp8(dequantize_fp8_block(weight, scale_inv), rule, allow_nonfinite=allow_nonfinite, name=name)
+    return quantize_mxfp8(dequantize_fp8_block(weight, scale_inv), rule, allow_nonfinite=allow_nonfinite, name=name,
+                          scale_zero=scale_zero)
 
 
 def ue8m0_exponents(scale: torch.Tensor, name: str | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The source as canonical (Hugging Face DeepSeek V3) tensor names, after the name mapping.
+"""The source as canonical (Hugging Face) tensor names, after the name mapping.
 
 Planning and numerics only ever see canonical names; a canonical tensor may be a renamed,
 split or fused source tensor, materialized on demand from exactly the source bytes it needs.

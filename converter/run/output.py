@@ -4,7 +4,6 @@ resume safe, and the small files written after the shards (index, config, proven
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from converter.errors import OutputError, SourceError
+from converter.errors import OutputError
 from converter.files import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -23,6 +22,7 @@ from converter.files import (
     VERIFY_REPORT_FILE,
 )
 from converter.plan.planner import ConversionPlan, ShardPlan
+from converter.run.freshness import SOURCE_KEYS, SourceCheck, check_sources, recorded_hashes, same_conversion
 from converter.run.writer import fsync_dir, write_atomic, write_bytes_atomic
 from converter.sources.checkpoint import PICKLE_SUFFIXES, SourceCheckpoint
 from converter.sources.safetensors import build_header
@@ -32,7 +32,6 @@ from converter.version import __version__
 # Source files never copied into the destination: weights and what mxconv writes itself.
 _SKIP_NAMES = {CONFIG_FILE, INDEX_FILE, SINGLE_FILE, PROVENANCE_FILE, VERIFY_REPORT_FILE}
 _SKIP_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
-_SAMPLE = 64 * 1024  # bytes per window of the source data sample in the manifest
 _COPY_CHUNK = 16 * 1024 * 1024
 _TEMP_SUFFIXES = (".partial", ".tmp")  # what mxconv leaves in the state directory when killed
 LOCK_FILE = "lock"  # in the state directory; flock'ed while a conversion writes DST
@@ -40,40 +39,6 @@ LOCK_FILE = "lock"  # in the state directory; flock'ed while a conversion writes
 
 def _json_bytes(data: dict) -> bytes:
     return (json.dumps(data, indent=2) + "\n").encode()
-
-
-def plan_fingerprint(src: SourceCheckpoint, plan: ConversionPlan, mapping: str) -> dict:
-    """Everything the output bytes depend on. Device and worker count are deliberately absent:
-    they never change a byte, so a resume may use other ones.
-
-    Each source file is identified by its size, its header and a sample of its data (a few
-    64 KiB windows): a checkpoint saved again in place with the same layout (the next training
-    step, say) has identical headers, and resuming across it would mix two models."""
-    sources = {}
-    for path in src.files:
-        try:
-            sources[path.name] = _file_identity(path)
-        except OSError as e:
-            raise SourceError(f"cannot read: {e.strerror}", file=path) from e
-    layout = hashlib.sha256(json.dumps(
-        [[s.name, [[t.name, t.dtype, list(t.shape)] for t in s.tensors]] for s in plan.shards]).encode()).hexdigest()
-    config = hashlib.sha256(json.dumps(src.config, sort_keys=True).encode()).hexdigest()
-    return {"mxconv_version": __version__, "recipe": plan.recipe.to_dict(), "mapping": mapping,
-            "source_format": plan.source_format.value, "sources": sources, "source_config_sha256": config,
-            "layout_sha256": layout, "shards": {s.name: shard_file_size(s) for s in plan.shards}}
-
-
-def _file_identity(path: Path) -> dict:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header_hash = hashlib.sha256(f.read(n)).hexdigest()
-        data_start, data_len = 8 + n, max(size - 8 - n, 0)
-        sample = hashlib.sha256()
-        for frac in (0, 1, 2, 3):  # start, two interior points, end of the data
-            f.seek(data_start + max(data_len - _SAMPLE, 0) * frac // 3)
-            sample.update(f.read(_SAMPLE))
-    return {"bytes": size, "header_sha256": header_hash, "data_sample_sha256": sample.hexdigest()}
 
 
 @dataclass
@@ -86,12 +51,15 @@ class DestinationState:
     resumed: bool = False  # DST holds an interrupted (or damaged) run of this same conversion
     leftovers: list[Path] = field(default_factory=list)  # temporary files of an interrupted run
     reclaimable: int = 0  # bytes freed before writing starts (leftovers, or everything when clearing)
+    sources: SourceCheck = field(default_factory=SourceCheck)  # what changed in the source since DST was written
 
 
 def inspect_destination(dst: Path, fingerprint: dict, plan: ConversionPlan, overwrite: bool,
-                        src_root: Path | None = None) -> DestinationState:
+                        src_root: Path | None = None, src_files: list[Path] | None = None) -> DestinationState:
     """Read-only: is DST fresh, a resumable or finished run of this conversion, or something
-    else (refused unless `overwrite`)?"""
+    else (refused unless `overwrite`)? A finished shard counts as done only if every source file
+    it was made from is unchanged (`freshness.check_sources`, which may hash `src_files`); that
+    check fills in `fingerprint`'s sha256 of the files found unchanged."""
     dst = Path(dst)
     try:
         if not dst.exists():
@@ -102,17 +70,21 @@ def inspect_destination(dst: Path, fingerprint: dict, plan: ConversionPlan, over
         if previous is None and _only_state_dir(dst):  # empty, or killed before the manifest was written
             leftovers = _leftovers(dst)
             return DestinationState(set(), False, leftovers=leftovers, reclaimable=sum(_size(p) for p in leftovers))
-        if previous != fingerprint:
+        if previous is None or not same_conversion(previous, fingerprint):
             if not overwrite:
                 raise OutputError(_refusal(dst, previous, fingerprint), file=dst)
             _check_clearable(dst)
             return DestinationState(set(), False, clear=True, reclaimable=_tree_bytes(dst))
-        done = {s.name for s in plan.shards if shard_is_done(dst / s.name, s)}
-        leftovers = _leftovers(dst)
-        complete = (len(done) == len(plan.shards) and _finished(dst, plan)
+        files = {p.name: p for p in src_files or []}
+        sources = check_sources(previous, fingerprint, files, recorded_hashes(_read_json(dst / PROVENANCE_FILE)),
+                                list(src_files or []))
+        stale = set(sources.stale_shards)
+        done = {s.name for s in plan.shards if s.name not in stale and shard_is_done(dst / s.name, s)}
+        leftovers = _leftovers(dst) + [dst / name for name in sorted(stale) if (dst / name).exists()]
+        complete = (not stale and len(done) == len(plan.shards) and _finished(dst, plan)
                     and (src_root is None or _side_files_present(src_root, dst)))
         return DestinationState(done, complete, resumed=not complete, leftovers=leftovers,
-                                reclaimable=sum(_size(p) for p in leftovers))
+                                reclaimable=sum(_size(p) for p in leftovers), sources=sources)
     except OSError as e:
         raise OutputError(f"cannot inspect the destination: {e.strerror}", file=e.filename or dst) from e
 
@@ -144,6 +116,26 @@ def prepare_destination(dst: Path, fingerprint: dict, state: DestinationState) -
         raise OutputError(f"cannot prepare the destination: {e.strerror}", file=e.filename or dst) from e
 
 
+def record_manifest(dst: Path, fingerprint: dict, hashes: dict[str, str] | None = None,
+                    lock: bool = False) -> None:
+    """Rewrite the manifest with the sha256 of the source files in `hashes` added: at the end of
+    a run, when a run is interrupted (the files hashed so far), or, with `lock`, when a finished
+    DST's source was found unchanged by its sha256 (the new file-system identity spares the next
+    rerun that hashing)."""
+    for name, sha in (hashes or {}).items():
+        if name in fingerprint["sources"]:
+            fingerprint["sources"][name]["sha256"] = sha
+    try:
+        if lock:
+            _lock(dst)
+        write_bytes_atomic(dst / STATE_DIR / MANIFEST_FILE, _json_bytes(fingerprint))
+    except OSError as e:
+        raise OutputError(f"cannot update the manifest: {e.strerror}", file=e.filename or dst) from e
+    finally:
+        if lock:
+            _unlock(dst)
+
+
 def incomplete_reason(dst: Path) -> str | None:
     """None for a finished mxconv conversion; otherwise one line saying what is missing, for
     `inspect`, `verify` and `push` to show."""
@@ -166,20 +158,19 @@ def _refusal(dst: Path, previous: dict | None, fingerprint: dict) -> str:
                     f"{MANIFEST_FILE}); use --overwrite to convert again")
         return ("destination is not empty and was not written by mxconv; "
                 "use --overwrite to replace its contents")
-    changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
+    changed = sorted(k for k in fingerprint if k not in SOURCE_KEYS and previous.get(k) != fingerprint[k])
     what = "a finished" if (dst / PROVENANCE_FILE).exists() else "an unfinished"
-    detail = ""
-    if "sources" in changed:
-        old = previous.get("sources") if isinstance(previous.get("sources"), dict) else {}
-        files = sorted(f for f in set(old) | set(fingerprint["sources"]) if old.get(f) != fingerprint["sources"].get(f))
-        detail = f" (source file {files[0]} differs)" if files else ""
-    return (f"destination holds {what} conversion with a different {', '.join(changed) or 'manifest'}{detail}; "
+    return (f"destination holds {what} conversion with a different {', '.join(changed) or 'manifest'}; "
             "rerun with the same source, recipe and options to resume it, or use --overwrite to start again")
 
 
 def _read_manifest(dst: Path) -> dict | None:
+    return _read_json(dst / STATE_DIR / MANIFEST_FILE)
+
+
+def _read_json(path: Path) -> dict | None:
     try:
-        data = json.loads((dst / STATE_DIR / MANIFEST_FILE).read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

@@ -15,16 +15,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from converter.errors import MxconvError
+from converter.errors import Interrupted, MappingError, MxconvError, SourceError
+from converter.models.family import Family, recipe_for
 from converter.plan.planner import ConversionPlan, build_plan
 from converter.plan.recipe import Recipe, load_recipe
 from converter.plan.view import CanonicalView
 from converter.run.execute import execute, resolve_devices
+from converter.run.freshness import changed_during_run, plan_fingerprint
 from converter.run.output import (
     copy_side_files,
     output_config,
-    plan_fingerprint,
     prepare_destination,
+    record_manifest,
     write_index_and_config,
     write_provenance,
 )
@@ -33,7 +35,7 @@ from converter.sources.checkpoint import SourceCheckpoint
 from converter.sources.hashing import SourceHasher
 from converter.units import parse_size
 
-DEFAULT_RECIPE = "deepseek_v3_mxfp8"
+DEFAULT_RECIPE = "deepseek_v3_mxfp8"  # when no family is known; otherwise the family's `recipes.mxfp8`
 
 
 @dataclass
@@ -47,16 +49,20 @@ class ConversionResult:
     already_complete: bool = False
     dry_run: bool = False
     copied_files: list[str] = field(default_factory=list)
+    source_notes: list[str] = field(default_factory=list)  # source files found changed, or unchanged by sha256
     cluster: dict | None = None  # --ray: nodes, tasks, tasks moved off lost nodes
 
 
 def open_source(src: str | Path, mapping: str = "auto") -> tuple[SourceCheckpoint, CanonicalView, str]:
     """The source checkpoint, its canonical view and the name of the mapping used."""
     ckpt = SourceCheckpoint.open(src)
-    ckpt.check_architecture()
-    from converter.mapping.names import detect_mapping, load_mapping
+    family = ckpt.check_architecture()
+    from converter.mapping.names import BUILTIN, detect_mapping, load_mapping
 
     name = detect_mapping(ckpt.tensors) if mapping == "auto" else mapping
+    if name in BUILTIN and name not in family.mappings:
+        raise MappingError(f"the {name} naming has no rules for {family.name} models; mappings for "
+                           f"{family.name}: {', '.join(family.mappings)} (or a mapping YAML file)")
     m = load_mapping(name)
     num_layers = int(ckpt.config.get("num_hidden_layers", 0))
     derivations = m.plan({n: i.shape for n, i in ckpt.tensors.items()}, num_layers)
@@ -69,42 +75,46 @@ def open_view(src: str, mapping: str) -> CanonicalView:
     return open_source(src, mapping)[1]
 
 
-def resolve_recipe(recipe: str | Path | Recipe, **overrides) -> Recipe:
-    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+def resolve_recipe(recipe: str | Path | Recipe | None, family: Family | None = None, **overrides) -> Recipe:
+    """A Recipe from an object, a path, a built-in name, a role of the family (mxfp8, trtllm,
+    bf16, ...) or None (the family's default recipe)."""
+    if not isinstance(recipe, Recipe) and family is not None and not isinstance(recipe, Path):
+        recipe = recipe_for(family, recipe)
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(DEFAULT_RECIPE if recipe is None else recipe)
     return r.with_options(**overrides)
 
 
-def plan_conversion(src: str | Path, *, recipe: str | Path | Recipe = DEFAULT_RECIPE, mapping: str = "auto",
+def plan_conversion(src: str | Path, *, recipe: str | Path | Recipe | None = None, mapping: str = "auto",
                     max_shard_size: str | int = "5GB", **recipe_overrides
                     ) -> tuple[SourceCheckpoint, CanonicalView, str, ConversionPlan]:
     ckpt, view, mapping_name = open_source(src, mapping)
-    r = resolve_recipe(recipe, **recipe_overrides)
+    r = resolve_recipe(recipe, ckpt.family, **recipe_overrides)
     fmt = ckpt.detect_format(view.tensors)
-    check_source_tensors(ckpt, view, fmt)
+    check_source_tensors(ckpt, view, fmt, ckpt.family)
     plan = build_plan(view, fmt, r, int(ckpt.config.get("num_hidden_layers", 0)), parse_size(max_shard_size))
     return ckpt, view, mapping_name, plan
 
 
-def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe = DEFAULT_RECIPE,
+def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe | None = None,
             mapping: str = "auto", device: str = "cpu", workers: int | None = None, max_shard_size: str | int = "5GB",
             overwrite: bool = False, dry_run: bool = False, quiet: bool = False, requantize: bool | None = None,
             scale_rule: str | None = None, allow_nonfinite: bool | None = None, hash_sources: bool = True,
-            ray: str | None = None) -> ConversionResult:
-    """Convert the checkpoint in `src` into `dst`; what `mxconv convert` does. `ray`: run it on
-    a Ray cluster ("auto", "local", or an address; see run/cluster.py)."""
+            scale_zero_blocks: str | None = None, ray: str | None = None) -> ConversionResult:
+    """Convert the checkpoint in `src` into `dst`; what `mxconv convert` does. `ray`: write the
+    shards on a Ray cluster ("auto", "local", or an address; see run/cluster.py)."""
     if workers is not None and workers < 1:
         raise MxconvError(f"--workers must be at least 1, got {workers}")
     src, dst = Path(src), Path(dst)
     if ray is not None:  # the nodes see the same paths, not the same working directory
-        src, dst = Path(os.path.abspath(src)), Path(os.path.abspath(dst))
         from converter.mapping.names import BUILTIN
 
+        src, dst = Path(os.path.abspath(src)), Path(os.path.abspath(dst))
         if mapping != "auto" and mapping not in BUILTIN:  # a YAML file
             mapping = os.path.abspath(mapping)
     ckpt, view, mapping_name, plan = plan_conversion(
         src, recipe=recipe, mapping=mapping, max_shard_size=max_shard_size,
         ue8m0_source=None if requantize is None else ("requantize" if requantize else "relayout"),
-        scale_rule=scale_rule, allow_nonfinite=allow_nonfinite)
+        scale_rule=scale_rule, allow_nonfinite=allow_nonfinite, scale_zero_blocks=scale_zero_blocks)
     result = ConversionResult(dst, ckpt, plan, mapping_name, dry_run=dry_run)
     if dry_run:
         return result
@@ -135,32 +145,76 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
 
         check_device(device)
         cluster = connect(ray)
-    fingerprint = plan_fingerprint(ckpt, plan, result.mapping)
-    state = preflight_destination(ckpt.root, dst, fingerprint, plan, overwrite)
+    fingerprint = plan_fingerprint(ckpt, plan, result.mapping, view)
+    state = preflight_destination(ckpt.root, dst, fingerprint, plan, overwrite, ckpt.files)
+    result.source_notes = state.sources.notes()
+    if state.sources.stale_shards and state.sources.changed:
+        result.source_notes.append(f"{len(state.sources.stale_shards)} of {len(plan.shards)} output shard(s) "
+                                   "were made from changed source files: redone")
     if state.complete:
         result.already_complete = True
         result.skipped_shards = len(plan.shards)
+        if state.sources.confirmed:
+            try:
+                record_manifest(dst, fingerprint, lock=True)
+            except MxconvError:
+                pass  # best effort: the next rerun hashes those files again
         return result
     with cluster as ray_api:  # connected before DST is touched: a wrong address changes nothing
         prepare_destination(dst, fingerprint, state)
         todo = [s for s in plan.shards if s.name not in state.done_shards]
         result.skipped_shards = len(plan.shards) - len(todo)
         start = time.perf_counter()
+        hasher = SourceHasher(ckpt.files if hash_sources and ray is None else []).start()
+        total = sum(j.input_bytes for s in todo for j in s.jobs)
+        try:
+            if ray is not None:  # the nodes hash the source files they read
+                hashes, result.cluster = run_on_cluster(ray_api, todo, view, ckpt, opener, fingerprint, dst,
+                                                        plan.recipe, device=device, workers=workers,
+                                                        hash_sources=hash_sources, quiet=quiet)
+                options = dict(options, ray=ray)
+            else:
+                with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
+                          desc="convert", dynamic_ncols=True) as bar:
+                    execute(todo, view, dst, plan.recipe, devices, bar.update, reading=hasher.release)
+        except BaseException as e:
+            _record_hashes_so_far(dst, fingerprint, ckpt.files, hasher)
+            if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
+                raise Interrupted(_resume_hint(dst, plan)) from None
+            raise
+    try:
         if ray is None:
-            hasher = SourceHasher(ckpt.files if hash_sources else []).start()
-            total = sum(j.input_bytes for s in todo for j in s.jobs)
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
-                      desc="convert", dynamic_ncols=True) as bar:
-                execute(todo, view, dst, plan.recipe, devices, bar.update, reading=hasher.release)
             hashes = hasher.result()
-        else:
-            hashes, result.cluster = run_on_cluster(ray_api, todo, view, ckpt, opener, fingerprint, dst, plan.recipe,
-                                                    device=device, workers=workers, hash_sources=hash_sources,
-                                                    quiet=quiet)
-            options = dict(options, ray=ray)
-    result.copied_files = copy_side_files(ckpt.root, dst)
-    write_index_and_config(dst, plan, config)
-    write_provenance(dst, ckpt, plan, mapping=result.mapping, source_hashes=hashes, options=options,
-                     origin=origin)
+        moved = changed_during_run(fingerprint, ckpt.files)
+        if moved is not None:
+            raise SourceError("changed while it was being converted (its size, mtime or ctime moved); rerun the "
+                              "same command when it no longer changes: the shards made from it are redone", file=moved)
+        result.copied_files = copy_side_files(ckpt.root, dst)
+        write_index_and_config(dst, plan, config)
+        record_manifest(dst, fingerprint, hashes)
+        write_provenance(dst, ckpt, plan, mapping=result.mapping, source_hashes=hashes, options=options,
+                         origin=origin)
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted):
+            raise
+        raise Interrupted(_resume_hint(dst, plan)) from None
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _resume_hint(dst: Path, plan: ConversionPlan) -> str:
+    """For Ctrl-C: finished shards are those renamed into place (temporary ones never are)."""
+    done = sum((dst / s.name).is_file() for s in plan.shards)
+    return f"{done} of {len(plan.shards)} shard(s) done; rerun the same command to resume"
+
+
+def _record_hashes_so_far(dst: Path, fingerprint: dict, files: list[Path], hasher: SourceHasher) -> None:
+    """An interrupted run keeps the sha256 of the source files hashed so far in its manifest (for
+    files that did not change meanwhile), so that a resume from a copy of the source can tell
+    they are the same bytes. Best effort, and quick: pending hashes are dropped."""
+    try:
+        hashes = hasher.finished()
+        if hashes and changed_during_run(fingerprint, [p for p in files if p.name in hashes]) is None:
+            record_manifest(dst, fingerprint, hashes)
+    except Exception:
+        pass

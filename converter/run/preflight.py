@@ -3,8 +3,10 @@ shapes and dtypes and the file system alone, so that a 671B conversion fails in 
 than hours in.
 
 - the source: every indexed file exists and its header parses (done by `SourceCheckpoint.open`),
-  the config is a usable DeepSeek V3 config (`check_architecture`), and the tensors (in canonical
-  names, after any name mapping) have the names, shapes and dtypes that config implies;
+  the config is a usable config of a supported model family (`check_architecture`), and the
+  tensors (in canonical names, after any name mapping) are exactly those the family and config
+  imply (families/*.yaml; MTP copies of shared tensors may be absent), with those shapes and
+  usable dtypes;
 - the destination: not the source, not inside it, not containing it, writable, and its file
   system has room for what is still to be written.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from converter.errors import OutputError, SourceError
 from converter.files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
+from converter.models.family import Family, family_of
 from converter.plan.planner import ConversionPlan
 from converter.plan.view import CanonicalTensor, CanonicalView
 from converter.run.output import (
@@ -32,46 +35,46 @@ from converter.sources.checkpoint import SCALE_SUFFIX, SourceCheckpoint, SourceF
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT_RE = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
 _HIGH_PRECISION = ("BF16", "F16", "F32")
-# MTP tensors that some trainers share with the main model instead of storing (Megatron has no
-# MTP embed_tokens or shared_head.head): absent is fine, misshapen is not.
-_MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
 _CONFIG_SLACK = 1 << 20  # config.json and mxconv.json
 
 
-def expected_tensors(config: dict, have: int, config_file: str | Path = "config.json"
-                     ) -> dict[str, tuple[int, ...]]:
-    """Canonical name -> shape of every tensor of a BF16 DeepSeek V3 checkpoint with this config
-    (`check_architecture` has validated the fields). `have` (the checkpoint's tensor count)
-    guards against a config that describes a model far larger than the files hold."""
-    from converter.models.demo import tensor_shapes
+def expected_tensors(config: dict, have: int, config_file: str | Path = "config.json", family: Family | None = None
+                     ) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Canonical name -> (shape, optional) of every tensor a high-precision checkpoint of the
+    config's family holds (`check_architecture` has validated the fields). `have` (the
+    checkpoint's tensor count) guards against a config that describes a model far larger than
+    the files hold."""
+    family = family or family_of(config, config_file)
+    try:
+        layers = config["num_hidden_layers"] + family.n_mtp(config)
+        experts = family.n_experts(config)
+        estimate = layers * (3 * experts + 25) + 3
+        if estimate > 2 * have + 1000:
+            raise SourceError(f"config.json describes a model of about {estimate} tensors "
+                              f"({config['num_hidden_layers']} layers, {experts} routed experts) but the "
+                              f"checkpoint holds {have}: "
+                              "config and weights disagree", file=config_file)
+        return {name: (shape, optional) for name, (shape, _dtype, optional) in family.tensors(config).items()}
+    except SourceError as e:
+        raise e.in_file(config_file) from None
 
-    c = dict(config, num_nextn_predict_layers=config.get("num_nextn_predict_layers") or 0)
-    layers = c["num_hidden_layers"] + c["num_nextn_predict_layers"]
-    estimate = layers * (3 * c["n_routed_experts"] + 25) + 3
-    if estimate > 2 * have + 1000:
-        raise SourceError(f"config.json describes a model of about {estimate} tensors ({c['num_hidden_layers']} "
-                          f"layers, {c['n_routed_experts']} routed experts) but the checkpoint holds {have}: "
-                          "config and weights disagree", file=config_file)
-    shapes = {name: shape for name, (shape, _dtype) in tensor_shapes(c).items()}
-    if not c["n_shared_experts"]:
-        shapes = {n: s for n, s in shapes.items() if ".mlp.shared_experts." not in n}
-    return shapes
 
-
-def check_source_tensors(ckpt: SourceCheckpoint, view: CanonicalView, fmt: SourceFormat) -> None:
+def check_source_tensors(ckpt: SourceCheckpoint, view: CanonicalView, fmt: SourceFormat,
+                         family: Family | None = None) -> None:
     """Every tensor the config implies is present (core ones at least) with that shape and a
-    usable dtype; no tensor belongs to a layer or expert the config does not have."""
+    usable dtype; no tensor is there that the family and config do not have."""
     config, tensors = ckpt.config, view.tensors
-    expected = expected_tensors(config, len(tensors), ckpt.root / CONFIG_FILE)
+    family = family or family_of(config, ckpt.root / CONFIG_FILE)
+    expected = expected_tensors(config, len(tensors), ckpt.root / CONFIG_FILE, family)
     n_layers = config["num_hidden_layers"]
-    total_layers = n_layers + (config.get("num_nextn_predict_layers") or 0)
+    total_layers = n_layers + family.n_mtp(config)
     present_layers = {int(m[1]) for m in map(_LAYER_RE.match, tensors) if m}
     mtp_present = {layer for layer in range(n_layers, total_layers) if layer in present_layers}
     missing = []
-    for name, shape in expected.items():
+    for name, (shape, optional) in expected.items():
         t = tensors.get(name)
         if t is None:
-            if not _optional(name, config, n_layers, total_layers, mtp_present):
+            if not _optional(name, optional, config, n_layers, total_layers, mtp_present):
                 missing.append(name)
             continue
         if t.shape != tuple(shape):
@@ -81,6 +84,7 @@ def check_source_tensors(ckpt: SourceCheckpoint, view: CanonicalView, fmt: Sourc
                                                   and len(shape) == 2):
             raise SourceError(f"dtype {t.dtype} where a floating-point weight is expected", file=t.file,
                               tensor=_label(t))
+    n_experts = family.n_experts(config)
     for name, t in tensors.items():
         if name in expected or name.endswith(SCALE_SUFFIX):
             continue  # scales are checked against their weights by detect_format
@@ -90,10 +94,11 @@ def check_source_tensors(ckpt: SourceCheckpoint, view: CanonicalView, fmt: Sourc
                               f" + {total_layers - n_layers} MTP: config and weights disagree",
                               file=t.file, tensor=_label(t))
         expert = _EXPERT_RE.match(name)
-        if expert and int(expert[1]) >= config["n_routed_experts"]:
-            raise SourceError(f"tensor of expert {expert[1]}, but config.json has n_routed_experts "
-                              f"{config['n_routed_experts']}: config and weights disagree", file=t.file,
-                              tensor=_label(t))
+        if expert and int(expert[1]) >= n_experts:
+            raise SourceError(f"tensor of expert {expert[1]}, but config.json has {family.experts} "
+                              f"{n_experts}: config and weights disagree", file=t.file, tensor=_label(t))
+        raise SourceError(f"a {family.name} checkpoint with this config.json has no such tensor (extra tensor, or "
+                          "config and weights disagree)", file=t.file, tensor=_label(t))
     if missing:
         where = ckpt.root / (INDEX_FILE if (ckpt.root / INDEX_FILE).exists() else SINGLE_FILE)
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -101,13 +106,14 @@ def check_source_tensors(ckpt: SourceCheckpoint, view: CanonicalView, fmt: Sourc
                           tensor=missing[0])
 
 
-def _optional(name: str, config: dict, n_layers: int, total_layers: int, mtp_present: set[int]) -> bool:
+def _optional(name: str, optional: bool, config: dict, n_layers: int, total_layers: int,
+              mtp_present: set[int]) -> bool:
     if name == "lm_head.weight" and config.get("tie_word_embeddings"):
         return True
     m = _LAYER_RE.match(name)
     if m and n_layers <= int(m[1]) < total_layers:
         # A checkpoint without its MTP layer still serves the main model; a partial one is broken.
-        return int(m[1]) not in mtp_present or name.endswith(_MTP_SHARED)
+        return int(m[1]) not in mtp_present or optional
     return False
 
 
@@ -149,11 +155,11 @@ def _dir_id(path: Path) -> tuple[int, int] | None:
 
 
 def preflight_destination(src_root: str | Path, dst: str | Path, fingerprint: dict, plan: ConversionPlan,
-                          overwrite: bool) -> DestinationState:
+                          overwrite: bool, src_files: list[Path] | None = None) -> DestinationState:
     """The destination checks, then what DST already holds, then whether what is left to write
-    fits on its disk. Changes nothing."""
+    fits on its disk. Changes nothing (it may read `src_files`, to tell whether they changed)."""
     check_destination(src_root, dst)
-    state = inspect_destination(Path(dst), fingerprint, plan, overwrite, Path(src_root))
+    state = inspect_destination(Path(dst), fingerprint, plan, overwrite, Path(src_root), src_files)
     if not state.complete:
         todo = [s for s in plan.shards if s.name not in state.done_shards]
         side = sum((Path(src_root) / rel).stat().st_size for rel in side_files(Path(src_root)))

@@ -37,8 +37,9 @@ def describe_plan(ckpt: SourceCheckpoint, plan: ConversionPlan, mapping: str, ve
 
 def describe_result(result: ConversionResult) -> str:
     plan = result.plan
+    notes = "".join(f"\n  {note}" for note in result.source_notes)
     if result.already_complete:
-        return f"{result.dst}: already complete, nothing to do (same source, recipe and options)"
+        return f"{result.dst}: already complete, nothing to do (same source, recipe and options)" + notes
     rate = format_size(plan.input_bytes / result.seconds) + "/s" if result.seconds else "-"
     resumed = f", resumed ({result.skipped_shards} shard(s) already done)" if result.skipped_shards else ""
     if result.cluster:
@@ -51,4 +52,4 @@ def describe_result(result: ConversionResult) -> str:
     return (f"wrote {result.dst}: {len(plan.shards)} shard(s), {format_size(plan.total_size)} "
             f"in {result.seconds:.2f} s ({rate} of input){resumed}\n"
             f"  {c.get('mxfp8', 0)} MXFP8, {c.get('dequantized_bf16', 0)} dequantized to BF16, "
-            f"{c.get('copied', 0)} copied; " + kept + f"; {len(result.copied_files)} other file(s) copied")
+            f"{c.get('copied', 0)} copied; " + kept + f"; {len(result.copied_files)} other file(s) copied" + notes)

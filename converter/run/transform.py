@@ -35,9 +35,10 @@ def to_mxfp8(op: Operand, load: Loader, recipe: Recipe, out: tuple[torch.Tensor,
         return relayout_ue8m0(weight, load(op.scale), name=op.weight, allow_nonfinite=recipe.allow_nonfinite)
     if op.prep == FROM_FP8:
         return requantize_fp8_block(weight, load(op.scale), recipe.scale_rule,
-                                    allow_nonfinite=recipe.allow_nonfinite, name=op.weight, out=out)
+                                    allow_nonfinite=recipe.allow_nonfinite, name=op.weight, out=out,
+                                    scale_zero=recipe.scale_zero_blocks)
     return quantize_mxfp8(weight, recipe.scale_rule, allow_nonfinite=recipe.allow_nonfinite, name=op.weight,
-                          out=out)
+                          out=out, scale_zero=recipe.scale_zero_blocks)
 
 
 def run_job(job: Job, load: Loader, recipe: Recipe, out: dict[str, torch.Tensor] | None = None

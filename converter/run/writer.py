@@ -169,6 +169,9 @@ def write_atomic(path: Path, fill, tmp_dir: Path | None = None) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write: {e.strerror}", file=e.filename or path) from e
+    except BaseException:  # Ctrl-C: no temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_bytes_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:

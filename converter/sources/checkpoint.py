@@ -14,14 +14,13 @@ from pathlib import Path
 import torch
 
 from converter.errors import SourceError
+from converter.models.family import Family
 from converter.files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from converter.numerics.reference import fp8_block_scale_shape
 from converter.sources.safetensors import TensorInfo, read_header, read_tensor
 
 SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM", "KimiK2ForCausalLM")
-SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "kimi_k2")
 
 
 class SourceFormat(str, enum.Enum):
@@ -41,6 +40,7 @@ class SourceCheckpoint:
     tensors: dict[str, TensorInfo]
     files: list[Path]
     metadata: dict
+    family: Family | None = None  # set by check_architecture
 
     @classmethod
     def open(cls, root: str | Path) -> "SourceCheckpoint":
@@ -137,47 +137,16 @@ class SourceCheckpoint:
         _check_scales(tensors, fp8_weights, fmt)
         return fmt
 
-    def check_architecture(self) -> None:
-        """A DeepSeek V3 family config whose shape fields are usable (non-negative integers), so
-        that everything after this may rely on them."""
-        path = self.root / CONFIG_FILE
-        archs = self.config.get("architectures") or []
-        if isinstance(archs, str):
-            archs = [archs]
-        model_type = self.config.get("model_type")
-        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-            raise SourceError(f"architectures must be a list of names, got {archs!r}", file=path)
-        if not isinstance(model_type, (str, type(None))):
-            raise SourceError(f"model_type must be a string, got {model_type!r}", file=path)
-        if not (set(archs) & set(SUPPORTED_ARCHITECTURES) or model_type in SUPPORTED_MODEL_TYPES):
-            raise SourceError(f"unsupported architecture {archs or model_type!r}; mxconv converts DeepSeek V3 "
-                              f"family models ({', '.join(SUPPORTED_ARCHITECTURES)})", file=path)
-        for key, minimum in CONFIG_INTS.items():
-            _config_int(self.config, key, minimum, path, required=True)
-        for key, minimum in OPTIONAL_CONFIG_INTS.items():
-            _config_int(self.config, key, minimum, path, required=False)
-        if self.config["first_k_dense_replace"] > self.config["num_hidden_layers"]:
-            raise SourceError(f"first_k_dense_replace {self.config['first_k_dense_replace']} exceeds "
-                              f"num_hidden_layers {self.config['num_hidden_layers']}", file=path)
+    def check_architecture(self) -> "Family":
+        """The model family of this config (families/*.yaml), whose shape fields are usable
+        (non-negative integers, family rules hold), so that everything after this may rely on them.
+        Unknown families are refused with the list of supported ones."""
+        from converter.models.family import family_of
 
-
-# config.json fields the DeepSeek V3 tensor shapes are made of: key -> smallest valid value.
-CONFIG_INTS = {
-    "vocab_size": 1, "hidden_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
-    "intermediate_size": 1, "moe_intermediate_size": 1, "first_k_dense_replace": 0, "n_routed_experts": 1,
-    "n_shared_experts": 0, "kv_lora_rank": 1, "qk_nope_head_dim": 1, "qk_rope_head_dim": 0, "v_head_dim": 1,
-}
-OPTIONAL_CONFIG_INTS = {"q_lora_rank": 1, "num_nextn_predict_layers": 0}  # null or absent is fine
-
-
-def _config_int(config: dict, key: str, minimum: int, path: Path, required: bool) -> None:
-    value = config.get(key)
-    if value is None and not required:
-        return
-    if value is None:
-        raise SourceError(f"config.json lacks {key}, which a DeepSeek V3 model needs", file=path)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise SourceError(f"{key} must be an integer >= {minimum}, got {value!r}", file=path)
+        family = family_of(self.config, self.root / CONFIG_FILE)
+        family.check_config(self.config, self.root / CONFIG_FILE)
+        self.family = family
+        return family
 
 
 def _weight_file(root: Path, fname: str, index_path: Path) -> Path:

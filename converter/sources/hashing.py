@@ -103,6 +103,16 @@ class SourceHasher:
             return self
         return self._launch()
 
+    def finished(self) -> dict[str, str]:
+        """The hashes done so far, of files unchanged since hashing began; drops the pending
+        ones (an interrupted conversion)."""
+        target = self.adopted or self
+        if target.pool is not None:
+            target.pool.shutdown(wait=False, cancel_futures=True)
+        done = {p for p, f in list(target.futures.items()) if f.done() and not f.cancelled() and f.exception() is None}
+        return {p.name: target.hashes[p.name] for p in done
+                if p.name in target.hashes and _stamp(p) == target.stamps.get(p)}
+
     def result(self) -> dict[str, str]:
         self.release_all()  # files the conversion never read (resumed runs, unused shards)
         if self.adopted is not None:
@@ -163,3 +173,25 @@ def start_early(src: str | os.PathLike) -> None:
         return
     with _early_lock:
         _early[tuple(str(p.resolve()) for p in files)] = hasher
+
+
+def sha256_files(files: list[Path], checkpoint_files: list[Path]) -> dict[str, str]:
+    """sha256 of `files` (by name), now: a resume's check of files that may have changed. Uses
+    the `start_early` hasher of the same checkpoint (`checkpoint_files`) when there is one, so
+    no file is hashed twice; otherwise hashes in a pool of its own."""
+    with _early_lock:
+        early = _early.get(tuple(str(p.resolve()) for p in checkpoint_files))
+    if early is not None and early.pool is not None:
+        for path in files:
+            early.release(path)
+        wanted = {early.by_real.get(Path(p).resolve(), Path(p)) for p in files}
+        try:
+            for path, future in list(early.futures.items()):
+                if path in wanted:
+                    future.result()
+            if all(_stamp(p) == early.stamps.get(p) for p in wanted):
+                return {p.name: early.hashes[p.name] for p in wanted}
+        except Exception:  # the early hash failed or is stale: hash again below
+            pass
+    hasher = SourceHasher(files)._launch()
+    return hasher.result()

@@ -27,9 +27,6 @@ CHECKS = (COVERAGE, CONFIG, BYTES, NUMERICS, LOGITS)
 HIGH_PRECISION_DTYPES = ("BF16", "F16", "F32")
 # The `__metadata__["format"]` values transformers accepts when it loads a safetensors file.
 _KNOWN_FORMATS = ("pt", "tf", "flax", "mlx")
-# Modules SGLang must load in high precision whatever the recipe says (SPEC 1 and 2): kv_b_proj
-# (MLA uses it along two axes), and everything the FP8 release itself never quantized.
-_ALWAYS_HIGH_PRECISION = ("kv_b_proj", "embed_tokens", "lm_head", "mlp.gate", "eh_proj", "shared_head.head")
 EXPECTED_QUANT_CONFIG = {"quant_method": "mxfp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                          "weight_block_size": [1, MX_BLOCK], "scale_fmt": "ue8m0"}
 
@@ -264,10 +261,6 @@ def _module_of(name: str) -> str | None:
     return None
 
 
-def _must_stay_high_precision(module: str) -> bool:
-    return any(f".{m}." in f".{module}." for m in _ALWAYS_HIGH_PRECISION)
-
-
 def check_config(plan: ConversionPlan, src: SourceCheckpoint, dest: Destination, failures: list[Failure]) -> None:
     """`quantization_config` against the tensors DST really holds, and the rest against the source."""
     def fail(message, tensor=None):
@@ -276,6 +269,7 @@ def check_config(plan: ConversionPlan, src: SourceCheckpoint, dest: Destination,
     config = dest.config
     if config is None:
         return  # reported by read_destination
+    family = src.family
     for key in sorted((set(src.config) | set(config)) - {"quantization_config"}):
         if src.config.get(key) != config.get(key):
             fail(f"config key {key!r} is {config.get(key)!r}, the source has {src.config.get(key)!r}")
@@ -308,9 +302,11 @@ def check_config(plan: ConversionPlan, src: SourceCheckpoint, dest: Destination,
             if module_listed(module, skip):
                 failures.append(Failure(CONFIG, name, "MXFP8 weight whose module is in modules_to_not_convert: "
                                                       "SGLang would load its e4m3 bytes as BF16"))
-            if _must_stay_high_precision(module):
-                failures.append(Failure(CONFIG, name, "quantized, but this module must stay BF16 (kv_b_proj, "
-                                                      "embeddings, lm_head, router, MTP eh_proj/shared_head)"))
+            if family is not None and family.must_stay_high_precision(module):
+                # SGLang builds these without a quant_config, whatever the recipe says (SPEC 1 and 2)
+                failures.append(Failure(CONFIG, name, f"quantized, but this module must stay BF16: SGLang loads it "
+                                                      f"unquantized in a {family.name} model "
+                                                      f"({', '.join(family.high_precision)})"))
         elif (info.dtype in HIGH_PRECISION_DTYPES and len(info.shape) == 2 and name.endswith(".weight")
               and "embed_tokens" not in name and not module_listed(module, skip)):
             failures.append(Failure(CONFIG, name, f"{info.dtype} linear weight not in modules_to_not_convert: "

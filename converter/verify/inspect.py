@@ -1,7 +1,8 @@
 """`mxconv inspect PATH`: what a checkpoint is, from its config, index and shard headers alone
 (no tensor data is read, so it takes a moment even for 671B): architecture, precision and
-quantization format, MoE layout, tensor counts and sizes, modules kept in high precision, MTP,
-and, for mxconv outputs, whether the conversion is complete and verified."""
+quantization format, model family (families/*.yaml), MoE layout, tensor counts and sizes, modules
+kept in high precision, MTP, and, for mxconv outputs, whether the conversion is complete and
+verified."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from converter.errors import MxconvError
 from converter.files import PROVENANCE_FILE, STATE_DIR, VERIFY_REPORT_FILE
+from converter.models.family import family_or_none
 from converter.numerics.reference import MX_BLOCK
 from converter.plan.planner import natural_key
 from converter.sources.checkpoint import scale_name
@@ -38,15 +40,15 @@ def _precision(tensors: dict, qc: dict | None) -> str:
         if linear else "unknown"
 
 
-def _moe(tensors: dict, config: dict, qc: dict | None) -> dict:
+def _moe(tensors: dict, config: dict, qc: dict | None, family) -> dict:
     packed = [n for n in tensors if n.endswith(".w13_weight")]
     canonical = [n for n in tensors if re.search(r"\.experts\.\d+\.(gate|up|down)_proj\.weight$", n)]
     layers = {int(m.group(1)) for n in packed + canonical if (m := _LAYER_RE.match(n))}
     layout = "trtllm (FlashInfer pre-shuffled)" if packed else "canonical" if canonical else "none"
     if packed and canonical:
         layout = "mixed (pre-shuffled and canonical experts)"
-    return {"layout": layout, "routed_experts": config.get("n_routed_experts"),
-            "shared_experts": config.get("n_shared_experts"), "moe_layers": len(layers),
+    return {"layout": layout, "routed_experts": family.n_experts(config) if family else config.get("n_routed_experts"),
+            "shared_experts": config.get("n_shared_experts") or 0, "moe_layers": len(layers),
             "layout_in_config": bool(isinstance(qc, dict) and qc.get("moe_weight_layout"))}
 
 
@@ -98,16 +100,19 @@ def inspect_checkpoint(path: str | Path) -> dict:
                        and i.dtype in HIGH_PRECISION_DTYPES and "embed_tokens" not in n}, key=natural_key)
     verify, why = read_json(root / VERIFY_REPORT_FILE)
     archs = config.get("architectures") or []
+    family = family_or_none(config)
     return {
         "path": str(root),
         "architecture": archs[0] if archs else None,
         "model_type": config.get("model_type"),
+        "family": family.name if family else None,
         "hidden_layers": num_layers or None,
-        "mtp": {"layers_in_config": config.get("num_nextn_predict_layers", 0), "present": bool(mtp_layers)},
+        "mtp": {"layers_in_config": family.n_mtp(config) if family else config.get("num_nextn_predict_layers", 0),
+                "present": bool(mtp_layers)},
         "precision": precision,
         "quantization": ({k: qc.get(k) for k in ("quant_method", "fmt", "weight_block_size", "scale_fmt",
                                                  "activation_scheme") if k in qc} if qc else None),
-        "moe": _moe(tensors, config, qc),
+        "moe": _moe(tensors, config, qc, family),
         "tensors": {"count": len(tensors), "by_dtype": dict(sorted(by_dtype.items()))},
         "size": {"tensor_bytes": sum(i.nbytes for i in tensors.values()), "files": len(dest.files),
                  "file_bytes": sum(p.stat().st_size for p in dest.files if p.exists()),
@@ -136,6 +141,7 @@ def format_inspect(info: dict) -> str:
     rows = [
         ("path", info["path"]),
         ("architecture", f"{info['architecture']} ({info['model_type']}), {info['hidden_layers']} decoder layers"),
+        ("family", f"{info['family']}" if info["family"] else "unknown to mxconv"),
         ("MTP layer", ("present" if info["mtp"]["present"] else "absent")
          + f" (num_nextn_predict_layers {info['mtp']['layers_in_config']})"),
         ("precision", info["precision"]),

@@ -349,8 +349,11 @@ def check_jobs(plan: ConversionPlan, view: CanonicalView, dest: Destination, dev
     if workers == 1:
         results = [run_one(j) for j in jobs]
     else:
-        with ThreadPoolExecutor(workers, thread_name_prefix="mxconv-verify") as pool:
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="mxconv-verify")
+        try:
             results = list(pool.map(run_one, jobs))
+        finally:  # Ctrl-C: drop the queued jobs and return now, not after the running ones
+            pool.shutdown(wait=False, cancel_futures=True)
     failures = [f for r in results for f in r[0]]
     numerics = sorted((n for r in results for n in r[1]), key=lambda n: natural_key(n.name))
     return failures, numerics, len(jobs), skipped

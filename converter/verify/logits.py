@@ -1,5 +1,6 @@
 """Model-level check of `mxconv verify --logits`: the source and the dequantized destination, each
-loaded into transformers' `DeepseekV3ForCausalLM` in float32, run on the same fixed token ids;
+loaded into the transformers model class of their family (families/*.yaml `logits`:
+`DeepseekV3ForCausalLM`, `Qwen3MoeForCausalLM`) in float32, run on the same fixed token ids;
 their logits are compared (cosine, top-1 agreement, KL).
 
 For models that fit in memory (the tiny demo model in the tests; nothing near 671B). One model
@@ -16,7 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from converter.errors import VerifyError
+from converter.errors import MxconvError, VerifyError
 from converter.numerics.dispatch import dequantize_fp8_block, dequantize_mxfp8
 from converter.plan.view import CanonicalView
 from converter.sources.checkpoint import SCALE_SUFFIX
@@ -26,7 +27,6 @@ TOKEN_SEED = 20250101
 BATCH, SEQ_LEN = 4, 32
 _EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
-SUPPORTED_MODEL_TYPES = ("deepseek_v3",)
 
 
 @dataclass
@@ -45,11 +45,14 @@ class LogitsResult:
                 "token_ids": {"seed": TOKEN_SEED, "batch": BATCH, "seq_len": SEQ_LEN}}
 
 
-def require_transformers() -> None:
+def require_transformers(classes: tuple[str, ...] = ("DeepseekV3Config", "DeepseekV3ForCausalLM")) -> tuple:
+    """The transformers classes named, or a VerifyError saying how to get them."""
     try:
-        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: F401
-    except ImportError as e:
-        raise VerifyError("--logits needs transformers with DeepseekV3ForCausalLM (pip install 'mxconv[test]'): "
+        import transformers
+
+        return tuple(getattr(transformers, c) for c in classes)
+    except (ImportError, AttributeError) as e:
+        raise VerifyError(f"--logits needs transformers with {classes[-1]} (pip install 'mxconv[test]'): "
                           f"{e}") from None
 
 
@@ -110,9 +113,10 @@ class _ModelFiller:
     """Copies canonical tensors into the model's state, fusing routed experts where transformers
     stores them as one [E, 2I, H] gate_up_proj (gate rows first) and one [E, H, I] down_proj."""
 
-    def __init__(self, model: torch.nn.Module, num_hidden_layers: int):
+    def __init__(self, model: torch.nn.Module, num_hidden_layers: int, model_name: str = "the model"):
         self.state = model.state_dict(keep_vars=True)
         self.num_hidden_layers = num_hidden_layers
+        self.model_name = model_name
 
     def _needed(self) -> set[tuple[str, tuple | None]]:
         need = set()
@@ -144,7 +148,7 @@ class _ModelFiller:
                 continue  # MTP / NextN layer: transformers has no module for it
             key = self._target(name)
             if key is None:
-                raise VerifyError(f"{what} tensor {name} has no place in transformers' DeepseekV3ForCausalLM")
+                raise VerifyError(f"{what} tensor {name} has no place in transformers' {self.model_name}")
             slot = self._slot(*key)
             value = thunk()
             if tuple(slot.shape) != tuple(value.shape):
@@ -172,20 +176,25 @@ class _ModelFiller:
 def compare_logits(view: CanonicalView, dest: Destination, config: dict, *, min_cosine: float,
                    min_top1_agreement: float, max_kl: float, device: str | torch.device = "cpu") -> LogitsResult:
     """Raises VerifyError when the models cannot be built or filled; threshold misses are `problems`."""
-    require_transformers()
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from converter.models.family import family_of
 
-    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise VerifyError(f"--logits supports model_type {SUPPORTED_MODEL_TYPES}, not {config.get('model_type')!r}")
+    try:
+        family = family_of(config)
+    except MxconvError as e:
+        raise VerifyError(f"--logits: {e.message}") from None
+    if not family.logits:
+        raise VerifyError(f"--logits is not available for {family.name} models: transformers has no model "
+                          "class for them")
+    config_class, model_class = require_transformers((family.logits["config"], family.logits["model"]))
     cfg = {k: v for k, v in config.items() if k not in ("quantization_config", "torch_dtype", "dtype")}
     try:
-        hf_config = DeepseekV3Config(**cfg)
+        hf_config = config_class(**cfg)
         hf_config._attn_implementation = "eager"
         torch.manual_seed(0)
-        model = DeepseekV3ForCausalLM(hf_config).to(torch.float32).eval()
+        model = model_class(hf_config).to(torch.float32).eval()
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a config it cannot take
-        raise VerifyError(f"transformers cannot build DeepseekV3ForCausalLM from this config.json: {e}") from None
-    filler = _ModelFiller(model, int(config.get("num_hidden_layers", 0)))
+        raise VerifyError(f"transformers cannot build {model_class.__name__} from this config.json: {e}") from None
+    filler = _ModelFiller(model, int(config.get("num_hidden_layers", 0)), model_class.__name__)
     tokens = fixed_token_ids(int(config["vocab_size"]))
     model.to(device)
     outputs = []

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from converter.errors import MxconvError, VerifyError
 from converter.files import CONFIG_FILE, PROVENANCE_FILE, VERIFY_REPORT_FILE
+from converter.models.family import family_or_none
 from converter.plan.recipe import Recipe, load_recipe, recipe_from_dict
 from converter.run.execute import resolve_devices
 from converter.run.pipeline import DEFAULT_RECIPE
@@ -47,7 +48,7 @@ def _expected_recipe(dst: Path, report: VerifyReport) -> tuple[Recipe, str]:
     """The recipe and mapping DST says it was made with; the built-in default when it cannot say."""
     path = dst / PROVENANCE_FILE
     prov, why = read_json(path)
-    fallback = f"checking against the built-in recipe {DEFAULT_RECIPE}"
+    fallback = "checking against the family's default recipe"
     if prov is None:
         report.failures.append(Failure(COVERAGE, None, f"{PROVENANCE_FILE} is {why}: the conversion is incomplete "
                                                        f"(mxconv writes it last) or not made by mxconv; {fallback}",
@@ -72,7 +73,9 @@ def _default_recipe(dst: Path) -> Recipe:
     config, _ = read_json(dst / CONFIG_FILE)
     qc = (config or {}).get("quantization_config")
     trtllm = isinstance(qc, dict) and qc.get("moe_weight_layout") is not None
-    return load_recipe(DEFAULT_RECIPE).with_options(moe_layout="trtllm" if trtllm else None)
+    family = family_or_none(config or {})
+    return load_recipe(family.default_recipe() if family else DEFAULT_RECIPE).with_options(
+        moe_layout="trtllm" if trtllm else None)
 
 
 def verify_checkpoint(src: str | Path, dst: str | Path, *, device: str = "cpu", workers: int | None = None,

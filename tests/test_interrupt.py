@@ -1,0 +1,128 @@
+"""Ctrl-C (SIGINT) says what happened in one line, exits 130, leaves no temporary file and no
+marker that looks complete, and the same command resumes (GitHub issue 19)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from cli_process import MxconvProcess, run_mxconv
+from test_reliability import assert_same_tree, finished_shards, leftovers
+
+from converter.files import MANIFEST_FILE, PROVENANCE_FILE, STATE_DIR, VERIFY_REPORT_FILE
+from converter.run.output import incomplete_reason
+
+SHARD = "100KB"  # the tiny FP8 checkpoint becomes about 40 output shards
+
+
+@pytest.fixture(scope="module")
+def src(tiny_sources):
+    return tiny_sources["fp8"]
+
+
+@pytest.fixture(scope="module")
+def reference(src, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("reference") / "dst"
+    result = run_mxconv(["convert", src, dst, "-q", "--max-shard-size", SHARD], dst.parent / "logs")
+    assert result.returncode == 0, result.stderr
+    return dst
+
+
+def test_sigint_during_convert_says_so_exits_130_and_the_rerun_resumes(src, reference, tmp_path):
+    planned = finished_shards(reference)
+    argv = ["convert", src, None, "--max-shard-size", SHARD]  # progress bars on
+    for attempt in range(10):  # the tiny conversion may finish before the signal lands: try again
+        dst, logs = tmp_path / f"dst-{attempt}", tmp_path / "logs"
+        argv[2] = dst
+        proc = MxconvProcess(argv, logs)
+        deadline = time.monotonic() + 60
+        while proc.alive() and time.monotonic() < deadline:
+            if (dst / STATE_DIR / MANIFEST_FILE).exists() and finished_shards(dst) >= 1 + attempt % 3:
+                break
+            time.sleep(0.0005)
+        sent = time.monotonic()
+        os.kill(proc.proc.pid, signal.SIGINT)
+        result = proc.wait()
+        stopped = time.monotonic() - sent
+        if not (dst / PROVENANCE_FILE).exists():
+            break
+        assert result.returncode in (0, 130)
+    else:
+        pytest.skip("the conversion always finished before SIGINT arrived")
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr
+    done = finished_shards(dst)
+    last = result.stderr.rstrip("\n").splitlines()[-1]
+    assert last == f"mxconv: interrupted: {done} of {planned} shard(s) done; rerun the same command to resume"
+    assert result.stderr.count("mxconv: interrupted") == 1
+    assert 0 < done < planned
+    assert stopped < 10  # the workers stopped at their current piece
+    assert not leftovers(dst)  # partial shards were removed, no temporary file looks complete
+    assert incomplete_reason(dst) is not None and not (dst / PROVENANCE_FILE).exists()
+    again = run_mxconv(argv + ["-q"], logs)
+    assert again.returncode == 0, again.stderr
+    assert f"resumed ({done} shard(s) already done)" in again.stdout
+    assert_same_tree(dst, reference)
+
+
+def test_interrupted_verify_writes_no_report(src, reference, tmp_path, monkeypatch):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    import converter.verify.runner
+    from converter.cli import app
+
+    dst = tmp_path / "dst"
+    shutil.copytree(reference, dst)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(converter.verify.runner, "check_jobs", interrupted)
+    result = CliRunner().invoke(app, ["verify", str(src), str(dst), "-q"])
+    assert result.exit_code == 130
+    assert result.stderr == "mxconv: interrupted: verify stopped, no report written; rerun the same command to verify\n"
+    assert "Traceback" not in result.output
+    assert not (dst / VERIFY_REPORT_FILE).exists() and not leftovers(dst)
+    # the same inside `convert --verify`: the conversion is finished, a rerun verifies again
+    result = CliRunner().invoke(app, ["convert", str(src), str(dst), "-q", "--max-shard-size", SHARD, "--verify"])
+    assert result.exit_code == 130 and "already complete" in result.stdout
+    assert result.stderr.endswith("mxconv: interrupted: verify stopped, no report written; rerun the same "
+                                  "command to verify\n")
+    monkeypatch.undo()
+    result = CliRunner().invoke(app, ["verify", str(src), str(dst), "-q"])
+    assert result.exit_code == 0 and (dst / VERIFY_REPORT_FILE).exists()
+
+
+def test_ctrl_c_in_an_atomic_write_leaves_no_temporary_file(tmp_path):
+    from converter.run.writer import write_atomic
+
+    def fill(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(tmp_path / "config.json", fill)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_library_call_is_still_a_keyboard_interrupt(src, tmp_path, monkeypatch):
+    """`convert()` raises Interrupted, a KeyboardInterrupt carrying the CLI's message."""
+    import converter.run.pipeline
+    from converter.errors import Interrupted
+
+    real = converter.run.pipeline.execute
+
+    def two_shards(todo, *args, **kwargs):
+        real(todo[:2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(converter.run.pipeline, "execute", two_shards)
+    with pytest.raises(Interrupted) as err:
+        converter.run.pipeline.convert(src, tmp_path / "dst", max_shard_size=SHARD, quiet=True)
+    assert isinstance(err.value, KeyboardInterrupt)
+    assert err.value.message.startswith("2 of ") and Path(tmp_path / "dst").is_dir()
