@@ -137,6 +137,17 @@ def test_command_line_through_a_ray_client_address(cluster, tiny_sources, plain,
     same_conversion(tmp_path / "dst", want)
 
 
+def test_command_line_with_a_local_ray_instance(cluster, tiny_sources, plain, tmp_path):
+    """`--ray local` starts a Ray instance of its own on this machine (one node) and stops it."""
+    src = tiny_sources["fp8"]
+    want = plain("fp8-deepseek_v3_mxfp8", src, recipe="deepseek_v3_mxfp8")
+    result = MxconvProcess(["convert", src, tmp_path / "dst", "-q", "--max-shard-size", SHARD, "--ray", "local"],
+                           tmp_path / "logs").wait(180)
+    assert result.returncode == 0, result.stderr
+    assert "on 1 Ray node(s)" in result.stdout
+    same_conversion(tmp_path / "dst", want)
+
+
 def test_megatron_names_and_unshuffle_on_the_cluster(cluster, tiny_sources, plain, tmp_path):
     src = rename_checkpoint(tiny_sources["fp8"], tmp_path / "megatron", "megatron", absent=MEGATRON_ABSENT)
     want = plain("megatron", src)
