@@ -161,25 +161,27 @@ def run_group(spec: SourceSpec, dst: str, token: Token, shards: list, recipe, de
     except OSError:
         seen = None
     if seen != token.value:
-        raise OutputError(f"node {host} does not see the destination the driver writes (no {token.name} in its "
-                          "state directory): every node needs SRC and DST at the same paths", file=dst)
+        raise OutputError(f"node {node_id[:8]} ({host}) does not see the destination the driver writes (no "
+                          f"{token.name} in its state directory): every node needs SRC and DST at the same paths",
+                          file=dst)
     from converter.run.execute import execute, resolve_devices
     from converter.run.output import shard_is_done
     from converter.sources.hashing import SourceHasher
 
     view = open_view(spec)
     todo = [s for s in shards if not shard_is_done(Path(dst) / s.name, s)]
-    skipped = sum(j.input_bytes for s in shards if s not in todo for j in s.jobs)
+    written = {s.name for s in todo}
+    skipped = sum(j.input_bytes for s in shards if s.name not in written for j in s.jobs)
     reporter = _Reporter(board, key, skipped)
     hasher = SourceHasher([Path(spec.root) / rel for rel in hash_files]).start()
     try:
         execute(todo, view, Path(dst), recipe, resolve_devices(device, workers), reporter.add,
                 reading=hasher.release, partial_tag=f".{node_id[:8]}-{os.getpid()}")
     except MxconvError as e:
-        raise type(e)(f"{e.message} (on node {host})", file=e.file, tensor=e.tensor) from None
+        raise type(e)(f"{e.message} (on node {node_id[:8]}, {host})", file=e.file, tensor=e.tensor) from None
     finally:
         reporter.send()
-    return {"node": node_id, "host": host, "hashes": hasher.result(), "written": [s.name for s in todo]}
+    return {"node": node_id, "host": host, "hashes": hasher.result(), "written": sorted(written)}
 
 
 def hash_files(root: str, names: list[str]) -> dict[str, str]:
