@@ -254,6 +254,19 @@ def test_error_in_a_task_names_the_file_tensor_and_node(cluster, tiny_sources, t
     assert not [p for p in dst.rglob("*") if p.suffix in (".partial", ".tmp")]
 
 
+def test_device_cuda_runs_only_on_nodes_with_gpus_and_asks_ray_for_them(cluster, tiny_sources, tmp_path):
+    """With --device cuda each task asks Ray for a node's GPUs: only the node that has any (in
+    Ray's resources; this machine has no real one) gets work, and its task, seeing none through
+    torch, fails with the one-machine error, naming the node."""
+    gpu_node = cluster.cluster.add_node(num_cpus=1, num_gpus=2, object_store_memory=80 * MB)
+    try:
+        with pytest.raises(MxconvError, match=f"no CUDA device is available \\(on node {gpu_node.node_id[:8]}"):
+            convert(tiny_sources["fp8"], tmp_path / "dst", max_shard_size=SHARD, quiet=True, ray="auto",
+                    device="cuda")
+    finally:
+        cluster.remove(gpu_node)
+
+
 def test_unreachable_address_fails_fast(monkeypatch, tmp_path, tiny_sources):
     pytest.importorskip("ray")
     import ray
