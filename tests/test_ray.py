@@ -230,8 +230,8 @@ def test_node_that_does_not_see_the_destination_is_named(cluster, tiny_sources, 
     dst = tmp_path / "out" / "dst"
     blind = cluster.add(MXCONV_TEST_HIDE=str(tmp_path / "out"))
     try:
-        with pytest.raises(OutputError, match=f"node {blind.node_id[:8]} .*cannot see the destination {re.escape(str(dst))}"
-                           ) as e:
+        where = re.escape(str(dst))
+        with pytest.raises(OutputError, match=f"node {blind.node_id[:8]} .*cannot see the destination {where}") as e:
             convert(tiny_sources["fp8"], dst, max_shard_size=SHARD, quiet=True, ray="auto")
     finally:
         cluster.remove(blind)

@@ -271,7 +271,8 @@ def _dispatch(ray, nodes, groups, owned, rest, spec, token, dst, recipe, device,
     driver_node = ray.get_runtime_context().get_node_id()
     board = ray.remote(cluster_node.ProgressBoard).options(
         num_cpus=0, scheduling_strategy=_pinned(ray, driver_node, True)).remote()
-    hasher = ray.remote(cluster_node.hash_files).options(num_cpus=1, max_retries=MAX_RETRIES, scheduling_strategy="SPREAD")
+    hasher = ray.remote(cluster_node.hash_files).options(num_cpus=1, max_retries=MAX_RETRIES,
+                                                         scheduling_strategy="SPREAD")
     hash_refs = [hasher.remote(spec.root, rest[i::len(nodes)]) for i in range(min(len(rest), len(nodes)))]
     total = sum(j.input_bytes for g in groups for s in g for j in s.jobs)
     pending = list(range(len(groups)))
@@ -298,8 +299,8 @@ def _dispatch(ray, nodes, groups, owned, rest, spec, token, dst, recipe, device,
                     running[ref] = (k, nid)
                     load[nid] += 1
                 if pending and not nodes and not running and time.monotonic() - idle_since > _NO_NODE_GRACE:
-                    raise MxconvError(f"no node of the Ray cluster has been able to take work for {_NO_NODE_GRACE:.0f} s; "
-                                      "rerun the same command to resume when it has")
+                    raise MxconvError(f"no node of the Ray cluster has been able to take work for "
+                                      f"{_NO_NODE_GRACE:.0f} s; rerun the same command to resume when it has")
                 if nodes or running:
                     idle_since = time.monotonic()
                 if not running:
