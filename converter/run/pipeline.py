@@ -70,9 +70,10 @@ def open_source(src: str | Path, mapping: str = "auto") -> tuple[SourceCheckpoin
     return ckpt, CanonicalView(ckpt, None if identity else derivations), m.name
 
 
-def open_view(src: str, mapping: str) -> CanonicalView:
-    """The canonical view alone: how each node of a Ray cluster opens the source again."""
-    return open_source(src, mapping)[1]
+def open_view(src: str, mapping: str, **options) -> CanonicalView:
+    """The canonical view alone: how each node of a Ray cluster opens the source again (with the
+    driver's `open_source` arguments, paths absolute)."""
+    return open_source(src, mapping, **options)[1]
 
 
 def resolve_recipe(recipe: str | Path | Recipe | None, family: Family | None = None, **overrides) -> Recipe:
