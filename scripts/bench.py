@@ -10,6 +10,7 @@ subprocess, so its peak RSS is its own. Prints a table and writes JSON.
     python scripts/bench.py                  # full size: 5.6 GB BF16 + 3.2 GB FP8, 3 repeats
     python scripts/bench.py --quick          # small smoke run
     python scripts/bench.py --json out.json --workdir /big/disk --keep
+    python scripts/bench.py --ceiling        # no disk in the way: page cache -> tmpfs (bench_ceiling.py)
 """
 
 from __future__ import annotations
@@ -298,12 +299,12 @@ def plan_runs(args, precision: str, llmc_python: str | None) -> list[dict]:
                      "argv": mx + ["--device", "cpu", "--workers", str(w)], "digest_group": "canonical"})
     if args.cuda:
         n = torch.cuda.device_count()
-        w = args.gpu_workers or 2 * n
+        w = int(args.gpu_workers or 2 * n)
         runs.append({"name": f"mxconv cuda ({n} GPU{'s' if n > 1 else ''}, {w} workers)", "kind": "mxconv",
                      "argv": mx + ["--device", "cuda", "--workers", str(w)], "digest_group": "canonical",
                      "gpu": True})
     if recipe_exists(TRTLLM_RECIPE):
-        dev, w = ("cuda", args.gpu_workers or 2 * torch.cuda.device_count()) if args.cuda else ("cpu", max(args.workers))
+        dev, w = ("cuda", int(args.gpu_workers or 2 * torch.cuda.device_count())) if args.cuda else ("cpu", max(args.workers))
         runs.append({"name": f"mxconv FlashInfer layout ({dev}, {w} workers)", "kind": "mxconv",
                      "argv": mx + ["--device", dev, "--workers", str(w), "--recipe", TRTLLM_RECIPE],
                      "digest_group": "trtllm", "gpu": args.cuda})
@@ -399,11 +400,11 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write every run and the summary here")
     ap.add_argument("--repeats", type=int, help="timed runs of every row (default 3, --quick 1); the median counts")
     ap.add_argument("--precisions", default="bf16,fp8", help="source precisions: bf16,fp8")
-    ap.add_argument("--workers", default="1,2", help="CPU worker counts to time")
+    ap.add_argument("--workers", help="CPU worker counts to time (default 1,2)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="auto: also time --device cuda when a GPU is present")
-    ap.add_argument("--gpu-workers", type=int, help="workers for the CUDA rows (default 2 per GPU)")
-    ap.add_argument("--shards", type=int, default=4, help="source shards (at least 3)")
+    ap.add_argument("--gpu-workers", help="workers for the CUDA rows (default 2 per GPU; --ceiling: a list)")
+    ap.add_argument("--shards", type=int, help="source shards (at least 3; default 4, --ceiling 8)")
     ap.add_argument("--layers", type=int, help="decoder layers (default 3: one dense, two MoE); each MoE layer "
                     "adds about 1.45 GB in FP8, 2.9 GB in BF16. Startup (Python, torch, CUDA) costs seconds, "
                     "so on fast machines a bigger checkpoint measures the steady state better")
@@ -415,8 +416,26 @@ def main() -> int:
                          "source is read from disk every time). Default: the source stays cached, every "
                          "destination is deleted and synced before the next run")
     ap.add_argument("--llmc-repeats", type=int, default=1, help="timed llm-compressor runs (it is slow)")
+    ap.add_argument("--ceiling", action="store_true", help="mxconv's own ceiling: source in the page cache, "
+                    "destinations on tmpfs; rows for cp, a parallel copy (one cp per shard) and mxconv at several "
+                    "worker counts on CPU and CUDA (defaults then: --workers 4,8,16, --gpu-workers 2,4,16, "
+                    "--shards 8, 2 repeats)")
+    ap.add_argument("--dest-dir", default="/dev/shm/mxconv-ceiling", help="--ceiling: where outputs go (tmpfs)")
+    ap.add_argument("--compare", type=Path, help="--ceiling: also time the mxconv rows of this other checkout "
+                    "(rows named 'before: ...')")
+    ap.add_argument("--variants", help="--ceiling: extra mxconv rows with environment variables set, as "
+                    "'name:VAR=VALUE,VAR=VALUE;name2:...' (the fewest and the most CPU workers)")
     args = ap.parse_args()
-    args.workers = [int(w) for w in args.workers.split(",")]
+    if args.ceiling:
+        import bench_ceiling
+
+        args.workers = [int(w) for w in (args.workers or "4,8,16").split(",")]
+        args.gpu_worker_list = [int(w) for w in str(args.gpu_workers or "2,4,16").split(",")]
+        args.repeats = args.repeats or (1 if args.quick else 2)
+        args.shards = args.shards or 8
+        return bench_ceiling.ceiling(args, _timed)
+    args.workers = [int(w) for w in (args.workers or "1,2").split(",")]
+    args.shards = args.shards or 4
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     config = dict(QUICK_CONFIG if args.quick else FULL_CONFIG)

@@ -120,10 +120,11 @@ def test_out_buffers_are_filled_and_returned(backend):
     assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0)
 
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_shard_writer_assembles_any_order_any_alignment(tmp_path, direct):
+@pytest.mark.parametrize("direct,mapped", [(True, False), (False, False), (False, True)])
+def test_shard_writer_assembles_any_order_any_alignment(tmp_path, direct, mapped):
     """Tensors and row pieces of odd sizes, written from 4 threads in random order, some from
-    memory at the right O_DIRECT phase and some not: the file is the header then the bytes."""
+    memory at the right O_DIRECT phase and some not, or (mapped) some filled in place: the file
+    is the header then the bytes."""
     rng = random.Random(11)
     planned = [PlannedTensor(f"t{i}", "U8", (rng.randint(1, 40), rng.choice([1, 7, 100, 4096, 5000])))
                for i in range(40)]
@@ -135,13 +136,17 @@ def test_shard_writer_assembles_any_order_any_alignment(tmp_path, direct):
         for a, b in zip([0] + cut, cut + [rows]):
             parts.append((t.name, a, b))
     rng.shuffle(parts)
-    with ShardWriter(tmp_path / "s.safetensors", tmp_path / "s.partial", planned, direct=direct) as w:
+    with ShardWriter(tmp_path / "s.safetensors", tmp_path / "s.partial", planned, direct=direct, mapped=mapped) as w:
         assert (w.direct is not None) == (direct and direct_io.open_direct(tmp_path / "probe", 1) is not None)
+        assert w.mapped == mapped
 
         def write(chunk):
             for name, a, b in chunk:
                 src = data[name][a:b]
-                if rng.random() < 0.5:  # at the phase that lets O_DIRECT take it without a copy
+                if mapped and rng.random() < 0.5:  # filled in place, then recorded without a copy
+                    region = w.region(name, a, b - a)
+                    src = region.view(src.shape).copy_(src)
+                elif rng.random() < 0.5:  # at the phase that lets O_DIRECT take it without a copy
                     base = torch.empty(src.numel() + 4096, dtype=torch.uint8)
                     skip = (w.phase(name, a) - base.data_ptr()) % 4096
                     src = base[skip:skip + src.numel()].view(src.shape).copy_(src)
@@ -214,6 +219,55 @@ def test_o_direct_unavailable_falls_back_to_buffered_writes(tiny_sources, unspli
     converter.convert(tiny_sources["fp8"], tmp_path / "o", quiet=True, workers=2)
     got, want = load_all(tmp_path / "o"), load_all(unsplit["fp8"])
     assert all(same_bytes(got[n], want[n]) for n in want) and sorted(got) == sorted(want)
+
+
+@pytest.mark.parametrize("source", ["bf16", "fp8", "fp8_ue8m0"])
+def test_mapped_shards_filled_in_place_give_the_same_bytes(tiny_sources, unsplit, tmp_path, monkeypatch, source):
+    """On tmpfs shards are written through mappings, the kernels' outputs and copied tensors in
+    place (here forced on any file system): the same bytes, and most bytes really in place."""
+    import converter.run.writer as sio
+
+    monkeypatch.setattr(sio, "in_memory_fs", lambda path: True)
+    monkeypatch.setattr(pieces, "PIECE_BYTES", 2000)
+    copied = []
+    real_map = sio.ShardWriter._map
+    monkeypatch.setattr(sio.ShardWriter, "_map", lambda self, offset, n: copied.append(n) or real_map(self, offset, n))
+    converter.convert(tiny_sources[source], tmp_path / "o", quiet=True, workers=3, max_shard_size="300KB")
+    got, want = load_all(tmp_path / "o"), load_all(unsplit[source])
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert same_bytes(got[name], want[name]), name
+    written = sum(p.stat().st_size for p in (tmp_path / "o").glob("*.safetensors"))
+    if source != "fp8_ue8m0":  # (the lossless re-layout returns new tensors: copied into place)
+        assert sum(copied) < 1.2 * written  # each byte mapped once (filled in place), not twice (then copied)
+
+
+def test_a_shard_that_would_not_fit_is_not_mapped(tmp_path, monkeypatch):
+    """Running out of room in a mapped file kills the process (SIGBUS); write(2) fails cleanly."""
+    import converter.run.writer as sio
+
+    planned = [PlannedTensor("t", "U8", (10, 3))]
+    monkeypatch.setattr(sio, "in_memory_fs", lambda path: True)
+    with ShardWriter(tmp_path / "a", tmp_path / "a.partial", planned) as w:
+        assert w.mapped
+        w.write("t", torch.ones(10, 3, dtype=torch.uint8))
+    monkeypatch.setattr(sio, "_free_bytes", lambda folder: 100)
+    with ShardWriter(tmp_path / "b", tmp_path / "b.partial", planned) as w:
+        assert not w.mapped
+        w.write("t", torch.ones(10, 3, dtype=torch.uint8))
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
+    monkeypatch.setenv("MXCONV_MAPPED_WRITES", "0")
+    monkeypatch.setattr(sio, "_free_bytes", lambda folder: 1 << 40)
+    with ShardWriter(tmp_path / "c", tmp_path / "c.partial", planned) as w:
+        assert not w.mapped
+        w.write("t", torch.ones(10, 3, dtype=torch.uint8))
+
+
+def test_memory_file_systems_are_recognized(tmp_path):
+    assert direct_io.in_memory_fs(tmp_path / "nonexistent" / "path") in (True, False)  # never raises
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        assert direct_io.in_memory_fs("/dev/shm") == any(
+            line.split()[1] == "/dev/shm" and line.split()[2] == "tmpfs" for line in open("/proc/self/mounts"))
 
 
 def test_file_smaller_than_a_block_and_odd_sizes(tmp_path):

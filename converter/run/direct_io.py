@@ -14,12 +14,14 @@ buffers can arrange that through `phase`) or through a bounce buffer, and the un
 assembled in 4 KB blocks that are written once every byte of them has arrived. The last block is
 written whole and the file truncated to its size at the end.
 
-Where O_DIRECT is unavailable (tmpfs, macOS, some network file systems) `open_direct` returns
-None and the caller writes through the page cache as before.
+Where O_DIRECT is unavailable (tmpfs before Linux 6.6, macOS, some network file systems)
+`open_direct` returns None and the caller writes through the page cache as before. A file system
+in memory (`in_memory_fs`: tmpfs, ramfs) has no disk to bypass; the shard writer maps it instead.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -34,6 +36,46 @@ _BOUNCE_BYTES = 8 << 20
 def phase(offset: int) -> int:
     """Where, modulo ALIGN, a buffer written at file `offset` should start for zero-copy writes."""
     return offset % ALIGN
+
+
+_MEMORY_FS = {"tmpfs", "ramfs"}
+MADV_DONTNEED = 4  # Linux's value
+_libc = None
+
+
+def madvise(address: int, length: int, advice: int) -> bool:
+    """madvise(2) on the pages covering [address, address + length), through ctypes, which lets
+    other threads run meanwhile (Python's mmap.madvise holds the GIL). False where the call is
+    unsupported or fails."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        start = address - address % mmap.PAGESIZE
+        return _libc.madvise(start, address + length - start, advice) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def in_memory_fs(path: str | os.PathLike) -> bool:
+    """Whether `path` lies on a file system in memory (the mount with the longest matching mount
+    point in /proc/self/mounts; False where that cannot be read)."""
+    try:
+        real = os.path.realpath(path)
+        best, fstype = "", ""
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, fstype = point, fields[2]
+        return fstype in _MEMORY_FS
+    except OSError:
+        return False
 
 
 def _aligned(nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:

@@ -1,11 +1,18 @@
 """Executing a plan as a pipeline over row pieces of jobs (not over shards), so one big output
 shard, or one big tensor, still uses every worker:
 
-    reader --(pieces loaded into pooled buffers, bounded by bytes in flight)--> N workers
-        --(outputs)--> writer (O_DIRECT, at planned offsets, any order) --> shard finisher
+    R readers --(pieces loaded into pooled buffers, bounded by bytes in flight)--> N workers
+        --(outputs)--> R writers (at planned offsets, any order) --> shard finisher
+
+Readers take pieces in plan order and read them with positional reads, in parallel; writers
+write at the offsets the plan gives every output byte, in parallel (O_DIRECT on disks; on tmpfs
+the shard is mapped and the workers' kernels write their outputs in place, see ShardWriter).
+R is the worker count on CPU (so `--workers` is the number of cores used) and at least the core
+count with accelerators (there the CPU only moves bytes). One reader and one writer thread were
+a serial ceiling of about 1.5-2 GB/s on a 16-core machine, whatever the worker count.
 
 torch ops, file reads and writes and sha256 all release the GIL, so on a 2-core machine the
-reader, the workers, the writer and the source hasher keep both cores busy. Shards are finished
+readers, the workers, the writers and the source hasher keep both cores busy. Shards are finished
 (fsync + atomic rename) strictly in plan order, so an interrupted run leaves a prefix of finished
 shards, as a sequential one would. With --device cuda each worker owns a stream on its GPU:
 inputs are read into pinned host memory, copied in and out without blocking, and the worker
@@ -38,6 +45,11 @@ _MIN_INFLIGHT = 128 * 1024 * 1024
 # ...and at most this much whatever the worker count: beyond a few workers the disk is the limit,
 # and memory must not grow with cores (32 workers held 3.3 GB with 32 MB each and a 4x pool).
 _MAX_INFLIGHT = 384 * 1024 * 1024
+# GPU workers computing at once on one GPU. More made a conversion slower (FP8, 16-core H200:
+# 3.6 s with 2 workers, 7.1 s with 16): their streams only contend (for the GIL between kernel
+# launches, the copy engines, pinned memory), while one piece's numerics take about a millisecond
+# on the GPU. Workers beyond this wait their turn; bytes move in the reader and writer threads.
+_STREAMS_PER_GPU = 2
 
 
 class Cancelled(Exception):
@@ -95,13 +107,23 @@ def _intra_op_threads(devices: list[torch.device]):
     """Workers parallelize over jobs; torch's own thread pool on top of that would oversubscribe
     the cores (N workers x N OpenMP threads busy-waiting), so it gets the cores left over."""
     before = torch.get_num_threads()
-    cpu_workers = sum(d.type == "cpu" for d in devices)
-    if cpu_workers:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cpu_workers // 2))
+    # the reader and writer threads count too: a copy into a mapped shard is a torch op, and 16
+    # writer threads each fanning out to 16 OpenMP threads would bury the cores
+    busy = max(sum(d.type == "cpu" for d in devices), io_threads(devices))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // busy // 2))
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def io_threads(devices: list[torch.device]) -> int:
+    """Reader threads, and as many writer threads: one per CPU worker (a worker count is a core
+    count there); with accelerators, one per core as well, since the CPU's only work then is
+    moving bytes, and a few GPU workers keep the GPU busy."""
+    if all(d.type == "cpu" for d in devices):
+        return len(devices)
+    return max(len(devices), len(os.sched_getaffinity(0)))
 
 
 def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Recipe, devices: list[torch.device],
@@ -117,11 +139,12 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
     pieces = [p for i, shard in enumerate(shards) for job in shard.jobs for p in split(i, job, view, recipe)]
     cancel = threading.Event()
     errors: list[BaseException] = []
-    inflight = min(_MAX_INFLIGHT, max(_MIN_INFLIGHT, _INFLIGHT_PER_WORKER * len(devices)))
+    readers = io_threads(devices)
+    inflight = min(_MAX_INFLIGHT, max(_MIN_INFLIGHT, _INFLIGHT_PER_WORKER * max(len(devices), readers)))
     budget = _Budget(inflight, cancel)
     pool = BufferPool(pin=any(d.type == "cuda" for d in devices), limit=2 * inflight)  # inputs and outputs in flight
     ready: queue.Queue = queue.Queue()  # loaded pieces, for the workers
-    computed: queue.Queue = queue.Queue()  # outputs, for the writer
+    computed: queue.Queue = queue.Queue()  # outputs, for the writers
     done_shards: queue.Queue = queue.Queue()  # shards whose every piece is written, for the finisher
     writers: list[ShardWriter | None] = [None] * len(shards)
     remaining = [0] * len(shards)
@@ -129,6 +152,10 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
         remaining[p.shard] += 1
     finished = [False] * len(shards)
     lock = threading.Lock()
+    todo = iter(pieces)  # handed to the readers in plan order
+    seen: set[Path] = set()
+    live_readers = [readers]
+    gpu_slots = {d: threading.Semaphore(_STREAMS_PER_GPU) for d in set(devices) if d.type == "cuda"}
 
     def fail(e: BaseException) -> None:
         with lock:
@@ -137,26 +164,41 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
         cancel.set()
         budget.wake()
 
+    def shard_writer(i: int) -> ShardWriter:
+        with lock:  # opened by the first reader to need it (the file is created at its full size)
+            if writers[i] is None and not cancel.is_set():
+                shard = shards[i]
+                w = ShardWriter(dst / shard.name, dst / STATE_DIR / f"{shard.name}{partial_tag}.partial",
+                                shard.tensors)
+                writers[i] = w.__enter__()
+            if writers[i] is None:
+                raise Cancelled()
+            return writers[i]
+
     def reader() -> None:
-        seen: set[Path] = set()
         try:
-            for p in pieces:
+            while not cancel.is_set():
+                with lock:
+                    p = next(todo, None)
+                    files = [f for name in (p.job.inputs if p else ()) if (f := view.tensors[name].file) not in seen]
+                    seen.update(files)
+                if p is None:
+                    break
                 budget.acquire(p.input_bytes)
-                for name in p.job.inputs:
-                    if (file := view.tensors[name].file) not in seen:
-                        seen.add(file)
-                        reading(file)
-                if writers[p.shard] is None:
-                    shard = shards[p.shard]
-                    w = ShardWriter(dst / shard.name, dst / STATE_DIR / f"{shard.name}{partial_tag}.partial", shard.tensors)
-                    writers[p.shard] = w.__enter__()
+                for file in files:
+                    reading(file)
+                w = shard_writer(p.shard)
                 bufs: list = []
-                ready.put((p, load(p, view, pool, writers[p.shard], bufs), bufs))
+                ready.put((p, load(p, view, pool, w, bufs), bufs))
         except BaseException as e:
             fail(e)
         finally:
-            for _ in devices:
-                ready.put(None)
+            with lock:
+                live_readers[0] -= 1
+                last = live_readers[0] == 0
+            if last:
+                for _ in devices:
+                    ready.put(None)
 
     def run(p: Piece, inputs: dict, device: torch.device, stream, bufs: list) -> dict:
         try:
@@ -166,11 +208,11 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
                 whole = Piece(p.shard, p.job, None, p.job.input_bytes)
                 extra: list = []
                 compute(whole, load(whole, view, pool, writers[p.shard], extra), recipe, device, stream, pool,
-                        writers[p.shard], extra)
+                        writers[p.shard], extra, in_place=False)
             raise e
 
     def worker(device: torch.device) -> None:
-        stream = None
+        stream, slot = None, gpu_slots.get(device)
         try:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
@@ -183,7 +225,11 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
             p, inputs, bufs = item
             try:
                 try:
-                    outputs = run(p, inputs, device, stream, bufs)
+                    if slot is None:
+                        outputs = run(p, inputs, device, stream, bufs)
+                    else:
+                        with slot:
+                            outputs = run(p, inputs, device, stream, bufs)
                 except MxconvError as e:  # numerics name the tensor; add the file it came from
                     raise e.in_file((view.tensors.get(e.tensor) or view.tensors[p.job.inputs[0]]).file)
                 computed.put((p, outputs, bufs))
@@ -192,6 +238,7 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
 
     def writer() -> None:
         # Separate from the workers: an O_DIRECT write waits for the disk, a worker should not.
+        # (Where the shard is mapped, outputs filled in place only need recording here.)
         while (item := computed.get()) is not None:
             if cancel.is_set():
                 continue
@@ -205,9 +252,11 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
                 del outputs
                 pool.give(bufs)
                 budget.release(p.input_bytes)
-                progress(p.input_bytes)
-                remaining[p.shard] -= 1
-                if remaining[p.shard] == 0:
+                with lock:
+                    progress(p.input_bytes)
+                    remaining[p.shard] -= 1
+                    last = remaining[p.shard] == 0
+                if last:
                     done_shards.put(p.shard)
             except BaseException as e:
                 fail(e)
@@ -230,11 +279,11 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
                     return
                 nxt += 1
 
-    producers = [threading.Thread(target=reader, name="mxconv-read", daemon=True)]
+    producers = [threading.Thread(target=reader, name=f"mxconv-read-{n}", daemon=True) for n in range(readers)]
     producers += [threading.Thread(target=worker, args=(d,), name=f"mxconv-work-{n}", daemon=True)
                   for n, d in enumerate(devices)]
-    consumers = [threading.Thread(target=writer, name="mxconv-write", daemon=True),
-                 threading.Thread(target=finisher, name="mxconv-finish", daemon=True)]
+    consumers = [threading.Thread(target=writer, name=f"mxconv-write-{n}", daemon=True) for n in range(readers)]
+    consumers.append(threading.Thread(target=finisher, name="mxconv-finish", daemon=True))
     with _intra_op_threads(devices):
         for t in producers + consumers:
             t.start()
@@ -247,10 +296,12 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
                 t.join()
             raise
         finally:
-            computed.put(None)
-            consumers[0].join()
+            for _ in consumers[:-1]:
+                computed.put(None)
+            for t in consumers[:-1]:
+                t.join()
             done_shards.put(None)  # lets the finisher stop if a shard never completed
-            consumers[1].join()
+            consumers[-1].join()
             for i, w in enumerate(writers):
                 if w is not None and not finished[i]:
                     w.abort()

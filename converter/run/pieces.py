@@ -118,7 +118,8 @@ def _sub_rows(shape: tuple[int, ...], rows: tuple[int, int]) -> tuple[int, ...]:
 def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWriter, bufs: list
          ) -> dict[str, torch.Tensor]:
     """A piece's source tensors (their rows, or the matching scale tile rows) in pooled buffers.
-    A copied tensor is written as read, so its buffer gets the phase of its place in the output."""
+    A copied tensor is written as read: it is read straight into its place in a mapped output
+    shard, or else into a buffer with the phase of that place (for O_DIRECT)."""
     job = piece.job
     if view.derivations is not None:  # renamed, split or fused: the mapping materializes them
         return {name: view.load(name, "cpu") for name in job.inputs}
@@ -133,16 +134,24 @@ def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWrite
             row_bytes = info.nbytes // info.shape[0]
             info = dataclasses.replace(info, shape=_sub_rows(info.shape, (r0, r1)), start=info.start + r0 * row_bytes,
                                        end=info.start + r1 * row_bytes)
-        at = writer.phase(job.outputs[0].name, piece.rows[0] if piece.rows else 0) if job.action == COPY else 0
+        out = None
+        if job.action == COPY:  # read straight into its place in the output where the file is mapped
+            r0 = piece.rows[0] if piece.rows else 0
+            out = writer.region(job.outputs[0].name, r0, piece.rows[1] - r0 if piece.rows else None)
+            if out is None or out.numel() != info.nbytes:
+                out = pool.take(info.nbytes, writer.phase(job.outputs[0].name, r0), bufs)
+        else:
+            out = pool.take(info.nbytes, 0, bufs)
         # through the checkpoint module, where every source read goes (and tests watch them)
-        inputs[name] = checkpoint.read_tensor(info, out=pool.take(info.nbytes, at, bufs))
+        inputs[name] = checkpoint.read_tensor(info, out=out)
     return inputs
 
 
 def compute(piece: Piece, inputs: dict[str, torch.Tensor], recipe: Recipe, device: torch.device, stream,
-            pool: BufferPool, writer: ShardWriter, bufs: list) -> dict[str, torch.Tensor]:
-    """Run a piece on `device`; outputs come back in host memory, in pooled buffers (listed in
-    `bufs`) where the job can fill them."""
+            pool: BufferPool, writer: ShardWriter, bufs: list, in_place: bool = True) -> dict[str, torch.Tensor]:
+    """Run a piece on `device`; outputs come back in host memory: where the job can fill them,
+    in their place in the output file (a mapped one, unless not `in_place`) or in pooled buffers
+    (listed in `bufs`)."""
     job, r0 = piece.job, piece.output_row
     if device.type == "cpu" or job.action == COPY:  # copies never need the accelerator
         out = None
@@ -151,7 +160,9 @@ def compute(piece: Piece, inputs: dict[str, torch.Tensor], recipe: Recipe, devic
             for t in job.outputs:
                 shape = _sub_rows(t.shape, piece.rows) if piece.rows else t.shape
                 planned = PlannedTensor(t.name, t.dtype, shape)
-                buf = pool.take(planned.nbytes, writer.phase(t.name, r0), bufs)
+                buf = writer.region(t.name, r0, shape[0] if piece.rows else None) if in_place else None
+                if buf is None or buf.numel() != planned.nbytes:
+                    buf = pool.take(planned.nbytes, writer.phase(t.name, r0), bufs)
                 out[t.name] = buf.view(DTYPES[t.dtype]).view(shape)
         return run_job(job, inputs.__getitem__, recipe, out=out)
     with torch.cuda.stream(stream):
