@@ -421,6 +421,8 @@ def main() -> int:
                     "worker counts on CPU and CUDA (defaults then: --workers 4,8,16, --gpu-workers 2,4,16, "
                     "--shards 8, 2 repeats)")
     ap.add_argument("--dest-dir", default="/dev/shm/mxconv-ceiling", help="--ceiling: where outputs go (tmpfs)")
+    ap.add_argument("--max-shard-size", help="--ceiling: output shard size of the mxconv rows (default: mxconv's, "
+                    "5GB); a real checkpoint has many output shards, a small bench source few")
     ap.add_argument("--compare", type=Path, help="--ceiling: also time the mxconv rows of this other checkout "
                     "(rows named 'before: ...')")
     ap.add_argument("--variants", help="--ceiling: extra mxconv rows with environment variables set, as "

@@ -43,7 +43,7 @@ def chunked_digest(dst: Path) -> str:
 
 
 def plan_rows(args, cuda: bool, gpus: int) -> list[dict]:
-    mx = ["-m", "converter.cli", "convert"]
+    mx = ["-m", "converter.cli", "convert"] + (["--max-shard-size", args.max_shard_size] if args.max_shard_size else [])
     rows = [{"name": "cp -r", "kind": "cp"}, {"name": "parallel cp (one per shard)", "kind": "pcp"}]
     checkouts = [("", None, {})] + ([("before: ", str(args.compare.resolve()), {})] if args.compare else [])
     for variant in filter(None, (args.variants or "").split(";")):  # name:VAR=VALUE,VAR=VALUE
@@ -51,8 +51,8 @@ def plan_rows(args, cuda: bool, gpus: int) -> list[dict]:
         checkouts.append((f"variant {name}: ", None, dict(kv.split("=", 1) for kv in env.split(",") if kv)))
     for label, path, env in checkouts:
         cpu_w, gpu_w = args.workers, args.gpu_worker_list
-        if label:  # another checkout or variant: the fewest and the most CPU workers only
-            cpu_w, gpu_w = sorted({min(cpu_w), max(cpu_w)}), sorted({min(gpu_w), max(gpu_w)}) if path else []
+        if label:  # another checkout or a variant: the fewest and the most workers only
+            cpu_w, gpu_w = sorted({min(cpu_w), max(cpu_w)}), sorted({min(gpu_w), max(gpu_w)})
         for w in cpu_w:
             rows.append({"name": f"{label}mxconv cpu, {w} workers", "kind": "mxconv", "pythonpath": path, "env": env,
                          "argv": mx + ["--device", "cpu", "--workers", str(w)], "device": "cpu", "workers": w})

@@ -4,7 +4,8 @@ shard, or one big tensor, still uses every worker:
     R readers --(pieces loaded into pooled buffers, bounded by bytes in flight)--> N workers
         --(outputs)--> R writers (at planned offsets, any order) --> shard finisher
 
-Readers take pieces in plan order and read them with positional reads, in parallel; writers
+Readers take pieces in plan order (round-robin over a few open shards on machines with many
+cores: threads filling one file contend for it) and read them with positional reads, in parallel; writers
 write at the offsets the plan gives every output byte, in parallel (O_DIRECT on disks; on tmpfs
 the shard is mapped and the workers' kernels write their outputs in place, see ShardWriter).
 R is the worker count on CPU (so `--workers` is the number of cores used) and at least the core
@@ -50,15 +51,60 @@ _MAX_INFLIGHT = 384 * 1024 * 1024
 # launches, the copy engines, pinned memory), while one piece's numerics take about a millisecond
 # on the GPU. Workers beyond this wait their turn; bytes move in the reader and writer threads.
 _STREAMS_PER_GPU = 2
+# Output shards written at once: pieces are handed out round-robin over this many open shards
+# (per two I/O threads, at most 8). Many threads filling one file contend in the kernel for that
+# file's page index (tmpfs, page cache), while copies into separate files scale like a parallel
+# `cp`. On a 2-core machine this is 1: shards one after the other, as before.
+_MAX_SHARD_WINDOW = 8
+
+
+def shard_window(io: int) -> int:
+    """Shards open for writing at once: MXCONV_SHARD_WINDOW if set, else one per two I/O threads (1-8)."""
+    env = os.environ.get("MXCONV_SHARD_WINDOW")
+    if env:
+        return max(1, int(env))
+    return max(1, min(_MAX_SHARD_WINDOW, io // 2))
+
+
+def interleave(per_shard: list[list], window: int):
+    """The pieces of every shard, round-robin over `window` shards at a time in plan order: the
+    next shard opens as soon as one of the open ones has handed out its last piece."""
+    waiting = iter([ps for ps in per_shard if ps])
+    active: list[list] = []  # [pieces, position]
+    while True:
+        while len(active) < window and (ps := next(waiting, None)) is not None:
+            active.append([ps, 0])
+        if not active:
+            return
+        for entry in list(active):
+            ps, at = entry
+            yield ps[at]
+            entry[1] = at + 1
+            if at + 1 == len(ps):
+                active.remove(entry)
 
 
 class Cancelled(Exception):
     """Another thread failed; this one stops at the next job boundary."""
 
 
+def cpu_helpers() -> int:
+    """CPU workers beside the GPU workers of `--device cuda`: the cores but two (which launch the
+    GPU work), where there are at least 8; MXCONV_CPU_HELPERS sets the count (0: GPUs only).
+    On a 16-core H200 machine the compiled CPU kernels converted an FP8 source faster than the GPU
+    path (copies in and out for a millisecond of numerics per piece), so the GPUs add to the cores
+    instead of replacing them; the bytes are the same whoever computes a piece."""
+    env = os.environ.get("MXCONV_CPU_HELPERS")
+    if env:
+        return max(0, int(env))
+    cores = len(os.sched_getaffinity(0))
+    return cores - 2 if cores >= 8 else 0
+
+
 def resolve_devices(device: str, workers: int | None) -> list[torch.device]:
-    """One compute device per worker. `cuda` uses every visible GPU (at least one worker each).
-    workers None: one per CPU core, or two per GPU (one computes while the other's copies run)."""
+    """One compute device per worker. `cuda` uses every visible GPU (at least one worker each),
+    plus `cpu_helpers()` CPU workers. workers None: one per CPU core, or two per GPU (one computes
+    while the other's copies run)."""
     dev = torch.device(device)
     if workers is None:
         gpus = torch.cuda.device_count() if dev.type == "cuda" and dev.index is None else 1
@@ -70,8 +116,10 @@ def resolve_devices(device: str, workers: int | None) -> list[torch.device]:
         if dev.index is not None:
             if dev.index >= count:
                 raise MxconvError(f"--device {device}: only {count} CUDA device(s) visible")
-            return [dev] * workers
-        return [torch.device("cuda", i % count) for i in range(max(workers, count))]
+            gpu = [dev] * workers
+        else:
+            gpu = [torch.device("cuda", i % count) for i in range(max(workers, count))]
+        return gpu + [torch.device("cpu")] * cpu_helpers()
     if dev.type != "cpu":
         raise MxconvError(f"unsupported --device {device!r}; use cpu, cuda or cuda:N")
     return [dev] * workers
@@ -136,7 +184,7 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
     shard (a cluster task retried while a lost node still runs it) never share one."""
     if not shards:
         return
-    pieces = [p for i, shard in enumerate(shards) for job in shard.jobs for p in split(i, job, view, recipe)]
+    per_shard = [[p for job in shard.jobs for p in split(i, job, view, recipe)] for i, shard in enumerate(shards)]
     cancel = threading.Event()
     errors: list[BaseException] = []
     readers = io_threads(devices)
@@ -147,12 +195,10 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
     computed: queue.Queue = queue.Queue()  # outputs, for the writers
     done_shards: queue.Queue = queue.Queue()  # shards whose every piece is written, for the finisher
     writers: list[ShardWriter | None] = [None] * len(shards)
-    remaining = [0] * len(shards)
-    for p in pieces:
-        remaining[p.shard] += 1
+    remaining = [len(ps) for ps in per_shard]
     finished = [False] * len(shards)
     lock = threading.Lock()
-    todo = iter(pieces)  # handed to the readers in plan order
+    todo = interleave(per_shard, shard_window(readers))  # handed to the readers in this order
     seen: set[Path] = set()
     live_readers = [readers]
     gpu_slots = {d: threading.Semaphore(_STREAMS_PER_GPU) for d in set(devices) if d.type == "cuda"}

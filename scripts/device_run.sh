@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine (see README "Performance"): install this checkout without
+# dependencies (the image has them), compile torch's bytecode (the image ships none), run the CUDA
+# tests (GPU workers alone and with CPU helpers), then the ceiling bench. Results under $OUT.
+set -u
+unset PYTHONDONTWRITEBYTECODE
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+site=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')
+python3 -m compileall -q -j 16 "$site" > /dev/null 2>&1
+nproc; nvidia-smi --query-gpu=name --format=csv,noheader; python3 -c 'import torch; print(torch.__version__)'
+if [ "${TESTS:-1}" = 1 ]; then
+  timeout 200 python3 -m pytest -q -x -m cuda tests -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/cuda_tests.log"
+  MXCONV_CPU_HELPERS=0 timeout 150 python3 -m pytest -q -x -m cuda tests -p no:cacheprovider 2>&1 | tail -4 | tee -a "$OUT/cuda_tests.log"
+fi
+if [ "${BENCH:-1}" = 1 ]; then
+  timeout "${BENCH_TIMEOUT:-330}" python3 scripts/bench.py --ceiling --layers 5 --workers 4,16 --gpu-workers 2,16 \
+    --repeats 1 --max-shard-size 600MB --variants 'w1:MXCONV_SHARD_WINDOW=1;gpuonly:MXCONV_CPU_HELPERS=0' \
+    --json "$OUT/ceiling.json" 2>&1 | tee "$OUT/ceiling.log" | tail -45
+fi
