@@ -15,6 +15,6 @@ if [ "${TESTS:-1}" = 1 ]; then
 fi
 if [ "${BENCH:-1}" = 1 ]; then
   timeout "${BENCH_TIMEOUT:-330}" python3 scripts/bench.py --ceiling --layers 5 --workers 4,16 --gpu-workers 2,16 \
-    --repeats 1 --max-shard-size 600MB --variants 'w1:MXCONV_SHARD_WINDOW=1;gpuonly:MXCONV_CPU_HELPERS=0' \
+    --repeats 1 --max-shard-size 600MB --variants 'gpuonly:MXCONV_CPU_HELPERS=0' \
     --json "$OUT/ceiling.json" 2>&1 | tee "$OUT/ceiling.log" | tail -45
 fi

@@ -4,8 +4,7 @@ shard, or one big tensor, still uses every worker:
     R readers --(pieces loaded into pooled buffers, bounded by bytes in flight)--> N workers
         --(outputs)--> R writers (at planned offsets, any order) --> shard finisher
 
-Readers take pieces in plan order (round-robin over a few open shards on machines with many
-cores: threads filling one file contend for it) and read them with positional reads, in parallel; writers
+Readers take pieces in plan order and read them with positional reads, in parallel; writers
 write at the offsets the plan gives every output byte, in parallel (O_DIRECT on disks; on tmpfs
 the shard is mapped and the workers' kernels write their outputs in place, see ShardWriter).
 R is the worker count on CPU (so `--workers` is the number of cores used) and at least the core
@@ -51,37 +50,6 @@ _MAX_INFLIGHT = 384 * 1024 * 1024
 # launches, the copy engines, pinned memory), while one piece's numerics take about a millisecond
 # on the GPU. Workers beyond this wait their turn; bytes move in the reader and writer threads.
 _STREAMS_PER_GPU = 2
-# Output shards written at once: pieces are handed out round-robin over this many open shards
-# (per two I/O threads, at most 8). Many threads filling one file contend in the kernel for that
-# file's page index (tmpfs, page cache), while copies into separate files scale like a parallel
-# `cp`. On a 2-core machine this is 1: shards one after the other, as before.
-_MAX_SHARD_WINDOW = 8
-
-
-def shard_window(io: int) -> int:
-    """Shards open for writing at once: MXCONV_SHARD_WINDOW if set, else one per two I/O threads (1-8)."""
-    env = os.environ.get("MXCONV_SHARD_WINDOW")
-    if env:
-        return max(1, int(env))
-    return max(1, min(_MAX_SHARD_WINDOW, io // 2))
-
-
-def interleave(per_shard: list[list], window: int):
-    """The pieces of every shard, round-robin over `window` shards at a time in plan order: the
-    next shard opens as soon as one of the open ones has handed out its last piece."""
-    waiting = iter([ps for ps in per_shard if ps])
-    active: list[list] = []  # [pieces, position]
-    while True:
-        while len(active) < window and (ps := next(waiting, None)) is not None:
-            active.append([ps, 0])
-        if not active:
-            return
-        for entry in list(active):
-            ps, at = entry
-            yield ps[at]
-            entry[1] = at + 1
-            if at + 1 == len(ps):
-                active.remove(entry)
 
 
 class Cancelled(Exception):
@@ -184,7 +152,7 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
     shard (a cluster task retried while a lost node still runs it) never share one."""
     if not shards:
         return
-    per_shard = [[p for job in shard.jobs for p in split(i, job, view, recipe)] for i, shard in enumerate(shards)]
+    pieces = [p for i, shard in enumerate(shards) for job in shard.jobs for p in split(i, job, view, recipe)]
     cancel = threading.Event()
     errors: list[BaseException] = []
     readers = io_threads(devices)
@@ -195,10 +163,12 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
     computed: queue.Queue = queue.Queue()  # outputs, for the writers
     done_shards: queue.Queue = queue.Queue()  # shards whose every piece is written, for the finisher
     writers: list[ShardWriter | None] = [None] * len(shards)
-    remaining = [len(ps) for ps in per_shard]
+    remaining = [0] * len(shards)
+    for p in pieces:
+        remaining[p.shard] += 1
     finished = [False] * len(shards)
     lock = threading.Lock()
-    todo = interleave(per_shard, shard_window(readers))  # handed to the readers in this order
+    todo = iter(pieces)  # handed to the readers in plan order
     seen: set[Path] = set()
     live_readers = [readers]
     gpu_slots = {d: threading.Semaphore(_STREAMS_PER_GPU) for d in set(devices) if d.type == "cuda"}
