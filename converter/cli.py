@@ -19,6 +19,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 CONFIG_HELP = ("PyTorch DCP sources: the Hugging Face model directory (config.json, tokenizer) the "
                "training run started from")
 DEVICE_HELP = "where the numerics run: cpu, cuda (all visible GPUs) or cuda:N; output bytes are identical"
+RAY_HELP = ("write the shards on the nodes of a Ray cluster that share SRC and DST at the same paths: auto (the "
+            "cluster this machine is in), local (a new Ray instance here), or an address (ray://HOST:10001); "
+            "--device and --workers then apply to each node; needs `pip install 'mxconv[ray]'`")
 
 
 def _fail(err: Exception) -> None:
@@ -71,9 +74,10 @@ def convert(
     verify: bool = typer.Option(False, "--verify", help="run `mxconv verify` on the result"),
     push_to: Optional[str] = typer.Option(None, help="push the result to this Hub repo id when done"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
 ) -> None:
     """Convert SRC into an MXFP8 (or BF16) checkpoint in DST."""
-    if not dry_run:  # hash the source on a spare core while torch imports
+    if not dry_run and ray is None:  # hash the source on a spare core while torch imports
         from converter.sources.hashing import start_early
 
         start_early(src)
@@ -86,7 +90,7 @@ def convert(
                                  max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run, quiet=quiet,
                                  requantize=True if requantize else None, scale_rule=scale_rule,
                                  allow_nonfinite=True if allow_nonfinite else None, scale_zero_blocks=scale_zero_blocks,
-                                 config=config)
+                                 config=config, ray=ray)
             if dry_run:
                 typer.echo(describe_plan(result.source, result.plan, result.mapping, verbose=True))
                 typer.echo("dry run: nothing written")
@@ -210,6 +214,7 @@ def unshuffle(
     max_shard_size: str = typer.Option("5GB", help="largest output shard, in bytes: 5GB, 500MB, 4GiB"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace whatever DST holds"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
 ) -> None:
     """Undo the FlashInfer TRT-LLM expert pre-shuffle: back to canonical gate/up/down MXFP8."""
     from converter.run.summary import describe_result
@@ -218,7 +223,7 @@ def unshuffle(
     with _interruptible(_RERUN):
         try:
             result = run_unshuffle(src, dst, device=device, workers=workers, max_shard_size=max_shard_size,
-                                   overwrite=overwrite, quiet=quiet)
+                                   overwrite=overwrite, quiet=quiet, ray=ray)
             typer.echo(describe_result(result))
         except MxconvError as e:
             _fail(e)

@@ -143,10 +143,13 @@ def io_threads(devices: list[torch.device]) -> int:
 
 
 def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Recipe, devices: list[torch.device],
-            progress: Callable[[int], None], reading: Callable[[Path], None] = lambda path: None) -> None:
+            progress: Callable[[int], None], reading: Callable[[Path], None] = lambda path: None,
+            partial_tag: str = "") -> None:
     """Run every shard; the first error cancels the rest and is raised as is. Shards finished
     before the error stay finished (a rerun resumes after them); the others leave nothing.
-    `reading(file)` is told of each source file before its first read (the source hasher's cue)."""
+    `reading(file)` is told of each source file before its first read (the source hasher's cue).
+    `partial_tag` goes into the temporary file names, so that two processes writing the same
+    shard (a cluster task retried while a lost node still runs it) never share one."""
     if not shards:
         return
     pieces = [p for i, shard in enumerate(shards) for job in shard.jobs for p in split(i, job, view, recipe)]
@@ -181,7 +184,8 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
         with lock:  # opened by the first reader to need it (the file is created at its full size)
             if writers[i] is None and not cancel.is_set():
                 shard = shards[i]
-                w = ShardWriter(dst / shard.name, dst / STATE_DIR / f"{shard.name}.partial", shard.tensors)
+                w = ShardWriter(dst / shard.name, dst / STATE_DIR / f"{shard.name}{partial_tag}.partial",
+                                shard.tensors)
                 writers[i] = w.__enter__()
             if writers[i] is None:
                 raise Cancelled()

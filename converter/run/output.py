@@ -79,7 +79,7 @@ def inspect_destination(dst: Path, fingerprint: dict, plan: ConversionPlan, over
         sources = check_sources(previous, fingerprint, files, recorded_hashes(_read_json(dst / PROVENANCE_FILE)),
                                 list(src_files or []))
         stale = set(sources.stale_shards)
-        done = {s.name for s in plan.shards if s.name not in stale and _shard_is_done(dst / s.name, s)}
+        done = {s.name for s in plan.shards if s.name not in stale and shard_is_done(dst / s.name, s)}
         leftovers = _leftovers(dst) + [dst / name for name in sorted(stale) if (dst / name).exists()]
         complete = (not stale and len(done) == len(plan.shards) and _finished(dst, plan)
                     and (src_root is None or _side_files_present(src_root, dst)))
@@ -176,7 +176,7 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _shard_is_done(path: Path, shard: ShardPlan) -> bool:
+def shard_is_done(path: Path, shard: ShardPlan) -> bool:
     """Finished shards were renamed into place only after a complete, fsynced write; a name that
     exists with the planned size and the planned header is one of them."""
     header, _ = build_header(shard.tensors)

@@ -6,7 +6,10 @@ last, so an interrupted run never looks complete, and rerunning the same call re
 
 from __future__ import annotations
 
+import functools
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +50,7 @@ class ConversionResult:
     dry_run: bool = False
     copied_files: list[str] = field(default_factory=list)
     source_notes: list[str] = field(default_factory=list)  # source files found changed, or unchanged by sha256
+    cluster: dict | None = None  # --ray: nodes, tasks, tasks moved off lost nodes
 
 
 def open_source(src: str | Path, mapping: str = "auto", config: str | Path | None = None
@@ -81,6 +85,12 @@ def open_source(src: str | Path, mapping: str = "auto", config: str | Path | Non
     return ckpt, CanonicalView(ckpt, None if identity else derivations), m.name
 
 
+def open_view(src: str, mapping: str, **options) -> CanonicalView:
+    """The canonical view alone: how each node of a Ray cluster opens the source again (with the
+    driver's `open_source` arguments, paths absolute)."""
+    return open_source(src, mapping, **options)[1]
+
+
 def resolve_recipe(recipe: str | Path | Recipe | None, family: Family | None = None, **overrides) -> Recipe:
     """A Recipe from an object, a path, a built-in name, a role of the family (mxfp8, trtllm,
     bf16, ...) or None (the family's default recipe)."""
@@ -105,11 +115,20 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe | N
             mapping: str = "auto", device: str = "cpu", workers: int | None = None, max_shard_size: str | int = "5GB",
             overwrite: bool = False, dry_run: bool = False, quiet: bool = False, requantize: bool | None = None,
             scale_rule: str | None = None, allow_nonfinite: bool | None = None, hash_sources: bool = True,
-            scale_zero_blocks: str | None = None, config: str | Path | None = None) -> ConversionResult:
-    """Convert the checkpoint in `src` into `dst`; what `mxconv convert` does."""
+            scale_zero_blocks: str | None = None, config: str | Path | None = None, ray: str | None = None
+            ) -> ConversionResult:
+    """Convert the checkpoint in `src` into `dst`; what `mxconv convert` does. `config`: the
+    Hugging Face directory that supplies config.json and side files to a PyTorch DCP source. `ray`:
+    write the shards on a Ray cluster ("auto", "local", or an address; see run/cluster.py)."""
     if workers is not None and workers < 1:
         raise MxconvError(f"--workers must be at least 1, got {workers}")
     src, dst = Path(src), Path(dst)
+    if ray is not None:  # the nodes see the same paths, not the same working directory
+        from converter.mapping.names import BUILTIN
+
+        src, dst = Path(os.path.abspath(src)), Path(os.path.abspath(dst))
+        if mapping != "auto" and mapping not in BUILTIN:  # a YAML file
+            mapping = os.path.abspath(mapping)
     ckpt, view, mapping_name, plan = plan_conversion(
         src, recipe=recipe, mapping=mapping, max_shard_size=max_shard_size, config=config,
         ue8m0_source=None if requantize is None else ("requantize" if requantize else "relayout"),
@@ -122,20 +141,31 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe | N
         from converter.numerics.trtllm_layout import LAYOUT_METADATA as moe_layout
     options = {"device": device, "workers": workers, "max_shard_size": parse_size(max_shard_size),
                "mapping": mapping_name}
+    extra = {}
     if config is not None:
-        options["config"] = str(Path(config).resolve())
+        options["config"] = extra["config"] = str(Path(config).resolve())
+    opener = functools.partial(open_view, str(src), mapping_name if mapping == "auto" else mapping, **extra)
     return write_checkpoint(result, view, output_config(ckpt.config, plan, moe_layout), device=device,
                             workers=workers, overwrite=overwrite, quiet=quiet, hash_sources=hash_sources,
-                            options=options)
+                            options=options, ray=ray, opener=opener)
 
 
 def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict, *, device: str,
                      workers: int | None, overwrite: bool, quiet: bool, hash_sources: bool, options: dict,
-                     origin: dict | None = None) -> ConversionResult:
+                     origin: dict | None = None, ray: str | None = None, opener=None) -> ConversionResult:
     """Execute a plan into result.dst: shards (resumable), side files, index and config, then the
-    provenance file that marks the checkpoint complete. Shared by convert and unshuffle."""
+    provenance file that marks the checkpoint complete. Shared by convert and unshuffle. With
+    `ray`, the shards are written by the nodes of a Ray cluster, each opening the source with
+    `opener()` (a picklable callable that returns the canonical view)."""
     ckpt, plan, dst = result.source, result.plan, result.dst
-    devices = resolve_devices(device, workers)
+    if ray is None:
+        devices = resolve_devices(device, workers)
+        cluster = nullcontext()
+    else:  # the devices are the nodes': only the name is checked here
+        from converter.run.cluster import check_device, connect, run_on_cluster
+
+        check_device(device)
+        cluster = connect(ray)
     fingerprint = plan_fingerprint(ckpt, plan, result.mapping, view)
     state = preflight_destination(ckpt.root, dst, fingerprint, plan, overwrite, ckpt.files, ckpt.side_root)
     result.source_notes = state.sources.notes()
@@ -151,23 +181,31 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
             except MxconvError:
                 pass  # best effort: the next rerun hashes those files again
         return result
-    prepare_destination(dst, fingerprint, state)
-    todo = [s for s in plan.shards if s.name not in state.done_shards]
-    result.skipped_shards = len(plan.shards) - len(todo)
-    start = time.perf_counter()
-    hasher = SourceHasher(ckpt.hashed_files if hash_sources else []).start()
-    total = sum(j.input_bytes for s in todo for j in s.jobs)
+    with cluster as ray_api:  # connected before DST is touched: a wrong address changes nothing
+        prepare_destination(dst, fingerprint, state)
+        todo = [s for s in plan.shards if s.name not in state.done_shards]
+        result.skipped_shards = len(plan.shards) - len(todo)
+        start = time.perf_counter()
+        hasher = SourceHasher(ckpt.hashed_files if hash_sources and ray is None else []).start()
+        total = sum(j.input_bytes for s in todo for j in s.jobs)
+        try:
+            if ray is not None:  # the nodes hash the source files they read
+                hashes, result.cluster = run_on_cluster(ray_api, todo, view, ckpt, opener, fingerprint, dst,
+                                                        plan.recipe, device=device, workers=workers,
+                                                        hash_sources=hash_sources, quiet=quiet)
+                options = dict(options, ray=ray)
+            else:
+                with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
+                          desc="convert", dynamic_ncols=True) as bar:
+                    execute(todo, view, dst, plan.recipe, devices, bar.update, reading=hasher.release)
+        except BaseException as e:
+            _record_hashes_so_far(dst, fingerprint, ckpt.files, hasher)
+            if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
+                raise Interrupted(_resume_hint(dst, plan)) from None
+            raise
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
-                  desc="convert", dynamic_ncols=True) as bar:
-            execute(todo, view, dst, plan.recipe, devices, bar.update, reading=hasher.release)
-    except BaseException as e:
-        _record_hashes_so_far(dst, fingerprint, ckpt.files, hasher)
-        if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
-            raise Interrupted(_resume_hint(dst, plan)) from None
-        raise
-    try:
-        hashes = hasher.result()
+        if ray is None:
+            hashes = hasher.result()
         moved = changed_during_run(fingerprint, ckpt.files)
         if moved is not None:
             raise SourceError("changed while it was being converted (its size, mtime or ctime moved); rerun the "

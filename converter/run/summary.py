@@ -45,6 +45,10 @@ def describe_result(result: ConversionResult) -> str:
         return f"{result.dst}: already complete, nothing to do (same source, recipe and options)" + notes
     rate = format_size(plan.input_bytes / result.seconds) + "/s" if result.seconds else "-"
     resumed = f", resumed ({result.skipped_shards} shard(s) already done)" if result.skipped_shards else ""
+    if result.cluster:
+        c = result.cluster
+        moved = f", {c['moved']} moved off {len(c['lost_nodes'])} lost node(s)" if c["lost_nodes"] else ""
+        resumed += f", on {c['ran_on']} Ray node(s) ({c['tasks']} task(s){moved})"
     c = plan.counts
     kept = (f"{len(plan.modules_to_not_convert)} linear modules kept in BF16 (modules_to_not_convert)"
             if plan.recipe.target == "mxfp8" else "plain BF16 checkpoint, no quantization_config")

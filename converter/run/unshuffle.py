@@ -4,7 +4,9 @@ for tensor byte-identical to a canonical conversion of the same source."""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
 from pathlib import Path
 
@@ -90,12 +92,22 @@ def plan_unshuffle(ckpt: SourceCheckpoint, max_shard_bytes: int) -> tuple[Conver
     return plan, prov
 
 
+def packed_view(src: str) -> CanonicalView:
+    """The pre-shuffled checkpoint as its tensors are named: how each node of a Ray cluster
+    opens it again."""
+    return CanonicalView(SourceCheckpoint.open(src))
+
+
 def unshuffle(src: str | Path, dst: str | Path, *, device: str = "cpu", workers: int | None = None,
-              max_shard_size: str | int = "5GB", overwrite: bool = False, quiet: bool = False) -> ConversionResult:
+              max_shard_size: str | int = "5GB", overwrite: bool = False, quiet: bool = False,
+              ray: str | None = None) -> ConversionResult:
     """What `mxconv unshuffle SRC DST` does. The result's mxconv.json keeps the original source
-    (so `mxconv verify ORIGINAL_SRC DST` checks it) and records SRC as `derived_from`."""
+    (so `mxconv verify ORIGINAL_SRC DST` checks it) and records SRC as `derived_from`. `ray`:
+    as for `convert`."""
     if workers is not None and workers < 1:
         raise MxconvError(f"--workers must be at least 1, got {workers}")
+    if ray is not None:
+        src, dst = os.path.abspath(src), os.path.abspath(dst)
     ckpt = SourceCheckpoint.open(src)
     ckpt.check_architecture()
     plan, prov = plan_unshuffle(ckpt, parse_size(max_shard_size))
@@ -107,4 +119,4 @@ def unshuffle(src: str | Path, dst: str | Path, *, device: str = "cpu", workers:
                "max_shard_size": parse_size(max_shard_size)}
     return write_checkpoint(result, CanonicalView(ckpt), config, device=device, workers=workers,
                             overwrite=overwrite, quiet=quiet, hash_sources=True, options=options,
-                            origin=prov["source"])
+                            origin=prov["source"], ray=ray, opener=functools.partial(packed_view, str(src)))
