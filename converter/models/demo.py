@@ -25,6 +25,7 @@ TINY_CONFIG = {
     "moe_intermediate_size": 128,
     "num_hidden_layers": 3,
     "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,  # SGLang's deepseek_v2.py reads it without a default; every real V3 config has it
     "num_attention_heads": 2,
     "num_key_value_heads": 2,
     "n_routed_experts": 4,
@@ -45,6 +46,9 @@ TINY_CONFIG = {
     "max_position_embeddings": 256,
     "rms_norm_eps": 1e-6,
     "rope_theta": 10000.0,
+    # SGLang's CPU rope path needs it; real V3 configs have YaRN (factor 40), scaled here to the tiny context
+    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 64, "beta_fast": 32,
+                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
     "hidden_act": "silu",
     "attention_bias": False,
     "attention_dropout": 0.0,

@@ -345,12 +345,29 @@ def copy_side_files(src_root: Path, dst: Path) -> list[str]:
     return copied
 
 
+# Skip-list entries that name a module of every layer. SGLang's MTP draft model
+# (DeepseekV3ForCausalLMNextN) renames only `model.layers.61` to `model.decoder`, skip list
+# included, so for an MTP layer at any other index the per-layer entry never matches there and
+# SGLang casts the BF16 weight into an MXFP8 layer (sglang#34906). Consumers match an entry on
+# dotted-path boundaries anywhere in the name (SGLang >= 0.5.23), or as a substring (older SGLang,
+# vLLM), or as a name suffix (transformers): each reads this one the same way.
+LAYER_AGNOSTIC_SKIPS = ("self_attn.kv_b_proj",)
+
+
+def skip_list(modules: list[str]) -> list[str]:
+    """`modules_to_not_convert` for the config: the per-layer modules, then each layer-agnostic
+    entry that names a kept module (only modules that stay BF16 in every layer are in
+    LAYER_AGNOSTIC_SKIPS); idempotent, so a list read back from a config gives itself."""
+    per_layer = [m for m in modules if m not in LAYER_AGNOSTIC_SKIPS]
+    return per_layer + [g for g in LAYER_AGNOSTIC_SKIPS if any(m.endswith("." + g) for m in per_layer)]
+
+
 def output_config(source_config: dict, plan: ConversionPlan, moe_layout: dict | None) -> dict:
     config = {k: v for k, v in source_config.items() if k != "quantization_config"}
     if plan.recipe.target == "mxfp8":
         qc = {"quant_method": "mxfp8", "fmt": "e4m3", "activation_scheme": "dynamic",
               "weight_block_size": [1, 32], "scale_fmt": "ue8m0",
-              "modules_to_not_convert": plan.modules_to_not_convert}
+              "modules_to_not_convert": skip_list(plan.modules_to_not_convert)}
         if moe_layout:
             qc["moe_weight_layout"] = moe_layout
         config["quantization_config"] = qc

@@ -18,6 +18,7 @@ from converter.files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from converter.numerics.reference import MX_BLOCK
 from converter.plan.planner import ConversionPlan, natural_key
 from converter.plan.view import CanonicalView
+from converter.run.output import LAYER_AGNOSTIC_SKIPS
 from converter.sources.checkpoint import SCALE_SUFFIX, SourceCheckpoint
 from converter.sources.safetensors import DTYPES, ITEMSIZE, TensorInfo, read_header
 
@@ -253,8 +254,9 @@ def check_coverage(plan: ConversionPlan, view: CanonicalView, src: SourceCheckpo
 
 
 def module_listed(module: str, entries: list[str]) -> bool:
-    """SGLang's rule: an entry names a module or one of its parents, matched on dot boundaries."""
-    return any(module == e or module.startswith(e + ".") for e in entries)
+    """SGLang's rule (0.5.23 `_module_path_match`): an entry names the module, one of its parents,
+    or a run of its path components anywhere (`self_attn.kv_b_proj` matches every layer's)."""
+    return any(module == e or module.startswith(e + ".") or f".{e}." in f".{module}." for e in entries)
 
 
 def _module_of(name: str) -> str | None:
@@ -317,6 +319,11 @@ def check_config(plan: ConversionPlan, src: SourceCheckpoint, dest: Destination,
                                                   "SGLang would expect MXFP8 for it"))
     linear_modules = [_module_of(n) for n, i in tensors.items() if i.dtype in HIGH_PRECISION_DTYPES
                       and len(i.shape) == 2 and n.endswith(".weight")]
+    for generic in LAYER_AGNOSTIC_SKIPS:
+        if generic not in skip and any(m and m.endswith("." + generic) for m in linear_modules):
+            fail(f"modules_to_not_convert lacks the layer-agnostic entry {generic!r}: SGLang's MTP draft "
+                 f"model (DeepseekV3ForCausalLMNextN) skips only model.layers.61's {generic}, and casts the "
+                 "BF16 weight of an MTP layer at any other index into MXFP8")
     for entry in skip:
         if not any(module_listed(m, [entry]) for m in linear_modules if m):
             fail(f"modules_to_not_convert entry {entry!r} matches no high-precision weight")
