@@ -23,6 +23,7 @@ from converter.files import (
     VERIFY_REPORT_FILE,
 )
 from converter.plan.planner import ConversionPlan, ShardPlan
+from converter.run.consumers import skip_list
 from converter.run.writer import fsync_dir, write_atomic, write_bytes_atomic
 from converter.sources.checkpoint import PICKLE_SUFFIXES, SourceCheckpoint
 from converter.sources.safetensors import build_header
@@ -343,23 +344,6 @@ def copy_side_files(src_root: Path, dst: Path) -> list[str]:
             raise OutputError(f"cannot copy {rel}: {e.strerror}", file=e.filename or target) from e
         copied.append(str(rel))
     return copied
-
-
-# Skip-list entries that name a module of every layer. SGLang's MTP draft model
-# (DeepseekV3ForCausalLMNextN) renames only `model.layers.61` to `model.decoder`, skip list
-# included, so for an MTP layer at any other index the per-layer entry never matches there and
-# SGLang casts the BF16 weight into an MXFP8 layer (sglang#34906). Consumers match an entry on
-# dotted-path boundaries anywhere in the name (SGLang >= 0.5.23), or as a substring (older SGLang,
-# vLLM), or as a name suffix (transformers): each reads this one the same way.
-LAYER_AGNOSTIC_SKIPS = ("self_attn.kv_b_proj",)
-
-
-def skip_list(modules: list[str]) -> list[str]:
-    """`modules_to_not_convert` for the config: the per-layer modules, then each layer-agnostic
-    entry that names a kept module (only modules that stay BF16 in every layer are in
-    LAYER_AGNOSTIC_SKIPS); idempotent, so a list read back from a config gives itself."""
-    per_layer = [m for m in modules if m not in LAYER_AGNOSTIC_SKIPS]
-    return per_layer + [g for g in LAYER_AGNOSTIC_SKIPS if any(m.endswith("." + g) for m in per_layer)]
 
 
 def output_config(source_config: dict, plan: ConversionPlan, moe_layout: dict | None) -> dict:

@@ -18,7 +18,7 @@ from converter.files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from converter.numerics.reference import MX_BLOCK
 from converter.plan.planner import ConversionPlan, natural_key
 from converter.plan.view import CanonicalView
-from converter.run.output import LAYER_AGNOSTIC_SKIPS
+from converter.run.consumers import LAYER_AGNOSTIC_SKIPS
 from converter.sources.checkpoint import SCALE_SUFFIX, SourceCheckpoint
 from converter.sources.safetensors import DTYPES, ITEMSIZE, TensorInfo, read_header
 
