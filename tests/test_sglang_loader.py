@@ -151,8 +151,9 @@ def test_transformers_mxfp8_loads_bit_exact_with_identical_logits(outputs, tmp_p
 # ------------------------------------------------------------- families (issue: families)
 
 
-def family_source(name: str, root: Path) -> Path:
-    """A tiny checkpoint of a model family, or a skip when this checkout has no such family."""
+def family_source(name: str, root: Path, **config) -> Path:
+    """A tiny checkpoint of a model family (its demo config, updated with `config`), or a skip
+    when this checkout has no such family."""
     if importlib.util.find_spec("converter.models.family") is None:
         pytest.skip(f"family {name!r}: this checkout has no converter.models.family (the families "
                     "branch is not merged)")
@@ -160,11 +161,16 @@ def family_source(name: str, root: Path) -> Path:
 
     if name not in family_names():
         pytest.skip(f"family {name!r} is not in converter.models.family.family_names(): {family_names()}")
-    return build_checkpoint(root, family=name)
+    from converter.models.demo import tiny_config
+
+    return build_checkpoint(root, {**tiny_config(name), **config})
 
 
 def test_qwen3_moe_loads_in_sglang_and_transformers(tmp_path):
-    src = family_source("qwen3_moe", tmp_path / "src")
+    # Every layer MoE, as in Qwen3-30B-A3B (mlp_only_layers []): SGLang 0.5.23's Qwen3MoE builds
+    # every layer sparse ("Qwen3MoE all layers are sparse", models/qwen3_moe.py stage_facts) and
+    # ignores mlp_only_layers, so a checkpoint with a dense layer does not load there.
+    src = family_source("qwen3_moe", tmp_path / "src", mlp_only_layers=[])
     dst = converter.convert(src, tmp_path / "dst", quiet=True).dst
     assert_loads("load_check.py", dst, tmp_path=tmp_path, architecture="Qwen3MoeForCausalLM")
     assert_loads("hf_check.py", dst, tmp_path=tmp_path, architecture="Qwen3MoeForCausalLM")
