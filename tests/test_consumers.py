@@ -141,3 +141,45 @@ def test_load_moe_layer_errors(both_layouts):
         load_moe_layer(canonical, 1)
     with pytest.raises(SourceError, match="no pre-shuffled experts in layer 0"):
         load_moe_layer(trtllm, 0)  # the dense layer
+
+
+# ------------------------------------------------------------------------ vLLM's names
+
+
+def test_vllm_recipe_names_scales_weight_scale_and_verifies(tiny_sources, tmp_path):
+    dst = converter.convert(tiny_sources["fp8"], tmp_path / "vllm", recipe="deepseek_v3_mxfp8_vllm", quiet=True).dst
+    canon = converter.convert(tiny_sources["fp8"], tmp_path / "canon", quiet=True).dst
+    got, want = load_all(dst), load_all(canon)
+    assert not any(n.endswith("_scale_inv") for n in got)
+    assert {n[:-4] if n.endswith(".weight_scale_inv") else n for n in want} == set(got)
+    for n, t in want.items():  # the same bytes under the other name
+        assert same_bytes(got[n[:-4] if n.endswith(".weight_scale_inv") else n], t), n
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qc["quant_algo"] == "MXFP8" and qc["ignore"] == qc["ignored_layers"] == qc["modules_to_not_convert"]
+    assert verify_checkpoint(tiny_sources["fp8"], dst, quiet=True).passed
+    assert who_loads(qc).startswith("SGLang") and "NOT transformers" in who_loads(qc)
+
+
+def test_scale_name_is_validated():
+    from converter.errors import RecipeError
+    from converter.plan.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match="scale_name must be one of"):
+        load_recipe("deepseek_v3_mxfp8").with_options(scale_name="scale")
+    with pytest.raises(RecipeError, match="moe_layout trtllm keeps scale_name"):
+        load_recipe("deepseek_v3_mxfp8_trtllm").with_options(scale_name="weight_scale")
+
+
+def test_verify_catches_a_skip_list_key_that_disagrees(both_layouts, tmp_path):
+    import shutil
+
+    canonical, _ = both_layouts
+    bad = tmp_path / "bad"
+    shutil.copytree(canonical, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["ignored_layers"] = ["lm_head"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    src = json.loads((canonical / "mxconv.json").read_text())["source"]["path"]
+    messages = [f.message for f in verify_checkpoint(src, bad, quiet=True).failures if f.check == "config"]
+    assert any("ignored_layers differs from modules_to_not_convert" in m for m in messages), messages
+

@@ -148,6 +148,19 @@ def test_transformers_mxfp8_loads_bit_exact_with_identical_logits(outputs, tmp_p
         assert report["tensors_checked"] > 0 and report["logits_identical"]
 
 
+def test_vllm_recipe_output_loads_in_sglang_but_not_transformers(tiny_sources, tmp_path):
+    """deepseek_v3_mxfp8_vllm: scales named `weight_scale` plus vLLM's config keys. SGLang renames
+    the scales and loads it byte for byte; transformers 5.x reads only `weight_scale_inv`."""
+    dst = converter.convert(tiny_sources["bf16"], tmp_path / "vllm", recipe="deepseek_v3_mxfp8_vllm", quiet=True).dst
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qc["quant_algo"] == "MXFP8" and qc["ignore"] == qc["ignored_layers"] == qc["modules_to_not_convert"]
+    report = assert_loads("load_check.py", dst, tmp_path=tmp_path)
+    assert report["scales_named_weight_scale"] > 0 and report["dequant_checked"] > 0
+    assert_loads("load_check.py", dst, "--draft", tmp_path=tmp_path)
+    rc, report, tail = run_harness("hf_check.py", dst, tmp_path=tmp_path)
+    assert rc == 1 and any(".weight_scale" in f for f in report["failures"]), tail
+
+
 # ------------------------------------------------------------- families (issue: families)
 
 

@@ -25,6 +25,18 @@ def skip_list(modules: list[str]) -> list[str]:
     return per_layer + [g for g in LAYER_AGNOSTIC_SKIPS if any(m.endswith("." + g) for m in per_layer)]
 
 
+def consumer_keys(skip: list[str], scale_name: str) -> dict:
+    """quantization_config keys besides SGLang's and transformers' own: `ignored_layers` (the
+    skip list under the key SGLang reads first, and the one some vLLM releases read for mxfp8);
+    and for `weight_scale`-named checkpoints the keys vLLM's ModelOpt MXFP8 config reads from a
+    config.json (`quant_algo` MXFP8, the skip list as `ignore`). tests/test_sglang_loader.py
+    shows SGLang and transformers load a checkpoint with all of them exactly as without."""
+    keys = {"ignored_layers": list(skip)}
+    if scale_name == "weight_scale":
+        keys.update({"quant_algo": "MXFP8", "ignore": list(skip)})
+    return keys
+
+
 def per_layer_entries(entries: list[str]) -> list[str]:
     """The entries of a skip list that name one module (the layer-agnostic ones left out)."""
     return [e for e in entries if e not in LAYER_AGNOSTIC_SKIPS]
@@ -32,6 +44,9 @@ def per_layer_entries(entries: list[str]) -> list[str]:
 
 CANONICAL_LOADERS = ("SGLang (quant_method mxfp8; serves MXFP8 on Blackwell SM100 or ROCm gfx950), "
                      "transformers 5.x (its mxfp8 support; dequantizes to BF16 without a GPU)")
+VLLM_LOADERS = ("SGLang (it renames weight_scale to weight_scale_inv when it loads), vLLM (quant_method mxfp8 -> "
+                "ModelOpt MXFP8: weight_scale, quant_algo, ignore; Marlin kernels from SM80, so Hopper too); "
+                "NOT transformers 5.x (it reads only weight_scale_inv and would leave the weights unscaled)")
 PRESHUFFLED_LOADERS = ("NOT SGLang: SGLang shuffles canonical experts itself when it loads them, ignores "
                        "moe_weight_layout and leaves these pre-shuffled experts unloaded (a warning, then "
                        "wrong weights); nor transformers or vLLM. Only a loader that hands the experts to "
@@ -46,4 +61,6 @@ def who_loads(quantization_config: dict | None) -> str:
         return "any BF16 loader (not quantized)"
     if qc.get("moe_weight_layout"):
         return PRESHUFFLED_LOADERS
+    if qc.get("quant_algo") == "MXFP8":
+        return VLLM_LOADERS
     return CANONICAL_LOADERS

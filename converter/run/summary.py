@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from converter.plan.planner import COPY, DEQUANT_BF16, ConversionPlan
-from converter.run.consumers import who_loads
+from converter.run.consumers import consumer_keys, who_loads
 from converter.run.pipeline import ConversionResult
 from converter.sources.checkpoint import SourceCheckpoint
 from converter.units import format_size
@@ -57,4 +57,5 @@ def _quantization(plan: ConversionPlan) -> dict | None:
     """What decides who loads the output, as its quantization_config will say it."""
     if plan.recipe.target != "mxfp8":
         return None
-    return {"quant_method": "mxfp8", "moe_weight_layout": plan.recipe.moe_layout == "trtllm"}
+    return {"quant_method": "mxfp8", "moe_weight_layout": plan.recipe.moe_layout == "trtllm",
+            **consumer_keys([], plan.recipe.scale_name)}

@@ -26,7 +26,7 @@ def _precision(tensors: dict, qc: dict | None) -> str:
     """What the weights are: mxfp8, fp8, fp8_ue8m0, or the dtype of the linear weights."""
     fp8 = [n for n, i in tensors.items() if i.dtype == "F8_E4M3"]
     if fp8:
-        scales = [tensors.get(scale_name(n)) for n in fp8]
+        scales = [tensors.get(scale_name(n), tensors.get(n + "_scale")) for n in fp8]  # or vLLM's weight_scale
         mx = [s for s, n in zip(scales, fp8, strict=True) if s is not None and s.dtype == "U8"
               and s.shape == (*tensors[n].shape[:-1], tensors[n].shape[-1] // MX_BLOCK)]
         if len(mx) == len(fp8):

@@ -301,6 +301,12 @@ def main():
     # ---- checks -------------------------------------------------------------------------
     t_check = time.perf_counter()
     files = read_file_tensors(ckpt)
+    # Scales named `weight_scale` (vLLM's name): SGLang renames them to `weight_scale_inv` on
+    # file loads; compare under SGLang's name.
+    renamed = [n for n in files if n.endswith(".weight_scale")]
+    for n in renamed:
+        files[n + "_inv"] = files.pop(n)
+    report["scales_named_weight_scale"] = len(renamed)
     consumed = set()
     params = dict(model.named_parameters())
     n_layers = model_config.hf_config.num_hidden_layers
