@@ -73,6 +73,7 @@ def test_config(converted):
     qc = cfg.pop("quantization_config")
     assert cfg == source_cfg
     not_converted = qc.pop("modules_to_not_convert")
+    assert qc.pop("ignored_layers") == not_converted  # the key SGLang reads first (issue 18)
     assert qc == {"quant_method": "mxfp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                   "weight_block_size": [1, 32], "scale_fmt": "ue8m0"}
     expected = sorted(n[: -len(".weight")] for n in load_all(src) if n.endswith(KEPT_SUFFIXES))

@@ -109,7 +109,8 @@ def test_mtp_draft_without_the_layer_agnostic_entry_is_what_sglang_gets_wrong(ou
             (bad / f.name).symlink_to(f)
     cfg = json.loads((outputs["bf16"] / "config.json").read_text())
     qc = cfg["quantization_config"]
-    qc["modules_to_not_convert"] = [m for m in qc["modules_to_not_convert"] if m != "self_attn.kv_b_proj"]
+    for key in ("modules_to_not_convert", "ignored_layers"):  # SGLang reads ignored_layers first
+        qc[key] = [m for m in qc[key] if m != "self_attn.kv_b_proj"]
     (bad / "config.json").write_text(json.dumps(cfg))
     rc, report, tail = run_harness("load_check.py", bad, "--draft", tmp_path=tmp_path)
     assert rc == 1, tail

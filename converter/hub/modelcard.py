@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from converter.files import CONFIG_FILE, INDEX_FILE, PROVENANCE_FILE, VERIFY_REPORT_FILE
-from converter.run.consumers import CANONICAL_LOADERS, PRESHUFFLED_LOADERS
+from converter.run.consumers import PRESHUFFLED_LOADERS, who_loads
 from converter.units import format_size
 
 CARD_FILE = "README.md"
@@ -257,7 +257,7 @@ def _serving_section(model: str, config: dict, recipe: dict, quant: dict) -> str
         f"```bash\n{sglang_command(model, config=config, recipe=recipe)}\n```\n\n"
         "`--quantization mxfp8` matches `quantization_config.quant_method`; `--moe-runner-backend "
         "flashinfer_trtllm` runs the experts on FlashInfer's TRT-LLM MXFP8 MoE kernels.\n\n"
-        "Also loads in: " + CANONICAL_LOADERS.split("), ", 1)[1] + "."
+        "Loads in: " + who_loads(quant) + "."
     )
 
 
