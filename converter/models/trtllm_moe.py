@@ -22,6 +22,9 @@ SGLang 0.5.23 calls in layers/moe/moe_runner/flashinfer_trtllm.py):
                                                      the unswizzled shape (as SGLang keeps it)
     gemm2_weights        float8_e4m3fn [E, H, I]     rows shuffled for epilogue tile 128
     gemm2_weights_scale  uint8 (E8M0)  [E, H, I/32]  same rows, 128x4-swizzled
+[up; gate] is what SGLang itself hands the kernel: with a flashinfer_trtllm MoE backend its
+FusedMoE loads w3 (up) before w1 (gate) for Fp8MoEMethod, then gated-interleaves and shuffles
+(align_mxfp8_moe_weights_for_flashinfer_trtllm); vLLM's ModelOpt MXFP8 swaps to W31 likewise.
 Experts are the checkpoint's experts 0..E-1 of the layer (all of them: the layout is valid for
 expert parallelism only; a rank serving experts [a, b) slices dim 0 and passes
 local_expert_offset=a). Nothing is converted: every byte is the file's.
