@@ -73,10 +73,13 @@ def test_config(converted):
     qc = cfg.pop("quantization_config")
     assert cfg == source_cfg
     not_converted = qc.pop("modules_to_not_convert")
+    assert qc.pop("ignored_layers") == not_converted  # the key SGLang reads first (issue 18)
     assert qc == {"quant_method": "mxfp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                   "weight_block_size": [1, 32], "scale_fmt": "ue8m0"}
     expected = sorted(n[: -len(".weight")] for n in load_all(src) if n.endswith(KEPT_SUFFIXES))
-    assert sorted(not_converted) == expected
+    # every kept module, then the layer-agnostic entry SGLang's MTP draft needs (sglang#34906, issue 18)
+    assert not_converted[-1] == "self_attn.kv_b_proj"
+    assert sorted(not_converted[:-1]) == expected
     assert "model.layers.3.self_attn.kv_b_proj" in not_converted  # the MTP layer too
 
 

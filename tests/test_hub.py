@@ -362,12 +362,19 @@ def test_model_card_content(tmp_path):
 
 
 def test_model_card_variants(tmp_path):
-    dst = make_dst(tmp_path, verified=None, moe_layout="trtllm", auto_map=True)
+    (tmp_path / "trtllm").mkdir()
+    (tmp_path / "canonical").mkdir()
+    dst = make_dst(tmp_path / "trtllm", verified=None, moe_layout="trtllm", auto_map=True)
     card = render_model_card(dst)
     assert "Not verified" in card and "pre-shuffled" in card
-    assert "--ep-size 8" in card and "--trust-remote-code" in card
-    assert f"--model-path {dst}" in card  # no repo id: the local path
+    # Issue 18: SGLang cannot load pre-shuffled experts; the card says so and gives no SGLang command.
+    assert "Who can load it: not SGLang" in card and "NOT SGLang" in card and "mxconv unshuffle" in card
+    assert "sglang.launch_server" not in card and "load_moe_layer" in card
     assert "license" not in front_matter(card)  # the source card is not available
+    dst = make_dst(tmp_path / "canonical", verified=None, auto_map=True)
+    card = render_model_card(dst)
+    assert "--trust-remote-code" in card and "--ep-size" not in card and "transformers 5.x" in card
+    assert f"--model-path {dst}" in card  # no repo id: the local path
 
 
 def test_base_model_card_copied_from_the_source_is_replaced(tmp_path):

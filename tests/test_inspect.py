@@ -57,7 +57,9 @@ def test_complete_conversion(converted):
     assert info["tensors"]["by_dtype"]["F8_E4M3"]["count"] == 64 and info["tensors"]["by_dtype"]["U8"]["count"] == 64
     kv_b = [m for m in info["high_precision_linears"] if m.endswith("kv_b_proj")]
     assert kv_b == [f"model.layers.{i}.self_attn.kv_b_proj" for i in range(4)]
-    assert info["modules_to_not_convert"] == info["high_precision_linears"]
+    # every kept module, then the layer-agnostic entry SGLang's MTP draft needs (issue 18)
+    assert info["modules_to_not_convert"] == info["high_precision_linears"] + ["self_attn.kv_b_proj"]
+    assert info["loads_in"].startswith("SGLang")
     conv = info["conversion"]
     assert conv["by_mxconv"] and conv["complete"] is True and conv["recipe"] == "deepseek_v3_mxfp8"
     assert conv["source"]["format"] == "bf16"
@@ -97,6 +99,7 @@ def test_trtllm_layout(tiny_sources, tmp_path):
     assert info["moe"]["layout"].startswith("trtllm") and info["moe"]["layout_in_config"] is True
     assert info["precision"] == "mxfp8"
     assert "trtllm (FlashInfer pre-shuffled)" in format_inspect(info)
+    assert info["loads_in"].startswith("NOT SGLang") and "loads in                NOT SGLang" in format_inspect(info)
 
 
 def test_not_a_checkpoint(tmp_path):

@@ -14,6 +14,7 @@ import yaml
 
 from converter.files import CONFIG_FILE, INDEX_FILE, PROVENANCE_FILE, VERIFY_REPORT_FILE
 from converter.models.family import Family, family_or_none
+from converter.run.consumers import PRESHUFFLED_LOADERS, who_loads
 from converter.units import format_size
 
 CARD_FILE = "README.md"
@@ -146,7 +147,7 @@ def _conversion_section(source: dict, recipe: dict, output: dict) -> str:
                      if relayout else "requantized with the scale rule above (lossless in value)"))
     layout = recipe.get("moe_layout")
     if layout == "trtllm":
-        rows.append(("MoE experts", "pre-shuffled for the FlashInfer TRT-LLM MoE kernels (see Serving)"))
+        rows.append(("MoE experts", "pre-shuffled for the FlashInfer TRT-LLM MoE kernels: not loadable by SGLang (see Who can load it)"))
     elif layout:
         rows.append(("MoE experts", "canonical HF layout (SGLang prepares them for its MoE backend at load time)"))
     tensors = _dict(output.get("tensors"))
@@ -238,21 +239,26 @@ def _files_section(dst: Path, output: dict) -> str:
 
 
 def _serving_section(model: str, config: dict, recipe: dict, quant: dict) -> str:
-    text = (
+    if _is_preshuffled(quant, recipe):
+        return (
+            "## Who can load it: not SGLang\n\n"
+            "**The routed experts are stored pre-shuffled for FlashInfer's TRT-LLM MXFP8 MoE kernel** "
+            "(`quantization_config.moe_weight_layout`). " + PRESHUFFLED_LOADERS + ".\n\n"
+            "Loading them for the kernel, layer by layer (every expert of a layer must be on the rank: "
+            "expert parallelism only):\n\n"
+            "```python\nfrom converter.models.trtllm_moe import load_moe_layer\n\n"
+            "w = load_moe_layer(\"path/to/this/checkpoint\", layer=3)\n"
+            "flashinfer.fused_moe.trtllm_fp8_block_scale_moe(..., **w.kernel_args(), "
+            "use_shuffled_weight=True, fp8_quantization_type=Fp8QuantizationType.MxFp8)\n```"
+        )
+    return (
         "## Serving with SGLang\n\n"
         "MXFP8 needs NVIDIA Blackwell (SM100) GPUs. On one node of 8 GPUs:\n\n"
         f"```bash\n{sglang_command(model, config=config, recipe=recipe)}\n```\n\n"
         "`--quantization mxfp8` matches `quantization_config.quant_method`; `--moe-runner-backend "
-        "flashinfer_trtllm` runs the experts on FlashInfer's TRT-LLM MXFP8 MoE kernels."
+        "flashinfer_trtllm` runs the experts on FlashInfer's TRT-LLM MXFP8 MoE kernels.\n\n"
+        "Loads in: " + who_loads(quant) + "."
     )
-    if _is_preshuffled(quant, recipe):
-        text += (
-            "\n\n**The experts are stored pre-shuffled for FlashInfer TRT-LLM** (`quantization_config."
-            "moe_weight_layout`). Serve them only with `--moe-runner-backend flashinfer_trtllm`, with "
-            "expert parallelism (whole experts per rank), and with an SGLang build that reads "
-            "`moe_weight_layout`; any other backend or loader computes with scrambled weights."
-        )
-    return text
 
 
 # --- helpers -------------------------------------------------------------------------------------

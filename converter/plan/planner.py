@@ -132,7 +132,7 @@ def build_plan(view: CanonicalView, fmt: SourceFormat, recipe: Recipe, num_hidde
             if recipe.moe_layout == "trtllm" and m:
                 experts.setdefault(m.group(1), {})[m.group(2)] = op
                 continue
-            jobs.append(_job(MXFP8, (op,), mxfp8_outputs(module, t.shape), tensors))
+            jobs.append(_job(MXFP8, (op,), mxfp8_outputs(module, t.shape, recipe.scale_name), tensors))
             continue
         if linear:
             not_converted.append(module)
@@ -148,11 +148,13 @@ def build_plan(view: CanonicalView, fmt: SourceFormat, recipe: Recipe, num_hidde
                           sorted(set(not_converted), key=natural_key), counts)
 
 
-def mxfp8_outputs(module: str, shape: tuple[int, ...]) -> tuple[PlannedTensor, ...]:
-    """The two tensors of one MXFP8 linear: e4m3 weight [N, K] and uint8 scale [N, K/32]."""
+def mxfp8_outputs(module: str, shape: tuple[int, ...], scale_name: str = "weight_scale_inv"
+                  ) -> tuple[PlannedTensor, ...]:
+    """The two tensors of one MXFP8 linear: e4m3 weight [N, K] and uint8 scale [N, K/32]
+    (named `module.weight_scale_inv`, or the recipe's scale_name)."""
     n, k = shape
     return (PlannedTensor(f"{module}.weight", "F8_E4M3", (n, k)),
-            PlannedTensor(f"{module}.weight_scale_inv", "U8", (n, k // MX_BLOCK)))
+            PlannedTensor(f"{module}.{scale_name}", "U8", (n, k // MX_BLOCK)))
 
 
 def _job(action: str, operands: tuple[Operand, ...], outputs: tuple[PlannedTensor, ...],

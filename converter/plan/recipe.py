@@ -17,6 +17,10 @@ from converter.numerics.reference import ScaleRule, ScaleZeroBlocks
 TARGETS = ("mxfp8", "bf16")
 UE8M0_MODES = ("relayout", "requantize")
 MOE_LAYOUTS = ("canonical", "trtllm")
+# MXFP8 scale tensor name: SGLang and transformers read `weight_scale_inv`; vLLM's mxfp8 method
+# (ModelOptMxFp8Config) reads `weight_scale`, which SGLang also loads (it renames it) and
+# transformers 5.x does not.
+SCALE_NAMES = ("weight_scale_inv", "weight_scale")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -33,6 +37,7 @@ class Recipe:
     keep_last_layers: int = 0
     allow_nonfinite: bool = False
     scale_zero_blocks: str = ScaleZeroBlocks.EXACT.value  # TransformerEngine >= 2.13; "flush": TE <= 2.12
+    scale_name: str = "weight_scale_inv"
     source: str = field(default="", compare=False)  # where it was loaded from (not part of its identity)
 
     def to_dict(self) -> dict:
@@ -140,6 +145,10 @@ def _validated(r: Recipe, where: str) -> Recipe:
         raise bad(f"moe_layout must be one of {MOE_LAYOUTS}, got {r.moe_layout!r}")
     if r.moe_layout == "trtllm" and r.target != "mxfp8":
         raise bad("moe_layout trtllm needs target mxfp8")
+    if r.scale_name not in SCALE_NAMES:
+        raise bad(f"scale_name must be one of {SCALE_NAMES}, got {r.scale_name!r}")
+    if r.scale_name != "weight_scale_inv" and r.moe_layout == "trtllm":
+        raise bad("moe_layout trtllm keeps scale_name weight_scale_inv (its own loader's names)")
     for key in ("keep_first_layers", "keep_last_layers"):
         v = getattr(r, key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:

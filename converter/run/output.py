@@ -23,6 +23,7 @@ from converter.files import (
 )
 from converter.plan.planner import ConversionPlan, ShardPlan
 from converter.run.freshness import SOURCE_KEYS, SourceCheck, check_sources, recorded_hashes, same_conversion
+from converter.run.consumers import consumer_keys, skip_list
 from converter.run.writer import fsync_dir, write_atomic, write_bytes_atomic
 from converter.sources.checkpoint import PICKLE_SUFFIXES, SourceCheckpoint
 from converter.sources.safetensors import build_header
@@ -341,7 +342,8 @@ def output_config(source_config: dict, plan: ConversionPlan, moe_layout: dict | 
     if plan.recipe.target == "mxfp8":
         qc = {"quant_method": "mxfp8", "fmt": "e4m3", "activation_scheme": "dynamic",
               "weight_block_size": [1, 32], "scale_fmt": "ue8m0",
-              "modules_to_not_convert": plan.modules_to_not_convert}
+              "modules_to_not_convert": skip_list(plan.modules_to_not_convert)}
+        qc.update(consumer_keys(qc["modules_to_not_convert"], plan.recipe.scale_name))
         if moe_layout:
             qc["moe_weight_layout"] = moe_layout
         config["quantization_config"] = qc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from converter.plan.planner import COPY, DEQUANT_BF16, ConversionPlan
+from converter.run.consumers import consumer_keys, who_loads
 from converter.run.pipeline import ConversionResult
 from converter.sources.checkpoint import SourceCheckpoint
 from converter.units import format_size
@@ -28,6 +29,7 @@ def describe_plan(ckpt: SourceCheckpoint, plan: ConversionPlan, mapping: str, ve
         more = len(plan.modules_to_not_convert) - 4
         lines.append(f"linear modules kept in high precision ({len(plan.modules_to_not_convert)}): {shown}"
                      + (f", ... (+{more})" if more > 0 else ""))
+    lines.append(f"loads in: {who_loads(_quantization(plan))}")
     lines.append(f"output: {len(plan.shards)} shard(s), {format_size(plan.total_size)}")
     for shard in plan.shards:
         lines.append(f"  {shard.name}: {len(shard.tensors)} tensors, {format_size(shard.nbytes)}")
@@ -55,4 +57,13 @@ def describe_result(result: ConversionResult) -> str:
     return (f"wrote {result.dst}: {len(plan.shards)} shard(s), {format_size(plan.total_size)} "
             f"in {result.seconds:.2f} s ({rate} of input){resumed}\n"
             f"  {c.get('mxfp8', 0)} MXFP8, {c.get('dequantized_bf16', 0)} dequantized to BF16, "
-            f"{c.get('copied', 0)} copied; " + kept + f"; {len(result.copied_files)} other file(s) copied" + notes)
+            f"{c.get('copied', 0)} copied; " + kept + f"; {len(result.copied_files)} other file(s) copied\n"
+            f"  loads in: {who_loads(_quantization(plan))}" + notes)
+
+
+def _quantization(plan: ConversionPlan) -> dict | None:
+    """What decides who loads the output, as its quantization_config will say it."""
+    if plan.recipe.target != "mxfp8":
+        return None
+    return {"quant_method": "mxfp8", "moe_weight_layout": plan.recipe.moe_layout == "trtllm",
+            **consumer_keys([], plan.recipe.scale_name)}

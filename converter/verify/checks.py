@@ -18,6 +18,7 @@ from converter.files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from converter.numerics.reference import MX_BLOCK
 from converter.plan.planner import ConversionPlan, natural_key
 from converter.plan.view import CanonicalView
+from converter.run.consumers import LAYER_AGNOSTIC_SKIPS, consumer_keys
 from converter.sources.checkpoint import SCALE_SUFFIX, SourceCheckpoint
 from converter.sources.safetensors import DTYPES, ITEMSIZE, TensorInfo, read_header
 
@@ -250,8 +251,9 @@ def check_coverage(plan: ConversionPlan, view: CanonicalView, src: SourceCheckpo
 
 
 def module_listed(module: str, entries: list[str]) -> bool:
-    """SGLang's rule: an entry names a module or one of its parents, matched on dot boundaries."""
-    return any(module == e or module.startswith(e + ".") for e in entries)
+    """SGLang's rule (0.5.23 `_module_path_match`): an entry names the module, one of its parents,
+    or a run of its path components anywhere (`self_attn.kv_b_proj` matches every layer's)."""
+    return any(module == e or module.startswith(e + ".") or f".{e}." in f".{module}." for e in entries)
 
 
 def _module_of(name: str) -> str | None:
@@ -298,7 +300,7 @@ def check_config(plan: ConversionPlan, src: SourceCheckpoint, dest: Destination,
         if module is None:
             continue
         if info.dtype == "F8_E4M3":
-            _check_scale_pair(name, info, tensors, failures)
+            _check_scale_pair(name, info, tensors, failures, scale_suffix(plan))
             if module_listed(module, skip):
                 failures.append(Failure(CONFIG, name, "MXFP8 weight whose module is in modules_to_not_convert: "
                                                       "SGLang would load its e4m3 bytes as BF16"))
@@ -313,21 +315,39 @@ def check_config(plan: ConversionPlan, src: SourceCheckpoint, dest: Destination,
                                                   "SGLang would expect MXFP8 for it"))
     linear_modules = [_module_of(n) for n, i in tensors.items() if i.dtype in HIGH_PRECISION_DTYPES
                       and len(i.shape) == 2 and n.endswith(".weight")]
+    for generic in LAYER_AGNOSTIC_SKIPS:
+        if generic not in skip and any(m and m.endswith("." + generic) for m in linear_modules):
+            fail(f"modules_to_not_convert lacks the layer-agnostic entry {generic!r}: SGLang's MTP draft "
+                 f"model (DeepseekV3ForCausalLMNextN) skips only model.layers.61's {generic}, and casts the "
+                 "BF16 weight of an MTP layer at any other index into MXFP8")
     for entry in skip:
         if not any(module_listed(m, [entry]) for m in linear_modules if m):
             fail(f"modules_to_not_convert entry {entry!r} matches no high-precision weight")
+    suffix = scale_suffix(plan)
     for name, info in tensors.items():
-        if info.dtype == "U8" and name.endswith(SCALE_SUFFIX):
-            weight = tensors.get(name[: -len(SCALE_SUFFIX)])
+        if info.dtype == "U8" and name.endswith(suffix):
+            weight = tensors.get(name[: -len(suffix)])
             if weight is None or weight.dtype != "F8_E4M3":
                 failures.append(Failure(CONFIG, name, "uint8 scale without a float8_e4m3 weight"))
+    for key, want in consumer_keys(skip, plan.recipe.scale_name).items():
+        if key in ("ignored_layers", "ignore") and key in qc and qc[key] != skip:
+            fail(f"quantization_config.{key} differs from modules_to_not_convert (SGLang reads ignored_layers "
+                 "first, vLLM ignore): the consumers would skip different modules")
+        elif qc and qc.get(key) != want:
+            fail(f"quantization_config.{key} is {qc.get(key)!r}, expected {want!r}")
     _check_moe_layout(plan, qc, tensors, fail)
 
 
-def _check_scale_pair(name: str, info: TensorInfo, tensors: dict[str, TensorInfo], failures: list[Failure]) -> None:
-    scale = tensors.get(name + SCALE_SUFFIX)
+def scale_suffix(plan: ConversionPlan) -> str:
+    """What an MXFP8 weight's name gains to name its scale: `_scale_inv`, or `_scale` (vLLM's)."""
+    return plan.recipe.scale_name.removeprefix("weight")
+
+
+def _check_scale_pair(name: str, info: TensorInfo, tensors: dict[str, TensorInfo], failures: list[Failure],
+                      suffix: str = SCALE_SUFFIX) -> None:
+    scale = tensors.get(name + suffix)
     if scale is None:
-        failures.append(Failure(CONFIG, name, f"float8 weight without {name + SCALE_SUFFIX}"))
+        failures.append(Failure(CONFIG, name, f"float8 weight without {name + suffix}"))
         return
     want = (*info.shape[:-1], info.shape[-1] // MX_BLOCK) if info.shape and info.shape[-1] % MX_BLOCK == 0 else None
     if scale.dtype != "U8":

@@ -15,6 +15,7 @@ from converter.files import PROVENANCE_FILE, STATE_DIR, VERIFY_REPORT_FILE
 from converter.models.family import family_or_none
 from converter.numerics.reference import MX_BLOCK
 from converter.plan.planner import natural_key
+from converter.run.consumers import per_layer_entries, who_loads
 from converter.sources.checkpoint import scale_name
 from converter.units import format_size
 from converter.verify.checks import HIGH_PRECISION_DTYPES, Failure, read_destination, read_json
@@ -27,7 +28,7 @@ def _precision(tensors: dict, qc: dict | None) -> str:
     """What the weights are: mxfp8, fp8, fp8_ue8m0, or the dtype of the linear weights."""
     fp8 = [n for n, i in tensors.items() if i.dtype == "F8_E4M3"]
     if fp8:
-        scales = [tensors.get(scale_name(n)) for n in fp8]
+        scales = [tensors.get(scale_name(n), tensors.get(n + "_scale")) for n in fp8]  # or vLLM's weight_scale
         mx = [s for s, n in zip(scales, fp8, strict=True) if s is not None and s.dtype == "U8"
               and s.shape == (*tensors[n].shape[:-1], tensors[n].shape[-1] // MX_BLOCK)]
         if len(mx) == len(fp8):
@@ -119,6 +120,7 @@ def inspect_checkpoint(path: str | Path) -> dict:
                  "index_total_size": dest.index_total_size},
         "high_precision_linears": kept,
         "modules_to_not_convert": qc.get("modules_to_not_convert") if qc else None,
+        "loads_in": who_loads(qc) if precision != "unknown" else "unknown",
         "conversion": _conversion(root, problems),
         "verified": None if verify is None else verify.get("passed") is True,
         "problems": problems,
@@ -158,9 +160,12 @@ def format_inspect(info: dict) -> str:
     ]
     listed = info["modules_to_not_convert"]
     if listed is not None:
-        same = sorted(listed, key=natural_key) == info["high_precision_linears"]
-        rows.append(("modules_to_not_convert", f"the same {len(listed)} modules" if same and listed
-                     else _modules(listed)))
+        one = per_layer_entries(listed)
+        generic = [e for e in listed if e not in one]
+        same = sorted(one, key=natural_key) == info["high_precision_linears"]
+        rows.append(("modules_to_not_convert", (f"the same {len(one)} modules" if same and one else _modules(one))
+                     + (f", and for every layer: {', '.join(generic)}" if generic else "")))
+    rows.append(("loads in", info["loads_in"]))
     if conv["by_mxconv"]:
         src = conv.get("source") or {}
         rows.append(("conversion", conv["status"]))

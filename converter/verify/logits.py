@@ -80,10 +80,11 @@ def destination_tensors(dest: Destination) -> Iterator[tuple[str, Callable[[], t
     def load(name: str) -> torch.Tensor:
         return read_tensor(dest.tensors[name])
 
+    suffixes = (SCALE_SUFFIX, "_scale")  # weight_scale_inv, or vLLM's weight_scale (recipe scale_name)
     for name, info in dest.tensors.items():
-        if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in dest.tensors:
+        if any(name.endswith(s) and name[: -len(s)] in dest.tensors for s in suffixes):
             continue
-        scale = name + SCALE_SUFFIX
+        scale = next((name + s for s in suffixes if name + s in dest.tensors), name + SCALE_SUFFIX)
         if name.endswith(".w13_weight") and scale in dest.tensors:
             prefix = name[: -len(".w13_weight")]
             for part in ("gate_proj", "up_proj"):
