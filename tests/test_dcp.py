@@ -157,3 +157,13 @@ def test_interrupted_dcp_conversion_resumes(dcp_sources, tmp_path):
     got = load_all(dst)
     assert set(got) == set(want) and all(same_bytes(got[n], want[n]) for n in want)
     assert (dst / "mxconv.json").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_dcp_on_cuda_gives_the_same_bytes(dcp_sources, hf_outputs, tmp_path, recipe):
+    dst = tmp_path / "gpu"
+    converter.convert(dcp_sources["megatron"], dst, recipe=recipe, config=dcp_sources["hf"], device="cuda",
+                      workers=2, quiet=True)
+    want, got = load_all(hf_outputs[recipe]), load_all(dst)
+    assert set(got) == set(want) and all(same_bytes(got[n], want[n]) for n in want)
