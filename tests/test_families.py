@@ -442,3 +442,14 @@ def test_config_and_tensors_disagree_is_a_clear_error(sources, tmp_path, kwargs,
     if tensor:
         assert tensor in str(err.value)
     assert err.value.file and not (tmp_path / "out").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind, recipe", [("v32_fp8", "deepseek_v32_mxfp8_trtllm"), ("qwen", "qwen3_moe_mxfp8"),
+                                          ("qwen", "qwen3_moe_mxfp8_trtllm")])
+def test_families_on_cuda_give_the_cpu_bytes(sources, tmp_path, kind, recipe):
+    for device in ("cpu", "cuda"):
+        converter.convert(sources[kind], tmp_path / device, recipe=recipe, device=device, quiet=True,
+                          max_shard_size="1MB")
+    cpu, gpu = load_all(tmp_path / "cpu"), load_all(tmp_path / "cuda")
+    assert set(cpu) == set(gpu) and all(same_bytes(cpu[n], gpu[n]) for n in cpu)
