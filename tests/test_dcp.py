@@ -39,6 +39,11 @@ def test_dcp_converts_to_the_same_bytes(dcp_sources, hf_outputs, tmp_path, kind,
     for side in ("tokenizer_config.json", "generation_config.json", "LICENSE"):  # from --config
         assert (dst / side).read_bytes() == (dcp_sources["hf"] / side).read_bytes()
     assert set(read_json(dst / "model.safetensors.index.json")["weight_map"]) == set(want)
+    # file for file: the same shards, tensors in the same order, the same index
+    shards = sorted(p.name for p in want_dir.glob("*.safetensors"))
+    assert sorted(p.name for p in dst.glob("*.safetensors")) == shards
+    for name in shards + ["model.safetensors.index.json"]:
+        assert (dst / name).read_bytes() == (want_dir / name).read_bytes(), name
     prov = read_json(dst / "mxconv.json")
     assert prov["source"]["mapping"] == mapping
     assert (".metadata" in prov["source"]["shards"]) == (kind != "hf_dcp")

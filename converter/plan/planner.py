@@ -50,7 +50,7 @@ class Job:
     operands: tuple[Operand, ...]
     outputs: tuple[PlannedTensor, ...]
     input_bytes: int
-    sort_key: tuple
+    sort_key: tuple  # the natural order of output names: the same bytes whatever the source's files
 
     @property
     def output_bytes(self) -> int:
@@ -159,9 +159,8 @@ def mxfp8_outputs(module: str, shape: tuple[int, ...], scale_name: str = "weight
 
 def _job(action: str, operands: tuple[Operand, ...], outputs: tuple[PlannedTensor, ...],
          tensors: dict[str, CanonicalTensor]) -> Job:
-    first = tensors[operands[0].weight]
     in_bytes = sum(tensors[n].nbytes for op in operands for n in (op.weight, op.scale) if n)
-    return Job(action, operands, outputs, in_bytes, (str(first.file), first.offset, first.name))
+    return Job(action, operands, outputs, in_bytes, natural_key(outputs[0].name))
 
 
 def _trtllm_jobs(experts: dict[str, dict[str, Operand]], tensors: dict[str, CanonicalTensor]) -> list[Job]:
@@ -190,7 +189,7 @@ def _trtllm_jobs(experts: dict[str, dict[str, Operand]], tensors: dict[str, Cano
 
 
 def pack_shards(jobs: list[Job], max_bytes: int) -> list[ShardPlan]:
-    """Greedy packing in read order; a job's outputs never straddle two shards."""
+    """Greedy packing in the jobs' order; a job's outputs never straddle two shards."""
     groups: list[list[Job]] = [[]]
     size = 0
     for job in jobs:

@@ -82,7 +82,7 @@ def plan_unshuffle(ckpt: SourceCheckpoint, max_shard_bytes: int) -> tuple[Conver
         else:
             outputs = mxfp8_outputs(f"{prefix}.down_proj", (rows, k))
         jobs.append(Job(UNPACK_W13 if which == "w13" else UNPACK_W2, (Operand(name, scale),), outputs,
-                        info.nbytes + ckpt.tensors[scale].nbytes, (str(info.file), info.start, name)))
+                        info.nbytes + ckpt.tensors[scale].nbytes, natural_key(outputs[0].name)))
     jobs.sort(key=lambda j: j.sort_key)
     counts = dict(prov.get("output", {}).get("tensors", {}))
     plan = ConversionPlan(SourceFormat(prov["source"]["format"]), recipe, pack_shards(jobs, max_shard_bytes),
