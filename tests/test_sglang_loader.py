@@ -14,7 +14,6 @@ Select them with `-m sglang`.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -164,19 +163,11 @@ def test_vllm_recipe_output_loads_in_sglang_but_not_transformers(tiny_sources, t
     assert rc == 1 and any(".weight_scale" in f for f in report["failures"]), tail
 
 
-# ------------------------------------------------------------- families (issue: families)
+# ------------------------------------------------------------- other model families
 
 
 def family_source(name: str, root: Path, **config) -> Path:
-    """A tiny checkpoint of a model family (its demo config, updated with `config`), or a skip
-    when this checkout has no such family."""
-    if importlib.util.find_spec("converter.models.family") is None:
-        pytest.skip(f"family {name!r}: this checkout has no converter.models.family (the families "
-                    "branch is not merged)")
-    from converter.models.family import family_names
-
-    if name not in family_names():
-        pytest.skip(f"family {name!r} is not in converter.models.family.family_names(): {family_names()}")
+    """A tiny checkpoint of a model family (its demo config, updated with `config`)."""
     from converter.models.demo import tiny_config
 
     return build_checkpoint(root, {**tiny_config(name), **config})
