@@ -25,7 +25,8 @@ def hf_outputs(dcp_sources, tmp_path_factory):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-@pytest.mark.parametrize("kind, mapping", [("megatron", "megatron"), ("fsdp", "hf"), ("hf_dcp", "hf")])
+@pytest.mark.parametrize("kind, mapping", [("megatron", "megatron"), ("fsdp", "hf"), ("hf_dcp", "hf"),
+                                           ("torchtitan", "torchtitan")])
 def test_dcp_converts_to_the_same_bytes(dcp_sources, hf_outputs, tmp_path, kind, mapping, recipe):
     dst = tmp_path / "out"
     result = converter.convert(dcp_sources[kind], dst, recipe=recipe, config=dcp_sources["hf"], quiet=True)
