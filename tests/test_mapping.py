@@ -246,7 +246,8 @@ def test_torchtitan_full_model(full_model, older):
     if fp8:
         pytest.skip("torchtitan checkpoints hold no FP8 scales")
     hf = {n: torch.empty(s, device="meta") for n, s in shapes.items()}
-    source = {n: tuple(t.shape) for n, t in torchtitan_tensors(hf, {"num_hidden_layers": LAYERS, "n_routed_experts": 256})}
+    config = {"num_hidden_layers": LAYERS, "n_routed_experts": 256}
+    source = {n: tuple(t.shape) for n, t in torchtitan_tensors(hf, config)}
     if older:
         old = {"routed_experts.inner_experts.w1_EFD": "experts.w1", "routed_experts.inner_experts.w3_EFD": "experts.w3",
                "routed_experts.inner_experts.w2_EDF": "experts.w2", "expert_bias_E": "expert_bias"}

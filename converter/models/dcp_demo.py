@@ -143,7 +143,8 @@ _TITAN_LAYER = {"input_layernorm": "attention_norm", "post_attention_layernorm":
                 "self_attn.q_a_layernorm": "attention.q_norm", "self_attn.q_b_proj": "attention.wq_b",
                 "self_attn.kv_a_proj_with_mqa": "attention.wkv_a", "self_attn.kv_a_layernorm": "attention.kv_norm",
                 "self_attn.kv_b_proj": "attention.wkv_b", "self_attn.o_proj": "attention.wo",
-                "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
+                "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+                "mlp.down_proj": "feed_forward.w2",
                 "mlp.gate": "moe.router.gate", "mlp.shared_experts.gate_proj": "moe.shared_experts.w1",
                 "mlp.shared_experts.up_proj": "moe.shared_experts.w3",
                 "mlp.shared_experts.down_proj": "moe.shared_experts.w2",
@@ -212,8 +213,8 @@ def _save_rank(rank: int, ranks: int, port: int, jobs: list) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=ranks)
     try:
         for job in jobs:
-            state = (_megatron_state(rank, ranks, job) if job["kind"] == "megatron" else
-                     _torchtitan_state(rank, ranks, job) if job["kind"] == "torchtitan" else _fsdp_state(rank, ranks, job))
+            make = {"megatron": _megatron_state, "torchtitan": _torchtitan_state}.get(job["kind"], _fsdp_state)
+            state = make(rank, ranks, job)
             if job["kind"] == "hf-dcp":  # Hugging Face DCP: safetensors with DCP_SHARDING_INFO, per rank
                 writer = dcp.HuggingFaceStorageWriter(job["dst"], save_distributed=True)
                 state = {k: v for k, v in state.items() if not k.startswith("optim_state")}
