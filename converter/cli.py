@@ -52,7 +52,7 @@ def convert(
     recipe: Optional[str] = typer.Option(None, help="built-in recipe name, a role of the source's family (mxfp8, "
                                                     "trtllm, bf16, ...), or a recipe YAML path; default: the "
                                                     "family's mxfp8 recipe (deepseek_v3_mxfp8, qwen3_moe_mxfp8, ...)"),
-    mapping: str = typer.Option("auto", help="source tensor naming: auto, hf, megatron, deepseek, or a YAML path"),
+    mapping: str = typer.Option("auto", help="source tensor naming: auto, hf, megatron, deepseek, torchtitan, or a YAML path"),
     config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     workers: Optional[int] = typer.Option(None, min=1, help="jobs computed in parallel (default: one per CPU "

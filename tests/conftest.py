@@ -35,7 +35,8 @@ def tiny_sources(tmp_path_factory):
 def dcp_sources(tmp_path_factory):
     """DCP training checkpoints written by torch.distributed.checkpoint with 2 gloo ranks (built
     once per session, ~5-15 s), and the HF checkpoint holding the same weights: {"hf", "megatron",
-    "fsdp", "hf_dcp" (HuggingFaceStorageWriter, distributed: safetensors with DCP_SHARDING_INFO)}. The HF one is the tiny BF16 model with the MTP layer's embed_tokens and
+    "fsdp", "hf_dcp" (HuggingFaceStorageWriter, distributed: safetensors with DCP_SHARDING_INFO),
+    "torchtitan" (torchtitan's DeepSeek V3 names, experts sharded over the ranks)}. The HF one is the tiny BF16 model with the MTP layer's embed_tokens and
     shared_head.head equal to the main model's (Megatron stores them once). Tests must not modify them."""
     import json
     import shutil
@@ -56,8 +57,10 @@ def dcp_sources(tmp_path_factory):
             shutil.copy(f, root / "hf" / f.name)
     build_dcp_checkpoints(root / "hf", [{"kind": "megatron", "padded_vocab": 640, "dst": root / "megatron"},
                                         {"kind": "fsdp", "prefix": "model_state.model.", "dst": root / "fsdp"},
-                                        {"kind": "hf-dcp", "prefix": "model.", "dst": root / "hf_dcp"}])
-    return {"hf": root / "hf", "megatron": root / "megatron", "fsdp": root / "fsdp", "hf_dcp": root / "hf_dcp"}
+                                        {"kind": "hf-dcp", "prefix": "model.", "dst": root / "hf_dcp"},
+                                        {"kind": "torchtitan", "dst": root / "torchtitan"}])
+    return {"hf": root / "hf", "megatron": root / "megatron", "fsdp": root / "fsdp", "hf_dcp": root / "hf_dcp",
+            "torchtitan": root / "torchtitan"}
 
 
 @pytest.fixture(params=["native", "torch"])

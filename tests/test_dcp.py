@@ -25,7 +25,8 @@ def hf_outputs(dcp_sources, tmp_path_factory):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-@pytest.mark.parametrize("kind, mapping", [("megatron", "megatron"), ("fsdp", "hf"), ("hf_dcp", "hf")])
+@pytest.mark.parametrize("kind, mapping", [("megatron", "megatron"), ("fsdp", "hf"), ("hf_dcp", "hf"),
+                                           ("torchtitan", "torchtitan")])
 def test_dcp_converts_to_the_same_bytes(dcp_sources, hf_outputs, tmp_path, kind, mapping, recipe):
     dst = tmp_path / "out"
     result = converter.convert(dcp_sources[kind], dst, recipe=recipe, config=dcp_sources["hf"], quiet=True)
@@ -172,3 +173,50 @@ def test_dcp_on_cuda_gives_the_same_bytes(dcp_sources, hf_outputs, tmp_path, rec
                       workers=2, quiet=True)
     want, got = load_all(hf_outputs[recipe]), load_all(dst)
     assert set(got) == set(want) and all(same_bytes(got[n], want[n]) for n in want)
+
+
+def test_torchtitan_names_and_expert_parallel_chunks(dcp_sources):
+    """torchtitan's names at the top level, routed experts stacked [E, F, D] / [E, D, F] and split
+    over the ranks along the expert axis, no MTP embedding or head, optimizer and train_state
+    never read; the naming is detected as torchtitan's."""
+    from converter.mapping.names import detect_mapping
+
+    ckpt = DcpCheckpoint.open(dcp_sources["torchtitan"], dcp_sources["hf"])
+    config = read_json(dcp_sources["hf"] / "config.json")
+    e, n, h = config["n_routed_experts"], config["num_hidden_layers"], config["hidden_size"]
+    w1 = ckpt.tensors["layers.1.moe.routed_experts.inner_experts.w1_EFD"]
+    w2 = ckpt.tensors["layers.1.moe.routed_experts.inner_experts.w2_EDF"]
+    assert w1.global_shape == (e, config["moe_intermediate_size"], h)
+    assert w2.global_shape == (e, h, config["moe_intermediate_size"])
+    assert sorted(c.offsets for c in w1.chunks) == [(0, 0, 0), (e // 2, 0, 0)]
+    assert "mtp_layers.0.attention.wq_a.weight" in ckpt.tensors and "mtp_layers.0.mtp_norm.weight" in ckpt.tensors
+    assert not any("embed_tokens" in t or "shared_head" in t or t.startswith(("optimizer", "train_state"))
+                   for t in ckpt.tensors)
+    assert not any(t.startswith("layers.") and int(t.split(".")[1]) >= n for t in ckpt.tensors)
+    assert detect_mapping(ckpt.tensors) == "torchtitan"
+
+
+def test_torchtitan_without_mtp(dcp_sources, tmp_path):
+    """A torchtitan run without MTP has no MTP layer: with a config that says
+    num_nextn_predict_layers 0 it converts to the bytes of the HF checkpoint without that layer;
+    with the MTP config the output lacks the MTP layer."""
+    from converter.models.dcp_demo import build_dcp_checkpoints
+    from converter.models.demo import build_checkpoint, tiny_config
+
+    config = dict(tiny_config(), num_nextn_predict_layers=0)
+    hf = build_checkpoint(tmp_path / "hf", config, seed=5)
+    build_dcp_checkpoints(hf, [{"kind": "torchtitan", "dst": tmp_path / "titan"}])
+    assert not any(t.startswith("mtp_layers") for t in DcpCheckpoint.open(tmp_path / "titan", hf).tensors)
+    converter.convert(hf, tmp_path / "want", quiet=True)
+    result = converter.convert(tmp_path / "titan", tmp_path / "got", config=hf, mapping="torchtitan", quiet=True)
+    assert result.mapping == "torchtitan"
+    want = sorted(p.name for p in (tmp_path / "want").glob("*.safetensors"))
+    assert want and sorted(p.name for p in (tmp_path / "got").glob("*.safetensors")) == want
+    for name in want + ["model.safetensors.index.json", "config.json"]:
+        assert (tmp_path / "got" / name).read_bytes() == (tmp_path / "want" / name).read_bytes(), name
+    # with a config that has an MTP layer, the preflight lets the layer be absent as a whole (as for
+    # any source: the main model still serves), and nothing of it is written
+    n = read_json(dcp_sources["hf"] / "config.json")["num_hidden_layers"]
+    converter.convert(tmp_path / "titan", tmp_path / "mtp", config=dcp_sources["hf"], quiet=True)
+    names = read_json(tmp_path / "mtp" / "model.safetensors.index.json")["weight_map"]
+    assert names and not any(t.startswith(f"model.layers.{n}.") for t in names)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import pytest
@@ -93,7 +94,12 @@ def test_full_model_name_count(full_model):
     assert len(shapes) == (91_991 if fp8 else 46_183)
 
 
-@pytest.mark.parametrize("name", BUILTIN)
+# torchtitan stacks its routed experts (read only: plan_to_source does not stack) and has no FP8
+# scales: test_torchtitan_full_model plans it from names its state_dict_adapter would write
+WRITABLE = [n for n in BUILTIN if n != "torchtitan"]
+
+
+@pytest.mark.parametrize("name", WRITABLE)
 def test_round_trip_full_model(name, full_model):
     fp8, shapes = full_model
     mapping, canonical = load_mapping(name), canonical_for(name, shapes)
@@ -180,6 +186,35 @@ EXPECTED = {
         "head.weight": [("lm_head.weight", "rename", 0)],
         "norm.weight": [("model.norm.weight", "rename", 0)],
     },
+    "torchtitan": {
+        "layers.0.attention_norm.weight": [("model.layers.0.input_layernorm.weight", "rename", 0)],
+        "layers.0.attention.wq_a.weight": [("model.layers.0.self_attn.q_a_proj.weight", "rename", 0)],
+        "layers.0.attention.q_norm.weight": [("model.layers.0.self_attn.q_a_layernorm.weight", "rename", 0)],
+        "layers.0.attention.wq_b.weight": [("model.layers.0.self_attn.q_b_proj.weight", "rename", 0)],
+        "layers.0.attention.wkv_a.weight": [("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "rename", 0)],
+        "layers.0.attention.kv_norm.weight": [("model.layers.0.self_attn.kv_a_layernorm.weight", "rename", 0)],
+        "layers.0.attention.wkv_b.weight": [("model.layers.0.self_attn.kv_b_proj.weight", "rename", 0)],
+        "layers.0.attention.wo.weight": [("model.layers.0.self_attn.o_proj.weight", "rename", 0)],
+        "layers.1.attention.wq.weight": [("model.layers.1.self_attn.q_proj.weight", "rename", 0)],
+        "layers.0.ffn_norm.weight": [("model.layers.0.post_attention_layernorm.weight", "rename", 0)],
+        "layers.0.feed_forward.w1.weight": [("model.layers.0.mlp.gate_proj.weight", "rename", 0)],
+        "layers.0.feed_forward.w3.weight": [("model.layers.0.mlp.up_proj.weight", "rename", 0)],
+        "layers.0.feed_forward.w2.weight": [("model.layers.0.mlp.down_proj.weight", "rename", 0)],
+        "layers.4.moe.router.gate.weight": [("model.layers.4.mlp.gate.weight", "rename", 0)],
+        "layers.4.moe.expert_bias_E": [("model.layers.4.mlp.gate.e_score_correction_bias", "rename", 0)],
+        "layers.5.moe.expert_bias": [("model.layers.5.mlp.gate.e_score_correction_bias", "rename", 0)],
+        "layers.4.moe.shared_experts.w1.weight": [("model.layers.4.mlp.shared_experts.gate_proj.weight", "rename", 0)],
+        "layers.4.moe.shared_experts.w3.weight": [("model.layers.4.mlp.shared_experts.up_proj.weight", "rename", 0)],
+        "layers.4.moe.shared_experts.w2.weight": [("model.layers.4.mlp.shared_experts.down_proj.weight", "rename", 0)],
+        "mtp_layers.0.attention.wo.weight": [("model.layers.61.self_attn.o_proj.weight", "rename", 0)],
+        "mtp_layers.0.hnorm.weight": [("model.layers.61.hnorm.weight", "rename", 0)],
+        "mtp_layers.0.eh_proj.weight": [("model.layers.61.eh_proj.weight", "rename", 0)],
+        "mtp_layers.0.mtp_norm.weight": [("model.layers.61.shared_head.norm.weight", "rename", 0)],
+        "tok_embeddings.weight": [("model.embed_tokens.weight", "rename", 0)],
+        "lm_head.weight": [("lm_head.weight", "rename", 0)],
+        "norm.weight": [("model.norm.weight", "rename", 0)],
+        "layers.0.attention.rope.freqs_cis": [],
+    },
     "hf": {
         "model.layers.61.shared_head.head.weight": [("model.layers.61.shared_head.head.weight", "rename", 0)],
         "model.layers.3.mlp.experts.9.down_proj.weight_scale_inv": [
@@ -197,6 +232,33 @@ def test_hand_written_pairs(name):
     plan = load_mapping(name).plan(shapes, LAYERS)
     want = {t: (s, op, i) for s, targets in EXPECTED[name].items() for t, op, i in targets}
     assert {t: (d.sources[0], d.op, d.index) for t, d in plan.items()} == want
+
+
+@pytest.mark.parametrize("older", [False, True])
+def test_torchtitan_full_model(full_model, older):
+    """The full DeepSeek V3 under the names torchtitan's state_dict_adapter gives it (experts
+    stacked: today's `routed_experts.inner_experts.w1_EFD`, or the older `moe.experts.w1` and
+    `moe.expert_bias`) plans back to every canonical tensor, the MTP copies of the embedding and
+    head from the main ones; the names are detected as torchtitan's."""
+    from converter.models.dcp_demo import torchtitan_tensors
+
+    fp8, shapes = full_model
+    if fp8:
+        pytest.skip("torchtitan checkpoints hold no FP8 scales")
+    hf = {n: torch.empty(s, device="meta") for n, s in shapes.items()}
+    config = {"num_hidden_layers": LAYERS, "n_routed_experts": 256}
+    source = {n: tuple(t.shape) for n, t in torchtitan_tensors(hf, config)}
+    if older:
+        old = {"routed_experts.inner_experts.w1_EFD": "experts.w1", "routed_experts.inner_experts.w3_EFD": "experts.w3",
+               "routed_experts.inner_experts.w2_EDF": "experts.w2", "expert_bias_E": "expert_bias"}
+        source = {re.sub("|".join(map(re.escape, old)), lambda m: old[m[0]], n): s for n, s in source.items()}
+    assert "layers.3.moe.routed_experts.inner_experts.w2_EDF" in source or older
+    assert not any("embed_tokens" in n or "shared_head.head" in n for n in source)
+    plan = load_mapping("torchtitan").plan(source, LAYERS)
+    assert {t: derived_shape(d, source) for t, d in plan.items()} == shapes
+    assert {t for t, d in plan.items() if d.shared} == {f"model.layers.{LAYERS}.embed_tokens.weight",
+                                                        f"model.layers.{LAYERS}.shared_head.head.weight"}
+    assert detect_mapping(source) == "torchtitan"
 
 
 def test_materialize_split_gives_gate_then_up():
@@ -410,7 +472,7 @@ def test_loading_a_user_file_leaves_builtins_alone(tmp_path):
 
 # --- detection --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", BUILTIN)
+@pytest.mark.parametrize("name", WRITABLE)
 def test_detect_each_naming(name):
     shapes = canonical_for(name, model_shapes(TINY, fp8=True))
     names = list(load_mapping(name).plan_to_source(shapes, TINY["layers"]))

@@ -19,7 +19,7 @@ import torch
 from converter.errors import MappingError
 from converter.mapping.rules import CANONICAL_SCALE, CONTEXT_VARS, DIGITS, Rule, read_rule_file, term_value  # noqa: F401 (public here too)
 
-BUILTIN = ("hf", "megatron", "deepseek")
+BUILTIN = ("hf", "megatron", "deepseek", "torchtitan")
 _SHOWN = 5  # names quoted per problem in an error message
 _PROBLEMS = {  # kind of problem -> how to say it of one name, of several
     "unmatched": ("tensor matches no rule", "tensors match no rule"),
@@ -273,7 +273,7 @@ def materialize(d: Derivation, load: Callable[[str], torch.Tensor]) -> torch.Ten
 
 
 def load_mapping(name_or_path: str) -> Mapping:
-    """A built-in mapping ("hf", "megatron", "deepseek") or a YAML file, validated."""
+    """A built-in mapping ("hf", "megatron", "deepseek", "torchtitan") or a YAML file, validated."""
     if name_or_path in BUILTIN:
         path = _builtin_dir() / f"{name_or_path}.yaml"
     else:
@@ -288,7 +288,10 @@ def detect_mapping(names: Iterable[str]) -> str:
     """The built-in mapping whose `detect` patterns fit these tensor names."""
     names = list(names)
     patterns = {n: load_mapping(n).detect for n in BUILTIN}
-    fits = [n for n, pattern in patterns.items() if any(pattern.match(x) for x in names)]
+    hits = {n: {x for x in names if pattern.match(x)} for n, pattern in patterns.items()}
+    fits = [n for n, got in hits.items() if got]
+    if len(fits) > 1:  # names two namings share (torchtitan's lm_head.weight) tell nothing
+        fits = [n for n in fits if hits[n] - set().union(*(hits[m] for m in fits if m != n))] or fits
     if len(fits) == 1:
         return fits[0]
     shown = ", ".join(names[:3]) or "no names at all"

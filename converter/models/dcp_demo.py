@@ -13,6 +13,10 @@
 - "fsdp": FSDP2 style, `DTensor`s sharded along dim 0 over the ranks (uneven last shard), the
   Hugging Face names under a wrapper prefix, transformers-5 fused experts
   (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]), optimizer state.
+- "torchtitan": torchtitan's DeepSeek V3 names at the top level (`tok_embeddings`, `layers.L.attention.wq_a`,
+  ..., stacked routed experts `moe.routed_experts.inner_experts.w1_EFD` / `w3_EFD` [E, F, D] and `w2_EDF`
+  [E, D, F], the MTP block under `mtp_layers.0.`, no MTP embedding or head), `DTensor`s sharded along
+  dim 0 over the ranks (the experts: expert parallelism), optimizer state and a `train_state` bytes item.
 """
 
 from __future__ import annotations
@@ -134,6 +138,52 @@ def fsdp_tensors(hf, config: dict, prefix: str):
         yield prefix + x + "down_proj", torch.stack([hf[f"{x}{i}.down_proj.weight"] for i in range(e)])
 
 
+_TITAN_LAYER = {"input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+                "self_attn.q_proj": "attention.wq", "self_attn.q_a_proj": "attention.wq_a",
+                "self_attn.q_a_layernorm": "attention.q_norm", "self_attn.q_b_proj": "attention.wq_b",
+                "self_attn.kv_a_proj_with_mqa": "attention.wkv_a", "self_attn.kv_a_layernorm": "attention.kv_norm",
+                "self_attn.kv_b_proj": "attention.wkv_b", "self_attn.o_proj": "attention.wo",
+                "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+                "mlp.down_proj": "feed_forward.w2",
+                "mlp.gate": "moe.router.gate", "mlp.shared_experts.gate_proj": "moe.shared_experts.w1",
+                "mlp.shared_experts.up_proj": "moe.shared_experts.w3",
+                "mlp.shared_experts.down_proj": "moe.shared_experts.w2",
+                "enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj", "shared_head.norm": "mtp_norm"}
+_TITAN_EXPERTS = {"gate_proj": "w1_EFD", "up_proj": "w3_EFD", "down_proj": "w2_EDF"}
+
+
+def torchtitan_tensors(hf, config: dict):
+    """(name, tensor) of the Hugging Face tensors under torchtitan's DeepSeek V3 names (its
+    state_dict_adapter's from_hf): routed experts stacked, the MTP layer under `mtp_layers.`
+    without its embedding and head (torchtitan keeps one of each)."""
+    n = config["num_hidden_layers"]
+    stacked = set()
+    yield "tok_embeddings.weight", hf["model.embed_tokens.weight"]
+    yield "norm.weight", hf["model.norm.weight"]
+    yield "lm_head.weight", hf["lm_head.weight"]
+    for name in list(hf.keys()):
+        m = re.match(r"model\.layers\.(\d+)\.(.+)\.weight$", name) or re.match(
+            r"model\.layers\.(\d+)\.(mlp\.gate)\.e_score_correction_bias$", name)
+        if m is None:
+            continue
+        layer, rest = int(m[1]), m[2]
+        q = f"layers.{layer}." if layer < n else f"mtp_layers.{layer - n}."
+        if name.endswith("e_score_correction_bias"):
+            yield q + "moe.expert_bias_E", hf[name]
+            continue
+        e = re.match(r"mlp\.experts\.(\d+)\.(\w+)$", rest)
+        if e is not None:
+            if (layer, e[2]) not in stacked:
+                stacked.add((layer, e[2]))
+                x = f"model.layers.{layer}.mlp.experts."
+                yield (q + "moe.routed_experts.inner_experts." + _TITAN_EXPERTS[e[2]],
+                       torch.stack([hf[f"{x}{i}.{e[2]}.weight"] for i in range(config["n_routed_experts"])]))
+            continue
+        if rest in ("embed_tokens", "shared_head.head"):  # the MTP layer's copies of the main ones
+            continue
+        yield q + _TITAN_LAYER[rest] + ".weight", hf[name]
+
+
 def megatron_chunks(name: str, shape: tuple, ranks: int) -> list[tuple[tuple, tuple, int]]:
     """(offsets, sizes, rank) of each chunk, as Megatron with TP = EP = `ranks` saves them."""
     if len(shape) == 1:
@@ -163,7 +213,8 @@ def _save_rank(rank: int, ranks: int, port: int, jobs: list) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=ranks)
     try:
         for job in jobs:
-            state = _megatron_state(rank, ranks, job) if job["kind"] == "megatron" else _fsdp_state(rank, ranks, job)
+            make = {"megatron": _megatron_state, "torchtitan": _torchtitan_state}.get(job["kind"], _fsdp_state)
+            state = make(rank, ranks, job)
             if job["kind"] == "hf-dcp":  # Hugging Face DCP: safetensors with DCP_SHARDING_INFO, per rank
                 writer = dcp.HuggingFaceStorageWriter(job["dst"], save_distributed=True)
                 state = {k: v for k, v in state.items() if not k.startswith("optim_state")}
@@ -221,9 +272,27 @@ def _fsdp_state(rank: int, ranks: int, job: dict) -> dict:
     return state
 
 
+def _torchtitan_state(rank: int, ranks: int, job: dict) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (ranks,))
+    config = json.loads((Path(job["hf"]) / "config.json").read_text())
+    state: dict = {}
+    for name, t in torchtitan_tensors(LazyHF(job["hf"]), config):
+        parts = torch.chunk(t, ranks, dim=0)
+        local = parts[rank] if rank < len(parts) else t[:0]
+        state[name] = DTensor.from_local(local.clone(), mesh, [Shard(0)], run_check=False, shape=t.shape,
+                                         stride=t.stride())
+    state["optimizer.state.layers.0.attention.wo.weight.exp_avg"] = torch.zeros(3)
+    state["train_state"] = io.BytesIO(b"step 100")
+    return state
+
+
 def build_dcp_checkpoints(hf_root: str | Path, jobs: list[dict], ranks: int = 2) -> None:
     """Write DCP checkpoints from the HF checkpoint in `hf_root`; each job: {"kind": "megatron"
-    (with "padded_vocab") or "fsdp" (with "prefix"), "dst": directory}. One group of `ranks`
+    (with "padded_vocab"), "fsdp" (with "prefix"), "hf-dcp" or "torchtitan", "dst": directory}.
+    One group of `ranks`
     gloo processes writes them all."""
     jobs = [dict(job, dst=str(job["dst"]), hf=str(hf_root)) for job in jobs]
     with tempfile.TemporaryDirectory() as tmp:
