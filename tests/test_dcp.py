@@ -220,3 +220,22 @@ def test_torchtitan_without_mtp(dcp_sources, tmp_path):
     converter.convert(tmp_path / "titan", tmp_path / "mtp", config=dcp_sources["hf"], quiet=True)
     names = read_json(tmp_path / "mtp" / "model.safetensors.index.json")["weight_map"]
     assert names and not any(t.startswith(f"model.layers.{n}.") for t in names)
+
+
+def test_unshuffled_trtllm_conversion_verifies_against_the_dcp_source(dcp_sources, hf_outputs, tmp_path):
+    """The --config of a DCP conversion is part of its source record, so an unshuffled copy (whose
+    provenance keeps the original source) verifies against the DCP directory without --config,
+    and equals the canonical conversion."""
+    from converter.run.unshuffle import unshuffle
+    from converter.verify.runner import verify_checkpoint
+
+    packed, canonical = tmp_path / "packed", tmp_path / "canonical"
+    converter.convert(dcp_sources["megatron"], packed, recipe="deepseek_v3_mxfp8_trtllm", config=dcp_sources["hf"],
+                      quiet=True)
+    result = unshuffle(packed, canonical, quiet=True)
+    assert len(result.plan.modules_to_not_convert) == len(converter.convert(
+        dcp_sources["megatron"], tmp_path / "direct", config=dcp_sources["hf"], quiet=True).plan.modules_to_not_convert)
+    assert read_json(canonical / "mxconv.json")["source"]["config"] == str(dcp_sources["hf"].resolve())
+    assert verify_checkpoint(dcp_sources["megatron"], canonical, quiet=True).passed
+    want, got = load_all(hf_outputs["deepseek_v3_mxfp8"]), load_all(canonical)
+    assert set(got) == set(want) and all(same_bytes(got[n], want[n]) for n in want)

@@ -382,6 +382,8 @@ def write_provenance(dst: Path, src: SourceCheckpoint, plan: ConversionPlan, *, 
         "output": {"shards": len(plan.shards), "total_size": plan.total_size, "tensors": tensors,
                    "modules_to_not_convert": plan.modules_to_not_convert},
     }
+    if Path(src.side_root) != Path(src.root):  # a DCP source: its config.json came from --config
+        data["source"]["config"] = str(Path(src.side_root).resolve())
     if origin is not None:
         data["derived_from"], data["source"] = data["source"], origin
     write_bytes_atomic(dst / PROVENANCE_FILE, _json_bytes(data), tmp_dir=dst / STATE_DIR)

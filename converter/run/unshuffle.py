@@ -25,6 +25,7 @@ from converter.plan.planner import (
 )
 from converter.plan.recipe import recipe_from_dict
 from converter.plan.view import CanonicalView
+from converter.run.consumers import LAYER_AGNOSTIC_SKIPS
 from converter.run.pipeline import ConversionResult, write_checkpoint
 from converter.sources.checkpoint import SourceCheckpoint, SourceFormat, scale_name
 from converter.sources.safetensors import PlannedTensor
@@ -86,7 +87,8 @@ def plan_unshuffle(ckpt: SourceCheckpoint, max_shard_bytes: int) -> tuple[Conver
     jobs.sort(key=lambda j: j.sort_key)
     counts = dict(prov.get("output", {}).get("tensors", {}))
     plan = ConversionPlan(SourceFormat(prov["source"]["format"]), recipe, pack_shards(jobs, max_shard_bytes),
-                          sorted(qc.get("modules_to_not_convert", []), key=natural_key),
+                          sorted((m for m in qc.get("modules_to_not_convert", []) if m not in LAYER_AGNOSTIC_SKIPS),
+                                 key=natural_key),
                           {"mxfp8": counts.get("mxfp8", 0), "dequantized_bf16": counts.get("bf16", 0),
                            "copied": counts.get("copied", 0)})
     return plan, prov

@@ -98,10 +98,10 @@ def verify_checkpoint(src: str | Path, dst: str | Path, *, device: str = "cpu", 
     devices = resolve_devices(device, workers)
     report = VerifyReport(src, dst, thresholds or Thresholds())
     recipe, mapping = _expected_recipe(dst, report)
-    if config is None:  # a DCP source: the --config directory the conversion recorded
+    if config is None:  # a DCP source: the --config directory its provenance records (unshuffle keeps it)
         recorded, _ = read_json(dst / PROVENANCE_FILE)
-        options = (recorded or {}).get("options") if isinstance(recorded, dict) else None
-        config = options.get("config") if isinstance(options, dict) and (src / ".metadata").is_file() else None
+        source = (recorded or {}).get("source") if isinstance(recorded, dict) else None
+        config = source.get("config") if isinstance(source, dict) and (src / ".metadata").is_file() else None
     try:
         ckpt, view, mapping_name, plan = plan_conversion(src, recipe=recipe, mapping=mapping, config=config)
     except MxconvError as e:
