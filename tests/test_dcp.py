@@ -239,3 +239,16 @@ def test_unshuffled_trtllm_conversion_verifies_against_the_dcp_source(dcp_source
     assert verify_checkpoint(dcp_sources["megatron"], canonical, quiet=True).passed
     want, got = load_all(hf_outputs["deepseek_v3_mxfp8"]), load_all(canonical)
     assert set(got) == set(want) and all(same_bytes(got[n], want[n]) for n in want)
+
+
+def test_a_slice_names_a_file_that_holds_it(dcp_sources):
+    """One expert of a stacked tensor names (in errors, and to the source hasher) a rank file that
+    holds its chunks, not the file of the stacked tensor's first chunk."""
+    from converter.run.pipeline import open_source
+
+    ckpt, view, _ = open_source(dcp_sources["megatron"], config=dcp_sources["hf"])
+    files = {name: {c.file for c in info.chunks} for name, info in ckpt.tensors.items()}
+    assert all(info.file in files[name] for name, info in ckpt.tensors.items())
+    experts = [n for n in ckpt.tensors if ".mlp.experts." in n and n.endswith("down_proj.weight")]
+    assert len({ckpt.tensors[n].file for n in experts}) > 1  # experts of one stacked tensor in several files
+    assert all(set(view.source_files(n)) == files[n] for n in experts)

@@ -50,6 +50,11 @@ class CanonicalView:
                 self.tensors[target] = CanonicalTensor(target, first.dtype, tuple(derived_shape(d, shapes)),
                                                        tuple(d.sources), first.file, first.start)
 
+    def source_files(self, name: str) -> list[Path]:
+        """Every source file canonical tensor `name` is read from (a DCP tensor's chunks may lie
+        in several rank files), in a stable order."""
+        return sorted({f for s in self.tensors[name].sources for f in self.ckpt.tensors[s].files})
+
     def load(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         if self.derivations is None:
             return self.ckpt.load(name, device)

@@ -153,7 +153,8 @@ def hash_owners(groups: list[list[ShardPlan]], view, ckpt: SourceCheckpoint) -> 
         for shard in group:
             for job in shard.jobs:
                 for name in job.inputs:
-                    owner.setdefault(Path(view.tensors[name].file), k)
+                    for file in view.source_files(name):
+                        owner.setdefault(Path(file), k)
     owned: list[list[str]] = [[] for _ in groups]
     rest = []
     for path in ckpt.hashed_files:

@@ -196,7 +196,8 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
             while not cancel.is_set():
                 with lock:
                     p = next(todo, None)
-                    files = [f for name in (p.job.inputs if p else ()) if (f := view.tensors[name].file) not in seen]
+                    files = list(dict.fromkeys(f for name in (p.job.inputs if p else ())
+                                               for f in view.source_files(name) if f not in seen))
                     seen.update(files)
                 if p is None:
                     break

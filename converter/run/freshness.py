@@ -62,8 +62,7 @@ def shard_sources(plan: ConversionPlan, view: CanonicalView) -> dict[str, list[s
     """Output shard -> the source files (names) its tensors are derived from."""
     out = {}
     for shard in plan.shards:
-        files = {f.name for job in shard.jobs for name in job.inputs for s in view.tensors[name].sources
-                 for f in view.ckpt.tensors[s].files}
+        files = {f.name for job in shard.jobs for name in job.inputs for f in view.source_files(name)}
         out[shard.name] = sorted(files)
     return out
 

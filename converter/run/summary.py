@@ -14,7 +14,7 @@ def describe_plan(ckpt: SourceCheckpoint, plan: ConversionPlan, mapping: str, ve
              f"{len(ckpt.files)} shard(s), {format_size(ckpt.total_bytes)})"]
     counts: dict = {}
     for info in ckpt.tensors.values():  # a DCP tensor counts in every file holding one of its chunks
-        for file in {info.file, *(c.file for c in getattr(info, "chunks", ()))}:
+        for file in info.files:
             counts[file] = counts.get(file, 0) + 1
     for path in ckpt.files:
         lines.append(f"  {path.name}: {counts.get(path, 0)} tensors, {format_size(path.stat().st_size)}")

@@ -169,8 +169,9 @@ class DcpCheckpoint(SourceCheckpoint):
                 raise MappingError(f"a {d.op} along dim {d.dim} is not a row range; DCP sources support "
                                    "renames and row slices only", tensor=target)
             start, end = src.start + r0 * row_bytes, src.start + r1 * row_bytes
+            chunks = _overlapping(src, start, end, index)
             out[target] = dataclasses.replace(src, name=target, shape=tuple(new), start=start, end=end,
-                                              chunks=_overlapping(src, start, end, index))
+                                              chunks=chunks, file=chunks[0].file if chunks else src.file)
         return dataclasses.replace(self, tensors=out)
 
 
