@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from converter.errors import Interrupted, MxconvError, MxconvWarning
+from converter.errors import Interrupted, MxconvError, MxconvWarning, interrupted_as
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert DeepSeek V3/V3.2, Kimi K2 and Qwen3-MoE checkpoints to bit-exact MXFP8 for SGLang on Blackwell.")
@@ -108,12 +108,8 @@ def _run_verify(src: Path, dst: Path, **kwargs) -> None:
     from converter.verify.report import format_summary
     from converter.verify.runner import verify_checkpoint
 
-    try:
+    with interrupted_as("verify stopped, no report written; rerun the same command to verify"):
         report = verify_checkpoint(src, dst, **kwargs)
-    except KeyboardInterrupt as e:
-        if isinstance(e, Interrupted):
-            raise
-        raise Interrupted("verify stopped, no report written; rerun the same command to verify") from None
     typer.echo(format_summary(report))
     if not report.passed:
         raise typer.Exit(1)

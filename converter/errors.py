@@ -3,7 +3,9 @@ print one clear line and exit non-zero instead of a traceback."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 
 class MxconvError(Exception):
@@ -77,3 +79,15 @@ class MxconvWarning(UserWarning):
 
 class NonFiniteWarning(MxconvWarning):
     """NaN/Inf values were quantized because --allow-nonfinite was given."""
+
+
+@contextmanager
+def interrupted_as(message: str | Callable[[], str]):
+    """Turn Ctrl-C inside the block into `Interrupted(message)` (a callable is asked only then);
+    an `Interrupted` raised deeper keeps its own, more precise message."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(message() if callable(message) else message) from None

@@ -83,21 +83,17 @@ def render_model_card(dst: Path, *, repo_id: str | None = None) -> str:
     return f"---\n{front}---\n\n" + "\n\n".join(s for s in sections if s) + "\n"
 
 
-def sglang_command(model: str, *, config: dict, recipe: dict | None = None) -> str:
+def sglang_command(model: str, *, config: dict) -> str:
     """The `sglang.launch_server` command line for this checkpoint.
 
     Flag names follow sglang's server_args.py: `--quantization mxfp8` (QUANTIZATION_CHOICES) and
     `--moe-runner-backend flashinfer_trtllm` (MXFP8_MOE_RUNNER_BACKEND_CHOICES, and the default
     SGLang resolves to for MXFP8 on CUDA).
     """
-    recipe = recipe or {}
     quant = _dict(config.get("quantization_config"))
     args = [f"--model-path {model}", f"--tp-size {TP_SIZE}"]
     if "mxfp8" in str(quant.get("quant_method", "")):
         args += ["--quantization mxfp8", "--moe-runner-backend flashinfer_trtllm"]
-        if _is_preshuffled(quant, recipe):
-            # Experts were shuffled whole: only expert parallelism keeps each rank's slice intact.
-            args.append(f"--ep-size {TP_SIZE}")
     if config.get("auto_map"):
         # config.json points at modeling code shipped with the checkpoint.
         args.append("--trust-remote-code")
@@ -254,7 +250,7 @@ def _serving_section(model: str, config: dict, recipe: dict, quant: dict) -> str
     return (
         "## Serving with SGLang\n\n"
         "MXFP8 needs NVIDIA Blackwell (SM100) GPUs. On one node of 8 GPUs:\n\n"
-        f"```bash\n{sglang_command(model, config=config, recipe=recipe)}\n```\n\n"
+        f"```bash\n{sglang_command(model, config=config)}\n```\n\n"
         "`--quantization mxfp8` matches `quantization_config.quant_method`; `--moe-runner-backend "
         "flashinfer_trtllm` runs the experts on FlashInfer's TRT-LLM MXFP8 MoE kernels.\n\n"
         "Loads in: " + who_loads(quant) + "."

@@ -39,7 +39,7 @@ from huggingface_hub.utils import (
 )
 from tqdm.auto import tqdm
 
-from converter.errors import HubError, Interrupted, OutputError
+from converter.errors import HubError, OutputError, interrupted_as
 from converter.files import CONFIG_FILE, INDEX_FILE, PROVENANCE_FILE, SINGLE_FILE, STATE_DIR, VERIFY_REPORT_FILE
 from converter.hub.modelcard import write_model_card
 from converter.hub.transport import (
@@ -139,7 +139,7 @@ def push_checkpoint(
             tqdm(total=total, unit="B", unit_scale=True, desc=f"Pushing to {repo_id}", disable=quiet) as bar:
         for i, part in enumerate(parts, 1):
             with hub_errors(endpoint, repo_id, token, f"uploading commit {i} of {len(parts)}", resume=True), \
-                    _interruption(f"{i - 1} of {len(parts)} commit(s) pushed ({len(result.uploaded)} of {len(missing)} "
+                    interrupted_as(f"{i - 1} of {len(parts)} commit(s) pushed ({len(result.uploaded)} of {len(missing)} "
                                   "file(s)); rerun the same command to resume: files already there are skipped"):
                 info = api.upload_folder(
                     repo_id=repo_id, folder_path=dst, revision=revision,
@@ -152,16 +152,6 @@ def push_checkpoint(
             result.bytes_uploaded += part_bytes
             bar.update(part_bytes)
     return result
-
-
-@contextmanager
-def _interruption(message: str):
-    try:
-        yield
-    except Interrupted:
-        raise
-    except KeyboardInterrupt:
-        raise Interrupted(message) from None
 
 
 def check_publishable(dst: Path, *, force: bool = False) -> list[str]:

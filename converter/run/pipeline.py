@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from converter.errors import Interrupted, MappingError, MxconvError, SourceError
+from converter.errors import Interrupted, MappingError, MxconvError, SourceError, interrupted_as
 from converter.models.family import Family, recipe_for
 from converter.plan.planner import ConversionPlan, build_plan
 from converter.plan.recipe import Recipe, load_recipe
@@ -203,7 +203,7 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
             if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
                 raise Interrupted(_resume_hint(dst, plan)) from None
             raise
-    try:
+    with interrupted_as(lambda: _resume_hint(dst, plan)):
         if ray is None:
             hashes = hasher.result()
         moved = changed_during_run(fingerprint, ckpt.files)
@@ -215,10 +215,6 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
         record_manifest(dst, fingerprint, hashes)
         write_provenance(dst, ckpt, plan, mapping=result.mapping, source_hashes=hashes, options=options,
                          origin=origin)
-    except KeyboardInterrupt as e:
-        if isinstance(e, Interrupted):
-            raise
-        raise Interrupted(_resume_hint(dst, plan)) from None
     result.seconds = time.perf_counter() - start
     return result
 

@@ -28,6 +28,7 @@ from converter.plan.recipe import Recipe, load_recipe, recipe_from_dict
 from converter.run.execute import resolve_devices
 from converter.run.pipeline import DEFAULT_RECIPE
 from converter.run.writer import write_bytes_atomic
+from converter.sources.dcp import is_dcp
 from converter.verify.checks import (
     BYTES,
     COVERAGE,
@@ -101,7 +102,7 @@ def verify_checkpoint(src: str | Path, dst: str | Path, *, device: str = "cpu", 
     if config is None:  # a DCP source: the --config directory its provenance records (unshuffle keeps it)
         recorded, _ = read_json(dst / PROVENANCE_FILE)
         source = (recorded or {}).get("source") if isinstance(recorded, dict) else None
-        config = source.get("config") if isinstance(source, dict) and (src / ".metadata").is_file() else None
+        config = source.get("config") if isinstance(source, dict) and is_dcp(src) else None
     try:
         ckpt, view, mapping_name, plan = plan_conversion(src, recipe=recipe, mapping=mapping, config=config)
     except MxconvError as e:
