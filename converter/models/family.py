@@ -25,7 +25,7 @@ from converter.errors import RecipeError, SourceError
 
 _TOP_KEYS = {"name", "description", "extends", "architectures", "model_types", "config", "optional_config",
              "checks", "experts", "mtp_layers", "moe_layer", "tensors", "fp8_release", "high_precision",
-             "recipes", "mappings", "logits", "sglang", "card_kept", "demo_config"}
+             "recipes", "mappings", "logits", "card_kept", "demo_config"}
 _TENSOR_KEYS = {"name", "shape", "when", "dtype", "optional", "experts"}
 _SECTIONS = ("global", "layer", "global_end")
 _DTYPES = ("BF16", "F32")
@@ -126,7 +126,6 @@ class Family:
     recipes: dict[str, str]
     mappings: tuple[str, ...]
     logits: dict | None
-    sglang: str
     card_kept: str  # the model card's sentence on what stays high precision and why
     demo_config: dict
     source: str
@@ -297,7 +296,7 @@ def parse_family(data: dict, where: str) -> Family:
         sections=sections, fp8_release=tuple(data.get("fp8_release", [])),
         high_precision=tuple(data.get("high_precision", [])), recipes=dict(recipes),
         mappings=tuple(data.get("mappings") or ["hf"]), logits=data.get("logits"),
-        sglang=str(data.get("sglang", "")), card_kept=str(data.get("card_kept", "")),
+        card_kept=str(data.get("card_kept", "")),
         demo_config=dict(data.get("demo_config") or {}), source=where)
     if fam.demo_config:
         fam.check_config(fam.demo_config, where)
