@@ -256,11 +256,18 @@ def test_a_shard_that_would_not_fit_is_not_mapped(tmp_path, monkeypatch):
         w.write("t", torch.ones(10, 3, dtype=torch.uint8))
 
 
-def test_memory_file_systems_are_recognized(tmp_path):
-    assert direct_io.in_memory_fs(tmp_path / "nonexistent" / "path") in (True, False)  # never raises
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        assert direct_io.in_memory_fs("/dev/shm") == any(
-            line.split()[1] == "/dev/shm" and line.split()[2] == "tmpfs" for line in open("/proc/self/mounts"))
+def test_memory_file_systems_are_recognized(tmp_path, monkeypatch):
+    """The longest matching mount point decides (with escaped spaces); unreadable mounts: False."""
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/vda / ext4 rw 0 0\ntmpfs /dev/shm tmpfs rw 0 0\n"
+                      "tmpfs /data/my\\040fast tmpfs rw 0 0\n/dev/vdb /data ext4 rw 0 0\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: real_open(mounts if f == "/proc/self/mounts" else f, *a, **k))
+    assert direct_io.in_memory_fs("/dev/shm/mxconv/x")
+    assert direct_io.in_memory_fs("/data/my fast/shard")
+    assert not direct_io.in_memory_fs("/data/slow/shard") and not direct_io.in_memory_fs("/dev/shmx")
+    mounts.unlink()
+    assert direct_io.in_memory_fs("/dev/shm") is False  # cannot be read: never raises
 
 
 def test_file_smaller_than_a_block_and_odd_sizes(tmp_path):

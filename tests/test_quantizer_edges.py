@@ -86,7 +86,7 @@ def test_scale_byte_zero_blocks(case, scale_zero):
         assert s.tolist() == [[want_scale]]
         assert q.view(torch.uint8)[0].tolist() == [want_code] + [0] * 31
     ref_q, ref_s = reference_mxfp8(x, "rceil", scale_zero)
-    assert torch.equal(ref_q, q.view(torch.uint8)) and torch.equal(ref_s, s)
+    assert torch.equal(ref_q, q.view(torch.uint8)) and s.dtype == torch.uint8 and torch.equal(ref_s, s)
 
 
 
@@ -111,7 +111,7 @@ def test_flush_changes_only_scale_zero_blocks_mixed_with_others(backend):
         q, s2 = path(x, scale_zero="flush")
         assert torch.equal(q.view(torch.uint8), b) and torch.equal(s2, s)
     ref_q, ref_s = reference_mxfp8(x, "rceil", "flush")
-    assert torch.equal(ref_q, b) and torch.equal(ref_s, s)
+    assert torch.equal(ref_q, b) and s.dtype == torch.uint8 and torch.equal(ref_s, s)
 
 
 def test_flush_from_fp8_sources_takes_the_sign_of_the_fp8_code(backend):
@@ -132,7 +132,7 @@ def test_flush_from_fp8_sources_takes_the_sign_of_the_fp8_code(backend):
     for scale_zero in ("exact", "flush"):
         q, s = requantize_fp8_block(weight, scale_inv, scale_zero=scale_zero)
         ref_q, ref_s = reference_requantize_fp8_block(weight, scale_inv, scale_zero=scale_zero)
-        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(s, ref_s)
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and s.dtype == torch.uint8 and torch.equal(s, ref_s)
     zero = (s == 0).repeat_interleave(32, dim=-1)
     assert bool(zero[:128, :128].all()) and not bool(zero[:128, 128:].any()) and bool(zero[128:, 128:].all())
     flushed = q.view(torch.uint8)[zero]
@@ -149,7 +149,7 @@ def test_edge_case_bytes(case):
     assert q.view(torch.uint8)[0, : len(codes)].tolist() == codes
     assert q.view(torch.uint8)[0, len(codes):].eq(0).all()
     ref_q, ref_s = reference_mxfp8(x, rule)
-    assert torch.equal(ref_q, q.view(torch.uint8)) and torch.equal(ref_s, s)
+    assert torch.equal(ref_q, q.view(torch.uint8)) and s.dtype == torch.uint8 and torch.equal(ref_s, s)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -181,7 +181,7 @@ def test_random_matches_reference(rule, dtype):
     q, s = quantize_mxfp8(x, rule)
     ref_q, ref_s = reference_mxfp8(x, rule)
     assert torch.equal(q.view(torch.uint8), ref_q)
-    assert torch.equal(s, ref_s)
+    assert s.dtype == torch.uint8 and torch.equal(s, ref_s)
 
 
 def test_rceil_and_floor_differ_on_real_looking_weights():
