@@ -4,6 +4,7 @@ every job is validated before the long run starts."""
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -13,7 +14,7 @@ from converter.numerics.reference import MX_BLOCK
 from converter.plan.recipe import Recipe
 from converter.plan.view import CanonicalTensor, CanonicalView
 from converter.sources.checkpoint import SCALE_SUFFIX, SourceFormat
-from converter.sources.safetensors import PlannedTensor
+from converter.sources.safetensors import PlannedTensor, build_header
 
 # Job actions
 COPY = "copy"  # bytes unchanged
@@ -73,6 +74,15 @@ class ShardPlan:
     @property
     def nbytes(self) -> int:
         return sum(j.output_bytes for j in self.jobs)
+
+    @functools.cached_property
+    def header(self) -> bytes:
+        """The shard file's safetensors header, as the writer lays it out (built once)."""
+        return build_header(self.tensors)[0]
+
+    @property
+    def file_size(self) -> int:
+        return len(self.header) + self.nbytes
 
 
 @dataclass

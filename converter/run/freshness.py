@@ -29,7 +29,6 @@ from converter.plan.planner import ConversionPlan
 from converter.plan.view import CanonicalView
 from converter.sources.checkpoint import SourceCheckpoint
 from converter.sources.hashing import sha256_files
-from converter.sources.safetensors import build_header
 from converter.version import __version__
 
 # Manifest keys that may differ between runs of the same conversion: compared file by file.
@@ -54,7 +53,7 @@ def plan_fingerprint(src: SourceCheckpoint, plan: ConversionPlan, mapping: str, 
     config = hashlib.sha256(json.dumps(src.config, sort_keys=True).encode()).hexdigest()
     return {"mxconv_version": __version__, "recipe": plan.recipe.to_dict(), "mapping": mapping,
             "source_format": plan.source_format.value, "sources": sources, "source_config_sha256": config,
-            "layout_sha256": layout, "shards": {s.name: _shard_size(s) for s in plan.shards},
+            "layout_sha256": layout, "shards": {s.name: s.file_size for s in plan.shards},
             "shard_sources": shard_sources(plan, view)}
 
 
@@ -80,10 +79,6 @@ def file_identity(path: Path) -> dict:
     return {"bytes": st.st_size, "header_sha256": header,
             "stat": {"dev": st.st_dev, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}}
 
-
-def _shard_size(shard) -> int:
-    header, _ = build_header(shard.tensors)
-    return len(header) + shard.nbytes
 
 
 def same_conversion(previous: dict, fingerprint: dict) -> bool:

@@ -26,7 +26,6 @@ from converter.run.freshness import SOURCE_KEYS, SourceCheck, check_sources, rec
 from converter.run.consumers import consumer_keys, skip_list
 from converter.run.writer import fsync_dir, write_atomic, write_bytes_atomic
 from converter.sources.checkpoint import PICKLE_SUFFIXES, SourceCheckpoint
-from converter.sources.safetensors import build_header
 from converter.units import format_size
 from converter.version import __version__
 
@@ -180,12 +179,11 @@ def _read_json(path: Path) -> dict | None:
 def shard_is_done(path: Path, shard: ShardPlan) -> bool:
     """Finished shards were renamed into place only after a complete, fsynced write; a name that
     exists with the planned size and the planned header is one of them."""
-    header, _ = build_header(shard.tensors)
     try:
-        if not path.is_file() or path.stat().st_size != len(header) + shard.nbytes:
+        if not path.is_file() or path.stat().st_size != shard.file_size:
             return False
         with open(path, "rb") as f:
-            return f.read(len(header)) == header
+            return f.read(len(shard.header)) == shard.header
     except OSError:
         return False
 
@@ -238,11 +236,6 @@ def _check_clearable(dst: Path) -> None:
     if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
         raise OutputError("refusing to empty this directory for --overwrite; pick a dedicated output directory",
                           file=dst)
-
-
-def shard_file_size(shard: ShardPlan) -> int:
-    header, _ = build_header(shard.tensors)
-    return len(header) + shard.nbytes
 
 
 def _clear(dst: Path) -> None:

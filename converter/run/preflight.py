@@ -27,7 +27,6 @@ from converter.run.output import (
     check_free_space,
     index_bytes,
     inspect_destination,
-    shard_file_size,
     side_files,
 )
 from converter.sources.checkpoint import SCALE_SUFFIX, SourceCheckpoint, SourceFormat
@@ -64,8 +63,9 @@ def check_source_tensors(ckpt: SourceCheckpoint, view: CanonicalView, fmt: Sourc
     """Every tensor the config implies is present (core ones at least) with that shape and a
     usable dtype; no tensor is there that the family and config do not have."""
     config, tensors = ckpt.config, view.tensors
-    family = family or family_of(config, ckpt.root / CONFIG_FILE)
-    expected = expected_tensors(config, len(tensors), ckpt.root / CONFIG_FILE, family)
+    config_file = ckpt.side_root / CONFIG_FILE  # a DCP source's config.json is in its --config directory
+    family = family or family_of(config, config_file)
+    expected = expected_tensors(config, len(tensors), config_file, family)
     n_layers = config["num_hidden_layers"]
     total_layers = n_layers + family.n_mtp(config)
     present_layers = {int(m[1]) for m in map(_LAYER_RE.match, tensors) if m}
@@ -100,8 +100,8 @@ def check_source_tensors(ckpt: SourceCheckpoint, view: CanonicalView, fmt: Sourc
         raise SourceError(f"a {family.name} checkpoint with this config.json has no such tensor (extra tensor, or "
                           "config and weights disagree)", file=t.file, tensor=_label(t))
     if missing:
-        where = ckpt.files[0] if ckpt.files and ckpt.files[0].name == ".metadata" else \
-            ckpt.root / (INDEX_FILE if (ckpt.root / INDEX_FILE).exists() else SINGLE_FILE)
+        where = ckpt.root / INDEX_FILE if (ckpt.root / INDEX_FILE).exists() else \
+            ckpt.root / SINGLE_FILE if (ckpt.root / SINGLE_FILE).exists() else ckpt.files[0]
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise SourceError(f"missing from the checkpoint{more}, though config.json implies it", file=where,
                           tensor=missing[0])
@@ -168,6 +168,6 @@ def preflight_destination(src_root: str | Path, dst: str | Path, fingerprint: di
     if not state.complete:
         todo = [s for s in plan.shards if s.name not in state.done_shards]
         side = sum((side_root / rel).stat().st_size for rel in side_files(side_root))
-        needed = sum(shard_file_size(s) for s in todo) + len(index_bytes(plan)) + side + _CONFIG_SLACK
+        needed = sum(s.file_size for s in todo) + len(index_bytes(plan)) + side + _CONFIG_SLACK
         check_free_space(Path(dst), needed, state.reclaimable)
     return state
