@@ -104,6 +104,39 @@ def test_piece_rows_not_a_multiple_of_128_and_partial_tiles(lib):
     assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(sc, rs)
 
 
+def test_many_bands_and_tiles_each_with_its_own_scale(lib):
+    """Rows are walked band by band with every tile's state at hand: a 3-band x 5-tile weight
+    whose tile scales (and so tables) differ from band to band and tile to tile, with each block's
+    largest code drawn at random, so a table kept across tiles or bands would give wrong bytes."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randint(0, 256, (3 * 128 - 40, 5 * 128 - 96), generator=g, dtype=torch.uint8)
+    caps = torch.randint(0, 0x7F, (w.shape[0], w.shape[1] // 32, 1), generator=g, dtype=torch.uint8)
+    w = ((w.view(w.shape[0], -1, 32) & 0x80) | torch.minimum(w.view(w.shape[0], -1, 32) & 0x7F, caps)).view(w.shape)
+    s = (torch.rand(3, 5, generator=g) * torch.exp2(torch.randint(-30, 10, (3, 5), generator=g).float()))
+    s = s * torch.where(torch.rand(3, 5, generator=g) < 0.3, -1.0, 1.0)
+    w = w.view(torch.float8_e4m3fn)
+    for rule in ("rceil", "floor"):
+        q, sc = requantize_fp8_block(w, s, rule)
+        rq, rs = quantize_mxfp8(reference_fp8_dequant(w, s).float(), rule)
+        assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(sc, rs)
+
+
+@pytest.mark.parametrize("where", range(9))
+def test_a_nonfinite_value_in_any_block_of_a_group_declines(lib, where):
+    """BF16 blocks go four at a time, then one by one: NaN or Inf in any block, of a group or of
+    the tail, makes the kernel decline (the reference then raises), and finite input of the same
+    odd block count converts exactly."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 96, generator=g).to(torch.bfloat16)  # 9 blocks: two groups of 4, then 1
+    rq, rs = reference_mxfp8(x)
+    q, s = kernels.quantize_bf16(x, "rceil")
+    assert torch.equal(q.view(torch.uint8), rq) and torch.equal(s, rs)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y.view(-1)[where * 32 + where % 32] = bad
+        assert kernels.quantize_bf16(y, "rceil") is None
+
+
 def test_too_few_scale_tiles_are_refused_before_any_read(lib):
     w = torch.zeros(256, 256, dtype=torch.float8_e4m3fn)
     assert kernels.requantize_fp8(w, torch.ones(1, 2), "rceil") is None

@@ -14,9 +14,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512VBMI__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
+#define HAVE_AVX512 1 /* 16 floats or 32 halfwords a register: the BF16 path's blocks */
+#if defined(__AVX512VBMI__)
 #define HAVE_BYTE_PERMUTE 1 /* vpermi2b: 64 lookups into a 128-byte table in one instruction */
+#endif
 #endif
 
 #define MX_FALLBACK 1
@@ -52,14 +55,81 @@ static inline float e4m3_value(uint32_t code) {
     return exp ? float_of(((exp + 120u) << 23) | (man << 20)) : (float)man * 0x1p-9f;
 }
 
+#ifdef HAVE_AVX512
+/* e4m3_byte of 16 floats at once: the same integer and float steps, lane by lane. */
+static inline __m128i e4m3_bytes16(__m512 f) {
+    __m512i u = _mm512_castps_si512(f);
+    __m512i sign = _mm512_and_si512(_mm512_srli_epi32(u, 24), _mm512_set1_epi32(0x80));
+    u = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+    __m512i sub = _mm512_sub_epi32(
+        _mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(u), _mm512_set1_ps(16384.0f))),
+        _mm512_set1_epi32(141 << 23));
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 20), _mm512_set1_epi32(1));
+    __m512i normal = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_sub_epi32(u, _mm512_set1_epi32(120 << 23)),
+                         _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFFF))), 20);
+    __mmask16 small = _mm512_cmplt_epu32_mask(u, _mm512_set1_epi32(121 << 23));
+    __mmask16 big = _mm512_cmpge_epu32_mask(u, _mm512_set1_epi32(1087 << 20));
+    __m512i r = _mm512_mask_blend_epi32(small, normal, sub);
+    r = _mm512_mask_blend_epi32(big, r, _mm512_set1_epi32(0x7F));
+    return _mm512_cvtepi32_epi8(_mm512_or_si512(r, sign));
+}
+
+/* The largest |x| (BF16 bits & 0x7FFF) of each of the 4 blocks of 32 values at `x`, as the 4
+   halfwords of the result. */
+static inline uint64_t bf16_max4(const uint16_t *restrict x) {
+    __m512i low15 = _mm512_set1_epi16(0x7FFF), v[4];
+    for (int j = 0; j < 4; j++) {
+        v[j] = _mm512_and_si512(_mm512_loadu_si512(x + j * BLOCK), low15);
+        v[j] = _mm512_max_epu16(v[j], _mm512_shuffle_i64x2(v[j], v[j], _MM_SHUFFLE(1, 0, 3, 2)));
+    }
+    /* each register now holds its block's two 32-byte halves folded (twice): pair them up */
+    __m512i ab = _mm512_mask_blend_epi64(0xF0, v[0], v[1]); /* lanes (A, A, B, B) */
+    __m512i cd = _mm512_mask_blend_epi64(0xF0, v[2], v[3]); /* lanes (C, C, D, D) */
+    ab = _mm512_max_epu16(ab, _mm512_shuffle_i64x2(ab, ab, _MM_SHUFFLE(2, 3, 0, 1)));
+    cd = _mm512_max_epu16(cd, _mm512_shuffle_i64x2(cd, cd, _MM_SHUFFLE(2, 3, 0, 1)));
+    __m512i c = _mm512_mask_blend_epi64(0xCC, ab, cd); /* lanes (A, C, B, D) */
+    c = _mm512_max_epu16(c, _mm512_bsrli_epi128(c, 8));
+    c = _mm512_max_epu16(c, _mm512_bsrli_epi128(c, 4));
+    c = _mm512_max_epu16(c, _mm512_bsrli_epi128(c, 2));
+    /* halfword 0 of each lane, in block order: lanes 0, 2, 1, 3 */
+    c = _mm512_permutexvar_epi16(_mm512_set_epi64(0, 0, 0, 0, 0, 0, 0, 0x0018000800100000LL), c);
+    return (uint64_t)_mm_cvtsi128_si64(_mm512_castsi512_si128(c));
+}
+
+/* One block of 32 BF16 values times the power of two m, as e4m3 bytes. */
+static inline void quantize_block16x2(const uint16_t *restrict xb, float m, int clamp, uint8_t *restrict qb) {
+    __m512 mult = _mm512_set1_ps(m);
+    for (int h = 0; h < 2; h++) {
+        __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xb + 16 * h))), 16);
+        __m512 y = _mm512_mul_ps(_mm512_castsi512_ps(bits), mult);
+        if (clamp)
+            y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-448.0f)), _mm512_set1_ps(448.0f));
+        _mm_storeu_si128((__m128i *)(qb + 16 * h), e4m3_bytes16(y));
+    }
+}
+#endif
+
 /* MXFP8 of BF16 x [n, k] (k % 32 == 0): q [n, k] e4m3 bytes, scales [n, k/32] E8M0 bytes.
    mult/exp: 32768-entry tables indexed by a block's |amax| BF16 bits (2^(127-e) and e).
    clamp: saturate scaled values to +-448 before the cast (FLOOR can scale past it). */
 int mx_quantize_bf16(const uint16_t *restrict x, int64_t n, int64_t k, const float *restrict mult,
                      const uint8_t *restrict exp, int clamp, uint8_t *restrict q,
                      uint8_t *restrict scales) {
-    int64_t blocks = n * (k / BLOCK);
-    for (int64_t b = 0; b < blocks; b++) {
+    int64_t blocks = n * (k / BLOCK), b = 0;
+#ifdef HAVE_AVX512
+    for (; b + 4 <= blocks; b += 4) { /* blocks are contiguous: rows need not be told apart */
+        uint64_t amaxes = bf16_max4(x + b * BLOCK);
+        for (int j = 0; j < 4; j++) {
+            uint16_t amax = (uint16_t)(amaxes >> (16 * j));
+            if (amax >= 0x7F80u || exp[amax] == NONFINITE_EXP)
+                return MX_FALLBACK;
+            scales[b + j] = exp[amax];
+            quantize_block16x2(x + (b + j) * BLOCK, mult[amax], clamp, q + (b + j) * BLOCK);
+        }
+    }
+#endif
+    for (; b < blocks; b++) {
         const uint16_t *xb = x + b * BLOCK;
         uint16_t amax = 0;
         for (int i = 0; i < BLOCK; i++) {
@@ -110,65 +180,130 @@ static inline void lookup_block(const uint8_t *restrict table, const uint8_t *re
 #endif
 }
 
+/* The largest |code| (code & 0x7F) of each of the 4 blocks of 32 codes at `in`, as bytes 0..3. */
+static inline uint32_t block_max4(const uint8_t *restrict in) {
+#ifdef HAVE_BYTE_PERMUTE
+    __m512i low7 = _mm512_set1_epi8(0x7F);
+    __m512i a = _mm512_and_si512(_mm512_loadu_si512(in), low7);      /* blocks 0, 1 */
+    __m512i b = _mm512_and_si512(_mm512_loadu_si512(in + 64), low7); /* blocks 2, 3 */
+    /* fold the two 16-byte lanes of each block: lanes become (B0, B0, B1, B1) and (B2, B2, B3, B3) */
+    a = _mm512_max_epu8(a, _mm512_shuffle_i64x2(a, a, _MM_SHUFFLE(2, 3, 0, 1)));
+    b = _mm512_max_epu8(b, _mm512_shuffle_i64x2(b, b, _MM_SHUFFLE(2, 3, 0, 1)));
+    __m512i c = _mm512_mask_blend_epi64(0xCC, a, b); /* lanes (B0, B2, B1, B3) */
+    c = _mm512_max_epu8(c, _mm512_bsrli_epi128(c, 8));
+    c = _mm512_max_epu8(c, _mm512_bsrli_epi128(c, 4));
+    c = _mm512_max_epu8(c, _mm512_bsrli_epi128(c, 2));
+    c = _mm512_max_epu8(c, _mm512_bsrli_epi128(c, 1));
+    /* byte 0 of each lane, in block order: lanes 0, 2, 1, 3 */
+    c = _mm512_permutexvar_epi8(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x30102000), c);
+    return (uint32_t)_mm_cvtsi128_si32(_mm512_castsi512_si128(c));
+#else
+    uint32_t packed = 0;
+    for (int j = 0; j < 4; j++) {
+        uint8_t code = 0;
+        for (int i = 0; i < BLOCK; i++) {
+            uint8_t a = in[j * BLOCK + i] & 0x7Fu;
+            code = a > code ? a : code;
+        }
+        packed |= (uint32_t)code << (8 * j);
+    }
+    return packed;
+#endif
+}
+
+/* What one 128x128 tile of the band being converted needs: p[c] = bf16 bits of
+   fl32(value(c) * |s|), the sign of s, and for each block exponent seen so far the index of its
+   byte table (0xFF: not built yet; at most 127 tables, one per distinct p value). */
+typedef struct {
+    uint16_t p[128];
+    uint8_t slot[256];
+    uint8_t sign;
+    uint8_t built;
+} tile_state;
+
 /* quantize_mxfp8(dequantize_fp8_block(w, s)) for e4m3 codes w [n, k] (k % 32 == 0, rows starting
    on a 128-row tile boundary) and float32 tile scales s [ceil(n/128), scols]: DeepSeek's value
    bf16(fl32(v * s)), then MXFP8, without the BF16 tensor.
    Within a 128x128 tile the scale is fixed, so a block's amax is bf16(fl32(max|v| * |s|))
    (rounding is monotonic) and every output byte is a function of the input code alone: one
-   128-entry table per (tile, block exponent), built when that exponent first appears. */
+   128-entry table per (tile, block exponent), built when that exponent first appears.
+   Rows are walked in memory order, a band of 128 rows at a time with the state of every tile of
+   the band at hand: walking tile by tile instead (128 rows of 128 bytes, rows k bytes apart)
+   mapped the rows onto a few cache sets and ran at a third of the speed. */
 int mx_requantize_fp8(const uint8_t *restrict w, int64_t n, int64_t k, const float *restrict s,
                       int64_t scols, const float *restrict mult, const uint8_t *restrict exp,
                       int clamp, uint8_t *restrict q, uint8_t *restrict scales) {
-    int64_t nb = k / BLOCK;
-    uint8_t (*tables)[128] = malloc(256 * 128);
-    if (!tables)
+    int64_t nb = k / BLOCK, tiles = (k + TILE - 1) / TILE;
+    tile_state *state = malloc(tiles * sizeof(tile_state));
+    uint8_t(*tables)[128][128] = malloc(tiles * sizeof *tables);
+    if (!state || !tables) {
+        free(state);
+        free(tables);
         return MX_FALLBACK;
-    int16_t slot[256];
-    uint16_t p[128] = {0};
+    }
     int status = 0;
     for (int64_t r0 = 0; r0 < n && !status; r0 += TILE) {
-        int64_t rows = n - r0 < TILE ? n - r0 : TILE;
-        for (int64_t c0 = 0; c0 < k && !status; c0 += TILE) {
-            int64_t cols = k - c0 < TILE ? k - c0 : TILE;
-            float scale = s[(r0 / TILE) * scols + c0 / TILE];
+        for (int64_t t = 0; t < tiles; t++) {
+            float scale = s[(r0 / TILE) * scols + t];
             if (!isfinite(scale)) {
                 status = MX_FALLBACK;
                 break;
             }
             float abs_scale = fabsf(scale);
-            uint8_t sign_of_s = signbit(scale) ? 0x80u : 0u;
             for (uint32_t c = 0; c < 0x7F; c++)
-                p[c] = bf16_bits(e4m3_value(c) * abs_scale);
-            memset(slot, 0xFF, sizeof slot);
-            int16_t built = 0;
-            for (int64_t r = r0; r < r0 + rows && !status; r++) {
-                for (int64_t j = 0; j < cols; j += BLOCK) {
-                    const uint8_t *wb = w + r * k + c0 + j;
-                    uint8_t code = 0;
-                    for (int i = 0; i < BLOCK; i++) {
-                        uint8_t a = wb[i] & 0x7Fu;
-                        code = a > code ? a : code;
+                state[t].p[c] = bf16_bits(e4m3_value(c) * abs_scale);
+            state[t].p[0x7F] = 0x7F80u; /* never looked up: a NaN code stops the call first */
+            memset(state[t].slot, 0xFF, sizeof state[t].slot);
+            state[t].sign = signbit(scale) ? 0x80u : 0u;
+            state[t].built = 0;
+        }
+        int64_t r1 = n - r0 < TILE ? n : r0 + TILE;
+        for (int64_t r = r0; r < r1 && !status; r++) {
+            const uint8_t *wr = w + r * k;
+            uint8_t *qr = q + r * k, *sr = scales + r * nb;
+            for (int64_t b = 0; b < nb && !status; b += 4) {
+                uint32_t codes;
+                int count = nb - b < 4 ? (int)(nb - b) : 4;
+                if (count == 4) {
+                    codes = block_max4(wr + b * BLOCK);
+                } else { /* the last blocks of a row whose length is not a multiple of 128 */
+                    codes = 0;
+                    for (int j = 0; j < count; j++) {
+                        uint8_t code = 0;
+                        for (int i = 0; i < BLOCK; i++) {
+                            uint8_t a = wr[(b + j) * BLOCK + i] & 0x7Fu;
+                            code = a > code ? a : code;
+                        }
+                        codes |= (uint32_t)code << (8 * j);
                     }
+                }
+                for (int j = 0; j < count; j++) {
+                    int64_t blk = b + j;
+                    tile_state *ts = &state[blk * BLOCK / TILE];
+                    uint8_t code = (uint8_t)(codes >> (8 * j));
                     if (code == 0x7F) { /* a NaN code */
                         status = MX_FALLBACK;
                         break;
                     }
-                    uint16_t amax = p[code];
+                    uint16_t amax = ts->p[code];
                     uint8_t e = exp[amax & 0x7FFFu];
                     if (amax >= 0x7F80u || e == NONFINITE_EXP) {
                         status = MX_FALLBACK;
                         break;
                     }
-                    scales[r * nb + (c0 + j) / BLOCK] = e;
-                    if (slot[e] < 0) {
-                        build_table(p, mult[amax], sign_of_s, clamp, tables[built]);
-                        slot[e] = built++;
+                    sr[blk] = e;
+                    uint8_t *table = tables[blk * BLOCK / TILE][ts->slot[e]];
+                    if (ts->slot[e] == 0xFF) {
+                        ts->slot[e] = ts->built++;
+                        table = tables[blk * BLOCK / TILE][ts->slot[e]];
+                        build_table(ts->p, mult[amax], ts->sign, clamp, table);
                     }
-                    lookup_block(tables[slot[e]], wb, q + r * k + c0 + j);
+                    lookup_block(table, wr + blk * BLOCK, qr + blk * BLOCK);
                 }
             }
         }
     }
+    free(state);
     free(tables);
     return status;
 }
