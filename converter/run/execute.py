@@ -4,19 +4,25 @@ shard, or one big tensor, still uses every worker:
     R readers --(pieces loaded into pooled buffers, bounded by bytes in flight)--> N workers
         --(outputs)--> R writers (at planned offsets, any order) --> shard finisher
 
-Readers take pieces in plan order and read them with positional reads, in parallel; writers
-write at the offsets the plan gives every output byte, in parallel (O_DIRECT on disks; on tmpfs
-the shard is mapped and the workers' kernels write their outputs in place, see ShardWriter).
-R is the worker count on CPU (so `--workers` is the number of cores used) and at least the core
-count with accelerators (there the CPU only moves bytes). One reader and one writer thread were
-a serial ceiling of about 1.5-2 GB/s on a 16-core machine, whatever the worker count.
+Readers take pieces from several shards at once (see `interleave`: about one shard per two
+writers) and read them with positional reads, in parallel; writers write at the offsets the plan
+gives every output byte, in parallel (O_DIRECT on disks). R is the worker count on CPU (so
+`--workers` is the number of cores used) and at least the core count with accelerators (there
+the CPU only moves bytes). One reader and one writer thread were a serial ceiling of about
+1.5-2 GB/s on a 16-core machine, whatever the worker count.
+
+On tmpfs, every output page is allocated as it is written: write(2) does that for 0.36-0.41
+CPU-s per GB, a shared mapping filled in place for 0.7-0.77 (a page fault per 4 KB; 2-core EPYC
+VM), but write(2)s to one file take turns on its lock. So several shards are written at once with
+write(2), and only a run that writes one shard at a time with at least 4 writers maps it
+(MXCONV_MAPPED_WRITES=1 maps always, 0 never; see ShardWriter).
 
 torch ops, file reads and writes and sha256 all release the GIL, so on a 2-core machine the
 readers, the workers, the writers and the source hasher keep both cores busy. Shards are finished
 (fsync + atomic rename) strictly in plan order, so an interrupted run leaves a prefix of finished
-shards, as a sequential one would. With --device cuda each worker owns a stream on its GPU:
-inputs are read into pinned host memory, copied in and out without blocking, and the worker
-waits only for its own stream.
+shards, as a sequential one would (the shards open at that moment are redone by a rerun). With
+--device cuda each worker owns a stream on its GPU: inputs are read into pinned host memory,
+copied in and out without blocking, and the worker waits only for its own stream.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from converter.files import STATE_DIR
 from converter.plan.planner import ShardPlan
 from converter.plan.recipe import Recipe
 from converter.plan.view import CanonicalView
-from converter.run.pieces import BufferPool, Piece, compute, load, split
+from converter.run.pieces import BufferPool, Piece, compute, interleave, load, split
 from converter.run.writer import ShardWriter
 
 # Source bytes read ahead of the workers, per worker (a piece bigger than that runs alone): two
@@ -142,6 +148,19 @@ def io_threads(devices: list[torch.device]) -> int:
     return max(len(devices), len(os.sched_getaffinity(0)))
 
 
+def shard_window(shards: int, writers: int) -> int:
+    """Output shards written at once: one per two writer threads (at least 2), as many as there are."""
+    return max(1, min(shards, max(2, writers // 2)))
+
+
+def _mapping(window: int, writers: int) -> bool | None:
+    """ShardWriter's `mapped`: None (map where the file system is in memory) or False (write(2))."""
+    env = os.environ.get("MXCONV_MAPPED_WRITES")
+    if env is not None:
+        return False if env == "0" else None
+    return None if window == 1 and writers >= 4 else False
+
+
 def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Recipe, devices: list[torch.device],
             progress: Callable[[int], None], reading: Callable[[Path], None] = lambda path: None,
             partial_tag: str = "") -> None:
@@ -152,10 +171,12 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
     shard (a cluster task retried while a lost node still runs it) never share one."""
     if not shards:
         return
-    pieces = [p for i, shard in enumerate(shards) for job in shard.jobs for p in split(i, job, view, recipe)]
+    per_shard = [[p for job in shard.jobs for p in split(i, job, view, recipe)] for i, shard in enumerate(shards)]
     cancel = threading.Event()
     errors: list[BaseException] = []
     readers = io_threads(devices)
+    window = shard_window(len(shards), readers)
+    mapped = _mapping(window, readers)
     inflight = min(_MAX_INFLIGHT, max(_MIN_INFLIGHT, _INFLIGHT_PER_WORKER * max(len(devices), readers)))
     budget = _Budget(inflight, cancel)
     pool = BufferPool(pin=any(d.type == "cuda" for d in devices), limit=2 * inflight)  # inputs and outputs in flight
@@ -163,12 +184,10 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
     computed: queue.Queue = queue.Queue()  # outputs, for the writers
     done_shards: queue.Queue = queue.Queue()  # shards whose every piece is written, for the finisher
     writers: list[ShardWriter | None] = [None] * len(shards)
-    remaining = [0] * len(shards)
-    for p in pieces:
-        remaining[p.shard] += 1
+    remaining = [len(ps) for ps in per_shard]
     finished = [False] * len(shards)
     lock = threading.Lock()
-    todo = iter(pieces)  # handed to the readers in plan order
+    todo = interleave(per_shard, window)  # handed to the readers, `window` shards at a time
     seen: set[Path] = set()
     live_readers = [readers]
     gpu_slots = {d: threading.Semaphore(_STREAMS_PER_GPU) for d in set(devices) if d.type == "cuda"}
@@ -185,7 +204,7 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
             if writers[i] is None and not cancel.is_set():
                 shard = shards[i]
                 w = ShardWriter(dst / shard.name, dst / STATE_DIR / f"{shard.name}{partial_tag}.partial",
-                                shard.tensors)
+                                shard.tensors, mapped=mapped)
                 writers[i] = w.__enter__()
             if writers[i] is None:
                 raise Cancelled()

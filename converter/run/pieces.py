@@ -14,7 +14,9 @@ blocks per tensor. A numerics error in a piece is reported as the whole tensor r
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -72,6 +74,33 @@ def split(shard: int, job: Job, view: CanonicalView, recipe: Recipe) -> list[Pie
     share = [job.input_bytes * (min(rows, r + per) - r) // rows for r in starts]
     share[-1] += job.input_bytes - sum(share)  # the pieces' bytes add up to the job's exactly
     return [Piece(shard, job, (r, min(rows, r + per)), b) for r, b in zip(starts, share)]
+
+
+def interleave(per_shard: list[list[Piece]], window: int) -> Iterator[Piece]:
+    """Every shard's pieces, in order within each shard, from `window` shards at a time: the next
+    piece comes from the open shard with the fewest bytes handed out so far, and the next shard
+    opens when one runs out. Why: write(2) to one file takes turns on the file's lock (on tmpfs,
+    one core's copy rate, about 2.7 GB/s); several files at once write in parallel, as a parallel
+    copy does. Balanced by bytes, the open shards finish at about the same time, and they are
+    still finished (renamed into place) in plan order."""
+    open_: list[tuple[int, int]] = []  # (bytes handed out, shard index): a heap
+    taken = [0] * len(per_shard)
+    upcoming = iter(range(len(per_shard)))
+    while True:
+        while len(open_) < max(1, window):
+            i = next(upcoming, None)
+            if i is None:
+                break
+            if per_shard[i]:
+                heapq.heappush(open_, (0, i))
+        if not open_:
+            return
+        given, i = heapq.heappop(open_)
+        piece = per_shard[i][taken[i]]
+        taken[i] += 1
+        if taken[i] < len(per_shard[i]):
+            heapq.heappush(open_, (given + piece.input_bytes, i))
+        yield piece
 
 
 class BufferPool:

@@ -46,14 +46,15 @@ class ShardWriter:
     atomic rename from `tmp_path` to `path`. Refuses tensors that are not in the plan, have the
     wrong dtype/shape, or come twice; refuses to finish while any planned tensor is missing.
 
-    On a file system in memory (tmpfs) the file is written through one shared mapping instead:
-    `region` hands out the planned bytes of some rows as a tensor to fill (the numerics write
-    there directly, reads land there), and writes of other tensors are copies into such regions.
-    Why: every write(2) to one tmpfs file holds the file's lock for its memcpy, so threads writing
-    one shard take turns (one writer thread reached about 1.7 GB/s); page faults in a mapping run
-    in parallel, and a region filled in place costs no copy at all. A region's pages are
-    unmapped (they stay in the file) once it is recorded, so resident memory holds the pieces in
-    flight, not the shard. MXCONV_MAPPED_WRITES=0 turns this off (write(2) at offsets instead)."""
+    On a file system in memory (tmpfs), with `mapped` None, the file is written through one shared
+    mapping instead: `region` hands out the planned bytes of some rows as a tensor to fill (the
+    numerics write there directly, reads land there), and writes of other tensors are copies into
+    such regions. Why: every write(2) to one tmpfs file holds the file's lock for its memcpy, so
+    threads writing one shard take turns; page faults in a mapping run in parallel, though each
+    4 KB fault makes a page cost about twice the CPU of write(2) (which is why the executor maps
+    only when it writes one shard at a time, see execute.py). A region's pages are unmapped (they
+    stay in the file) once it is recorded, so resident memory holds the pieces in flight, not the
+    shard. MXCONV_MAPPED_WRITES=0 turns mapping off (write(2) at offsets instead)."""
 
     def __init__(self, path: Path, tmp_path: Path, tensors: list[PlannedTensor], direct: bool = True,
                  mapped: bool | None = None):

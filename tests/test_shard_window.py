@@ -1,0 +1,103 @@
+"""Several output shards written at once (`pieces.interleave`, `execute.shard_window`), and the choice
+between write(2) and a shared mapping on tmpfs: the order pieces are handed out in, how many
+shard files are open at once during a real conversion, and that the bytes do not depend on it."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+from helpers import load_all, same_bytes
+
+import converter
+from converter.run import execute, pieces
+from converter.run.pieces import Piece, interleave
+
+
+def _shards(sizes: list[list[int]]) -> list[list[Piece]]:
+    return [[Piece(i, None, (k, k + 1), b) for k, b in enumerate(row)] for i, row in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 8])
+def test_interleave_hands_out_every_piece_once_from_at_most_window_shards(window):
+    rng = random.Random(window)
+    sizes = [[rng.randint(1, 100) for _ in range(rng.randint(0, 12))] for _ in range(9)]
+    sizes[4] = []  # a shard with nothing to read is skipped, not counted as open
+    order = list(interleave(_shards(sizes), window))
+    assert sorted((p.shard, p.rows) for p in order) == [(i, (k, k + 1)) for i, r in enumerate(sizes)
+                                                          for k in range(len(r))]
+    for i in range(len(sizes)):  # a shard's own pieces keep their order
+        assert [p.rows[0] for p in order if p.shard == i] == list(range(len(sizes[i])))
+    first = {p.shard: n for n, p in reversed(list(enumerate(order)))}
+    last = {p.shard: n for n, p in enumerate(order)}
+    for n in range(len(order)):
+        assert sum(first[i] <= n <= last[i] for i in first) <= window
+    # shards open in plan order
+    assert sorted(first, key=first.get) == sorted(first)
+
+
+def test_interleave_balances_the_open_shards_by_bytes():
+    """Each next piece goes to the open shard with the fewest bytes handed out, so two open shards
+    never differ by more than one piece, and equal shards finish together."""
+    order = list(interleave(_shards([[10] * 6, [30] * 2, [5] * 12]), 3))
+    given = [0, 0, 0]
+    for p in order:
+        assert given[p.shard] == min(given[i] for i in range(3) if any(q.shard == i for q in order[order.index(p):]))
+        given[p.shard] += p.input_bytes
+    assert given == [60, 60, 60]
+    assert list(interleave(_shards([[1, 1], [1, 1]]), 1)) == _shards([[1, 1], [1, 1]])[0] + _shards([[1, 1], [1, 1]])[1]
+
+
+def test_window_and_write_mode_follow_the_writer_count(monkeypatch):
+    monkeypatch.delenv("MXCONV_MAPPED_WRITES", raising=False)
+    assert [execute.shard_window(40, w) for w in (1, 2, 4, 16)] == [2, 2, 2, 8]
+    assert execute.shard_window(3, 16) == 3 and execute.shard_window(1, 16) == 1
+    # write(2) when several shards are open; a mapping (None: where the file system is in memory)
+    # only for one shard at a time written by at least 4 threads
+    assert execute._mapping(2, 2) is False and execute._mapping(8, 16) is False
+    assert execute._mapping(1, 16) is None and execute._mapping(1, 2) is False
+    monkeypatch.setenv("MXCONV_MAPPED_WRITES", "1")
+    assert execute._mapping(8, 16) is None
+    monkeypatch.setenv("MXCONV_MAPPED_WRITES", "0")
+    assert execute._mapping(1, 16) is False
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_a_conversion_writes_several_shards_at_once_with_the_same_bytes(tiny_sources, tmp_path, monkeypatch,
+                                                                        workers):
+    """Small pieces and small output shards: pieces go out `window` shards at a time, so several
+    shard files are being written at once (open files are bounded by the pieces in flight, not by
+    the window: a shard is finished only after every shard before it), and the output equals a
+    one-worker conversion's, file for file."""
+    monkeypatch.setattr(pieces, "PIECE_BYTES", 2000)
+    opened, peak, lock = set(), [0], threading.Lock()
+    real_writer = execute.ShardWriter
+
+    class Watched(real_writer):
+        def __enter__(self):
+            with lock:
+                opened.add(self.path.name)
+                peak[0] = max(peak[0], len(opened))
+            return super().__enter__()
+
+        def finish(self):
+            super().finish()
+            with lock:
+                opened.discard(self.path.name)
+
+    monkeypatch.setattr(execute, "ShardWriter", Watched)
+    handed = []
+    monkeypatch.setattr(execute, "interleave", lambda per_shard, window: (
+        handed.append(window) or (handed.append(p.shard) or p for p in interleave(per_shard, window))))
+    converter.convert(tiny_sources["fp8"], tmp_path / "many", quiet=True, workers=workers, max_shard_size="150KB")
+    shards = len(list((tmp_path / "many").glob("*.safetensors")))
+    window, order = handed[0], handed[1:]
+    assert shards >= 4 and window == execute.shard_window(shards, workers) == 2
+    assert peak[0] >= 2 and order != sorted(order)  # interleaved, not shard after shard
+    monkeypatch.setattr(execute, "ShardWriter", real_writer)
+    converter.convert(tiny_sources["fp8"], tmp_path / "one", quiet=True, workers=1, max_shard_size="150KB")
+    got, want = load_all(tmp_path / "many"), load_all(tmp_path / "one")
+    assert sorted(got) == sorted(want) and all(same_bytes(got[n], want[n]) for n in want)
+    for a in sorted((tmp_path / "one").glob("*.safetensors")):
+        assert (tmp_path / "many" / a.name).read_bytes() == a.read_bytes()
