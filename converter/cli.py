@@ -75,9 +75,13 @@ def convert(
     push_to: Optional[str] = typer.Option(None, help="push the result to this Hub repo id when done"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
+    no_source_hash: bool = typer.Option(False, "--no-source-hash",
+                                        help="skip the sha256 of the source files (as much CPU as converting a BF16 "
+                                             "source): mxconv.json then records their sizes only, and a resume "
+                                             "from a moved or copied source redoes its shards"),
 ) -> None:
     """Convert SRC into an MXFP8 (or BF16) checkpoint in DST."""
-    if not dry_run and ray is None:  # hash the source on a spare core while torch imports
+    if not dry_run and ray is None and not no_source_hash:  # hash the source on a spare core while torch imports
         from converter.sources.hashing import start_early
 
         start_early(src)
@@ -90,7 +94,7 @@ def convert(
                                  max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run, quiet=quiet,
                                  requantize=True if requantize else None, scale_rule=scale_rule,
                                  allow_nonfinite=True if allow_nonfinite else None, scale_zero_blocks=scale_zero_blocks,
-                                 config=config, ray=ray)
+                                 config=config, ray=ray, hash_sources=not no_source_hash)
             if dry_run:
                 typer.echo(describe_plan(result.source, result.plan, result.mapping, verbose=True))
                 typer.echo("dry run: nothing written")

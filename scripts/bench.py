@@ -522,8 +522,9 @@ def main() -> int:
                     "5GB); a real checkpoint has many output shards, a small bench source few")
     ap.add_argument("--compare", type=Path, help="--ceiling: also time the mxconv rows of this other checkout "
                     "(rows named 'before: ...')")
-    ap.add_argument("--variants", help="--ceiling: extra mxconv rows with environment variables set, as "
-                    "'name:VAR=VALUE,VAR=VALUE;name2:...' (the fewest and the most CPU workers)")
+    ap.add_argument("--variants", help="--ceiling: extra mxconv rows with environment variables set or "
+                    "convert flags added, as 'name:VAR=VALUE,--flag;name2:...' (the fewest and the most "
+                    "CPU workers)")
     args = ap.parse_args()
     if args.ceiling:
         import bench_ceiling

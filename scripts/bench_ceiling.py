@@ -46,20 +46,23 @@ def plan_rows(args, cuda: bool, gpus: int) -> list[dict]:
     mx = ["-m", "converter.cli", "convert"] + (["--max-shard-size", args.max_shard_size] if args.max_shard_size else [])
     rows = [{"name": "cp -r", "kind": "cp"}, {"name": "parallel cp (one per shard)", "kind": "pcp"}]
     checkouts = [("", None, {})] + ([("before: ", str(args.compare.resolve()), {})] if args.compare else [])
-    for variant in filter(None, (args.variants or "").split(";")):  # name:VAR=VALUE,VAR=VALUE
-        name, _, env = variant.partition(":")
-        checkouts.append((f"variant {name}: ", None, dict(kv.split("=", 1) for kv in env.split(",") if kv)))
-    for label, path, env in checkouts:
+    for variant in filter(None, (args.variants or "").split(";")):  # name:VAR=VALUE,--flag,...
+        name, _, items = variant.partition(":")
+        items = [kv for kv in items.split(",") if kv]
+        env = dict(kv.split("=", 1) for kv in items if not kv.startswith("--"))
+        checkouts.append((f"variant {name}: ", None, env, [kv for kv in items if kv.startswith("--")]))
+    for label, path, env, *flags in checkouts:
+        extra = flags[0] if flags else []
         cpu_w, gpu_w = args.workers, args.gpu_worker_list
         if label:  # another checkout or a variant: the fewest and the most workers only
             cpu_w, gpu_w = sorted({min(cpu_w), max(cpu_w)}), sorted({min(gpu_w), max(gpu_w)})
         for w in cpu_w:
             rows.append({"name": f"{label}mxconv cpu, {w} workers", "kind": "mxconv", "pythonpath": path, "env": env,
-                         "argv": mx + ["--device", "cpu", "--workers", str(w)], "device": "cpu", "workers": w})
+                         "argv": mx + extra + ["--device", "cpu", "--workers", str(w)], "device": "cpu", "workers": w})
         if cuda:
             for w in gpu_w:
                 rows.append({"name": f"{label}mxconv cuda ({gpus} GPU), {w} workers", "kind": "mxconv",
-                             "pythonpath": path, "env": env, "argv": mx + ["--device", "cuda", "--workers", str(w)],
+                             "pythonpath": path, "env": env, "argv": mx + extra + ["--device", "cuda", "--workers", str(w)],
                              "device": "cuda", "workers": w})
     return rows
 

@@ -7,6 +7,7 @@ import math
 import os
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -221,6 +222,7 @@ def test_mapped_shards_filled_in_place_give_the_same_bytes(tiny_sources, unsplit
     import converter.run.writer as sio
 
     monkeypatch.setattr(sio, "in_memory_fs", lambda path: True)
+    monkeypatch.setenv("MXCONV_MAPPED_WRITES", "1")  # mapped even with several shards in flight
     monkeypatch.setattr(pieces, "PIECE_BYTES", 2000)
     copied = []
     real_map = sio.ShardWriter._map
@@ -231,6 +233,7 @@ def test_mapped_shards_filled_in_place_give_the_same_bytes(tiny_sources, unsplit
     for name in want:
         assert same_bytes(got[name], want[name]), name
     written = sum(p.stat().st_size for p in (tmp_path / "o").glob("*.safetensors"))
+    assert sum(copied) > 0.9 * written  # through the mapping
     if source != "fp8_ue8m0":  # (the lossless re-layout returns new tensors: copied into place)
         assert sum(copied) < 1.2 * written  # each byte mapped once (filled in place), not twice (then copied)
 
@@ -348,6 +351,7 @@ def test_source_files_are_hashed_as_the_conversion_reaches_them(tiny_sources, tm
 
     from converter.sources import hashing as source_hash
 
+    monkeypatch.setattr(source_hash, "cached", lambda path: False)  # as on a cold disk
     src = clone(tiny_sources["fp8"], tmp_path / "src")
     files = sorted(src.glob("*.safetensors"))
     h = source_hash.SourceHasher(files)._launch()
@@ -363,12 +367,45 @@ def test_source_files_are_hashed_as_the_conversion_reaches_them(tiny_sources, tm
     assert sorted(released) == files  # every file, announced by the reader, once
 
 
+def test_files_whole_in_the_page_cache_are_hashed_at_once(tiny_sources, tmp_path, monkeypatch):
+    """A file whose every page is cached is hashed without waiting for the conversion to reach
+    it (no disk read is duplicated); the others still wait. `cached` is mincore(2): a file just
+    written is cached; dropped from the cache (where the file system allows), it is not."""
+    import hashlib
+
+    from converter.run.direct_io import in_memory_fs
+    from converter.sources import hashing as source_hash
+
+    src = clone(tiny_sources["fp8"], tmp_path / "src")
+    files = sorted(src.glob("*.safetensors"))
+    assert all(source_hash.cached(p) for p in files)
+    if not in_memory_fs(src):
+        with open(files[0], "rb") as f:
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert not source_hash.cached(files[0])
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert source_hash.cached(empty) and not source_hash.cached(tmp_path / "missing")
+
+    monkeypatch.setattr(source_hash, "cached", lambda path: path != files[0])
+    h = source_hash.SourceHasher(files)._launch()
+    for p in files[1:]:
+        deadline = time.monotonic() + 10
+        while p not in h.futures and time.monotonic() < deadline:
+            time.sleep(0.01)
+        h.futures[p].result(timeout=10)
+    assert sorted(h.hashes) == sorted(p.name for p in files[1:])  # the first one waits for the conversion
+    assert h.result() == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
 @pytest.mark.parametrize("memory, ahead", [(0, 1), (10**12, 3)])
 def test_early_hashing_runs_ahead_only_within_a_quarter_of_free_memory(tiny_sources, tmp_path, monkeypatch,
                                                                         memory, ahead):
     from converter.sources import hashing as source_hash
 
     src = clone(tiny_sources["fp8"], tmp_path / "src")
+    monkeypatch.setattr(source_hash, "cached", lambda path: False)  # as on a cold disk
     monkeypatch.setattr(source_hash, "_available_memory", lambda: memory)
     source_hash.start_early(src)
     (early,) = [h for key, h in source_hash._early.items() if str(src.resolve()) in key[0]]

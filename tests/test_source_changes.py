@@ -224,3 +224,28 @@ def test_source_written_during_the_run_is_refused_at_the_end(src, tmp_path, monk
     fresh = tmp_path / "fresh"
     convert(source, fresh, max_shard_size=SHARD, quiet=True)
     assert_same_tree(dst, fresh)
+
+
+def test_no_source_hash_records_sizes_only_and_a_moved_source_is_redone(src, tmp_path):
+    """`--no-source-hash`: the same shards, mxconv.json without sha256 (sizes still there), no
+    sha256 in the resume manifest; the rerun from a copy of the source therefore cannot tell its
+    files are the same bytes and redoes every shard (the safe side), then the output is the same."""
+    from typer.testing import CliRunner
+
+    from converter.cli import app
+
+    dst, hashed = tmp_path / "dst", tmp_path / "hashed"
+    done = CliRunner().invoke(app, ["convert", str(src), str(dst), "--max-shard-size", SHARD, "-q", "--no-source-hash"])
+    assert done.exit_code == 0, done.output
+    shards = json.loads((dst / PROVENANCE_FILE).read_text())["source"]["shards"]
+    assert shards and all(v["sha256"] is None and v["bytes"] > 0 for v in shards.values())
+    assert not any("sha256" in e for e in manifest(dst)["sources"].values())
+    convert(src, hashed, max_shard_size=SHARD, quiet=True)
+    assert all(isinstance(v["sha256"], str)
+               for v in json.loads((hashed / PROVENANCE_FILE).read_text())["source"]["shards"].values())
+    for p in sorted(hashed.glob("*.safetensors")):
+        assert (dst / p.name).read_bytes() == p.read_bytes()
+    moved = copy_source(src, tmp_path / "moved")
+    (dst / PROVENANCE_FILE).unlink()  # "interrupted" at the very end
+    result = convert(moved, dst, max_shard_size=SHARD, quiet=True)
+    assert result.skipped_shards == 0 and not result.already_complete
