@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from converter import yaml_data
 from converter.files import CONFIG_FILE, INDEX_FILE, PROVENANCE_FILE, VERIFY_REPORT_FILE
 from converter.models.family import Family, family_or_none
 from converter.run.consumers import PRESHUFFLED_LOADERS, who_loads
@@ -279,7 +280,7 @@ def _source_license(source: dict, base_model: str | None, dst: Path) -> dict:
         return {}
     try:
         text = (Path(source["path"]) / CARD_FILE).read_text(encoding="utf-8")
-        meta = yaml.safe_load(text.split("---", 2)[1]) if text.startswith("---") else None
+        meta = yaml_data.safe_load(text.split("---", 2)[1]) if text.startswith("---") else None
     except (OSError, IndexError, yaml.YAMLError):
         return {}
     if not isinstance(meta, dict) or not meta.get("license"):

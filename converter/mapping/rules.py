@@ -12,6 +12,7 @@ from typing import Mapping as MappingOf
 
 import yaml
 
+from converter import yaml_data
 from converter.errors import MappingError
 
 CONTEXT_VARS = ("num_hidden_layers", "vocab_size")  # names a rule's {expression} may use besides placeholders
@@ -159,7 +160,7 @@ def parse_rule_file(text: str, file: str, stem: str) -> RuleFile:
         raise MappingError(msg, file=file)
 
     try:
-        data = yaml.safe_load(text)
+        data = yaml_data.safe_load(text)
     except yaml.YAMLError as e:
         fail(f"not valid YAML: {e}")
     if not isinstance(data, dict):

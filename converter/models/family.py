@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from converter import yaml_data
 from converter.errors import RecipeError, SourceError
 
 _TOP_KEYS = {"name", "description", "extends", "architectures", "model_types", "config", "optional_config",
@@ -238,7 +239,7 @@ def load_family(name: str) -> Family:
 def _raw(name: str, seen: set) -> dict:
     path = _families_dir() / f"{name}.yaml"
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml_data.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
         raise SourceError(f"cannot read family file: {e}", file=str(path)) from None
     if not isinstance(data, dict):

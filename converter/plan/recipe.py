@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from converter import yaml_data
 from converter.errors import RecipeError
 from converter.numerics.reference import ScaleRule, ScaleZeroBlocks
 
@@ -80,7 +81,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     """A built-in recipe by name (e.g. "deepseek_v3_mxfp8") or a YAML file by path."""
     text, where = _recipe_text(str(name_or_path))
     try:
-        data = yaml.safe_load(text)
+        data = yaml_data.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError(f"not valid YAML: {e}", file=where) from e
     if isinstance(data, dict) and "extends" in data:

@@ -1,0 +1,15 @@
+"""Parsing mxconv's YAML data (name mappings, recipes, model families, model card metadata) with
+PyYAML's libyaml parser where the installed PyYAML has it, else its pure-Python one: the same
+documents and errors, but the Python parser took 0.3 s of every run's start-up on a 2-core VM
+(a conversion reads about a dozen of these files)."""
+
+from __future__ import annotations
+
+import yaml
+
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def safe_load(text: str):
+    """yaml.safe_load, through libyaml when available."""
+    return yaml.load(text, Loader=_LOADER)
