@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import warnings
@@ -86,6 +87,7 @@ def convert(
 
         start_early(src)
     with _interruptible(_RERUN):
+        _import_quietly()
         from converter.run.pipeline import convert as run_convert
         from converter.run.summary import describe_plan, describe_result
 
@@ -106,6 +108,18 @@ def convert(
                 _run_push(dst, push_to, quiet=quiet)
         except MxconvError as e:
             _fail(e)
+
+
+def _import_quietly() -> None:
+    """Import the pipeline (and torch) with the cyclic collector off, then keep what was imported
+    out of its sight: importing torch set off some 360 collections, and each full collection
+    during planning walked all of torch's objects (0.15 s of start-up on a 2-core VM)."""
+    gc.disable()
+    try:
+        import converter.run.pipeline  # noqa: F401
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def _run_verify(src: Path, dst: Path, **kwargs) -> None:
@@ -294,6 +308,9 @@ def _run_app() -> int:
 
 
 def main() -> None:
+    # numpy's OpenBLAS (loaded with torch) starts a thread per core that spins for a while; mxconv
+    # does no BLAS, and those threads took CPU from start-up (0.1-0.2 s on 2 cores)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     code = _run_app()
     # Skip the interpreter's teardown: finalizing torch's modules (and a CUDA context) costs 0.3-1 s
     # per run, and there is nothing left to clean up: every output file is closed and fsynced, and
