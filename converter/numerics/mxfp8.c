@@ -180,7 +180,17 @@ static inline void lookup_block(const uint8_t *restrict table, const uint8_t *re
 #endif
 }
 
-/* The largest |code| (code & 0x7F) of each of the 4 blocks of 32 codes at `in`, as bytes 0..3. */
+/* The largest |code| (code & 0x7F) of the block of 32 codes at `in`. */
+static inline uint8_t block_max(const uint8_t *restrict in) {
+    uint8_t code = 0;
+    for (int i = 0; i < BLOCK; i++) {
+        uint8_t a = in[i] & 0x7Fu;
+        code = a > code ? a : code;
+    }
+    return code;
+}
+
+/* The largest |code| of each of the 4 blocks of 32 codes at `in`, as bytes 0..3. */
 static inline uint32_t block_max4(const uint8_t *restrict in) {
 #ifdef HAVE_BYTE_PERMUTE
     __m512i low7 = _mm512_set1_epi8(0x7F);
@@ -199,14 +209,8 @@ static inline uint32_t block_max4(const uint8_t *restrict in) {
     return (uint32_t)_mm_cvtsi128_si32(_mm512_castsi512_si128(c));
 #else
     uint32_t packed = 0;
-    for (int j = 0; j < 4; j++) {
-        uint8_t code = 0;
-        for (int i = 0; i < BLOCK; i++) {
-            uint8_t a = in[j * BLOCK + i] & 0x7Fu;
-            code = a > code ? a : code;
-        }
-        packed |= (uint32_t)code << (8 * j);
-    }
+    for (int j = 0; j < 4; j++)
+        packed |= (uint32_t)block_max(in + j * BLOCK) << (8 * j);
     return packed;
 #endif
 }
@@ -268,14 +272,8 @@ int mx_requantize_fp8(const uint8_t *restrict w, int64_t n, int64_t k, const flo
                     codes = block_max4(wr + b * BLOCK);
                 } else { /* the last blocks of a row whose length is not a multiple of 128 */
                     codes = 0;
-                    for (int j = 0; j < count; j++) {
-                        uint8_t code = 0;
-                        for (int i = 0; i < BLOCK; i++) {
-                            uint8_t a = wr[(b + j) * BLOCK + i] & 0x7Fu;
-                            code = a > code ? a : code;
-                        }
-                        codes |= (uint32_t)code << (8 * j);
-                    }
+                    for (int j = 0; j < count; j++)
+                        codes |= (uint32_t)block_max(wr + (b + j) * BLOCK) << (8 * j);
                 }
                 for (int j = 0; j < count; j++) {
                     int64_t blk = b + j;
