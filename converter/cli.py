@@ -113,13 +113,19 @@ def convert(
 def _import_quietly() -> None:
     """Import the pipeline (and torch) with the cyclic collector off, then keep what was imported
     out of its sight: importing torch set off some 360 collections, and each full collection
-    during planning walked all of torch's objects (0.15 s of start-up on a 2-core VM)."""
+    during planning walked all of torch's objects (0.15 s of start-up on a 2-core VM). Also keeps
+    numpy's OpenBLAS (loaded with torch) to one thread: it starts one per core that spins a while,
+    and a conversion does no BLAS (0.1-0.2 s of start-up CPU on 2 cores). Only for `convert`:
+    `verify --logits` runs a forward pass, and on aarch64 torch's BLAS is OpenBLAS."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    enabled = gc.isenabled()
     gc.disable()
     try:
         import converter.run.pipeline  # noqa: F401
     finally:
         gc.freeze()
-        gc.enable()
+        if enabled:
+            gc.enable()
 
 
 def _run_verify(src: Path, dst: Path, **kwargs) -> None:
@@ -308,9 +314,6 @@ def _run_app() -> int:
 
 
 def main() -> None:
-    # numpy's OpenBLAS (loaded with torch) starts a thread per core that spins for a while; mxconv
-    # does no BLAS, and those threads took CPU from start-up (0.1-0.2 s on 2 cores)
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     code = _run_app()
     # Skip the interpreter's teardown: finalizing torch's modules (and a CUDA context) costs 0.3-1 s
     # per run, and there is nothing left to clean up: every output file is closed and fsynced, and

@@ -1,7 +1,8 @@
 """Parsing mxconv's YAML data (name mappings, recipes, model families, model card metadata) with
 PyYAML's libyaml parser where the installed PyYAML has it, else its pure-Python one: the same
-documents and errors, but the Python parser took 0.3 s of every run's start-up on a 2-core VM
-(a conversion reads about a dozen of these files)."""
+documents and error classes (libyaml words its messages and places its marks a little
+differently), but the Python parser took 0.3 s of every run's start-up on a 2-core VM (a
+conversion reads about a dozen of these files)."""
 
 from __future__ import annotations
 

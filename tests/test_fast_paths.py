@@ -376,18 +376,20 @@ def test_files_whole_in_the_page_cache_are_hashed_at_once(tiny_sources, tmp_path
     from converter.run.direct_io import in_memory_fs
     from converter.sources import hashing as source_hash
 
-    src = clone(tiny_sources["fp8"], tmp_path / "src")
-    files = sorted(src.glob("*.safetensors"))
-    assert all(source_hash.cached(p) for p in files)
-    if not in_memory_fs(src):
-        with open(files[0], "rb") as f:
+    fresh = tmp_path / "fresh.bin"
+    fresh.write_bytes(os.urandom(1 << 20))
+    assert source_hash.cached(fresh)
+    if not in_memory_fs(tmp_path):
+        with open(fresh, "rb") as f:
             os.fsync(f.fileno())
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        assert not source_hash.cached(files[0])
+        assert not source_hash.cached(fresh)
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     assert source_hash.cached(empty) and not source_hash.cached(tmp_path / "missing")
 
+    src = clone(tiny_sources["fp8"], tmp_path / "src")
+    files = sorted(src.glob("*.safetensors"))
     monkeypatch.setattr(source_hash, "cached", lambda path: path != files[0])
     h = source_hash.SourceHasher(files)._launch()
     for p in files[1:]:
@@ -397,6 +399,54 @@ def test_files_whole_in_the_page_cache_are_hashed_at_once(tiny_sources, tmp_path
         h.futures[p].result(timeout=10)
     assert sorted(h.hashes) == sorted(p.name for p in files[1:])  # the first one waits for the conversion
     assert h.result() == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_a_file_evicted_while_queued_waits_for_the_conversion(tiny_sources, tmp_path, monkeypatch):
+    """Queued because it was cached, evicted before its turn (a source larger than memory): not
+    read from disk by the hasher, but hashed once the conversion releases it, or by result()."""
+    import hashlib
+
+    from converter.sources import hashing as source_hash
+
+    src = clone(tiny_sources["fp8"], tmp_path / "src")
+    files = sorted(src.glob("*.safetensors"))
+    seen = {p: 0 for p in files}
+
+    def cached_then_evicted(path):  # cached at the launch scan, gone when its turn comes
+        seen[path] += 1
+        return seen[path] == 1
+
+    monkeypatch.setattr(source_hash, "cached", cached_then_evicted)
+    h = source_hash.SourceHasher(files, threads=1)._launch()
+    deadline = time.monotonic() + 10
+    while any(n < 2 for n in seen.values()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(n == 2 for n in seen.values()) and not h.hashes and not h.futures  # none hashed ahead
+    h.release(files[1])
+    h.futures[files[1]].result(timeout=10)
+    assert list(h.hashes) == [files[1].name]
+    assert h.result() == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_mincore_is_not_trusted_for_a_file_it_would_lie_about(tmp_path, monkeypatch):
+    """To a user who neither owns nor may write a file, Linux's mincore (5.2 and later) reports
+    every page resident; `cached` must then say it cannot tell (False), so a shared read-only
+    model store is not hashed ahead of the conversion (and read from disk twice). A resident
+    file, seen as another user: False; as its owner, or with write access, or as root: True."""
+    from converter.sources import hashing as source_hash
+
+    data = tmp_path / "weights.bin"
+    data.write_bytes(os.urandom(1 << 16))
+    owner = data.stat().st_uid
+    assert source_hash.cached(data)
+    monkeypatch.setattr(source_hash.os, "geteuid", lambda: owner + 1 if owner else 12345)
+    monkeypatch.setattr(source_hash.os, "access", lambda path, mode, **kw: False)
+    assert not source_hash.cached(data)
+    monkeypatch.setattr(source_hash.os, "access", lambda path, mode, **kw: mode == os.W_OK)
+    assert source_hash.cached(data)
+    monkeypatch.setattr(source_hash.os, "access", lambda path, mode, **kw: False)
+    monkeypatch.setattr(source_hash.os, "geteuid", lambda: owner)
+    assert source_hash.cached(data)
 
 
 @pytest.mark.parametrize("memory, ahead", [(0, 1), (10**12, 3)])

@@ -49,6 +49,29 @@ def test_interleave_balances_the_open_shards_by_bytes():
     assert list(interleave(_shards([[1, 1], [1, 1]]), 1)) == _shards([[1, 1], [1, 1]])[0] + _shards([[1, 1], [1, 1]])[1]
 
 
+@pytest.mark.parametrize("window", [2, 3])
+def test_a_shard_opening_later_does_not_starve_the_open_ones(window):
+    """Shards open level with the least advanced open shard, so the writes keep alternating
+    between `window` files from the first shard to the last (opened at 0 bytes, a new shard took
+    every piece until it caught up: runs of 100 pieces from one file), and every shard's last
+    piece comes out before a shard `window` places later is half handed out."""
+    rng = random.Random(7)
+    sizes = [[rng.randint(50, 100) for _ in range(rng.randint(95, 105))] for _ in range(10)]
+    order = list(interleave(_shards(sizes), window))
+    last = {p.shard: n for n, p in enumerate(order)}
+    run, longest = 1, 1
+    for n in range(1, len(order)):
+        run = run + 1 if order[n].shard == order[n - 1].shard else 1
+        still_open = sum(1 for i in range(10) if i != order[n].shard and last[i] > n and
+                         any(p.shard == i for p in order[:n]))
+        if still_open:
+            longest = max(longest, run)
+    assert longest <= 3
+    for i in range(10 - window):
+        later = [n for n, p in enumerate(order) if p.shard == i + window]
+        assert last[i] < later[len(later) // 2]
+
+
 def test_window_and_write_mode_follow_the_writer_count(monkeypatch):
     monkeypatch.delenv("MXCONV_MAPPED_WRITES", raising=False)
     assert [execute.shard_window(40, w) for w in (1, 2, 4, 16)] == [2, 2, 2, 8]
@@ -67,9 +90,9 @@ def test_window_and_write_mode_follow_the_writer_count(monkeypatch):
 def test_a_conversion_writes_several_shards_at_once_with_the_same_bytes(tiny_sources, tmp_path, monkeypatch,
                                                                         workers):
     """Small pieces and small output shards: pieces go out `window` shards at a time, so several
-    shard files are being written at once (open files are bounded by the pieces in flight, not by
-    the window: a shard is finished only after every shard before it), and the output equals a
-    one-worker conversion's, file for file."""
+    shard files are being written at once (more may be open: a shard whose pieces are all written
+    is finished only after every shard before it), and the output equals a one-worker
+    conversion's, file for file."""
     monkeypatch.setattr(pieces, "PIECE_BYTES", 2000)
     opened, peak, lock = set(), [0], threading.Lock()
     real_writer = execute.ShardWriter

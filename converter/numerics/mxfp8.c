@@ -238,6 +238,8 @@ int mx_requantize_fp8(const uint8_t *restrict w, int64_t n, int64_t k, const flo
                       int64_t scols, const float *restrict mult, const uint8_t *restrict exp,
                       int clamp, uint8_t *restrict q, uint8_t *restrict scales) {
     int64_t nb = k / BLOCK, tiles = (k + TILE - 1) / TILE;
+    if (n <= 0 || k <= 0)
+        return 0;
     tile_state *state = malloc(tiles * sizeof(tile_state));
     uint8_t(*tables)[128][128] = malloc(tiles * sizeof *tables);
     if (!state || !tables) {
@@ -290,12 +292,12 @@ int mx_requantize_fp8(const uint8_t *restrict w, int64_t n, int64_t k, const flo
                         break;
                     }
                     sr[blk] = e;
-                    uint8_t *table = tables[blk * BLOCK / TILE][ts->slot[e]];
-                    if (ts->slot[e] == 0xFF) {
+                    int fresh = ts->slot[e] == 0xFF;
+                    if (fresh)
                         ts->slot[e] = ts->built++;
-                        table = tables[blk * BLOCK / TILE][ts->slot[e]];
+                    uint8_t *table = tables[blk * BLOCK / TILE][ts->slot[e]];
+                    if (fresh)
                         build_table(ts->p, mult[amax], ts->sign, clamp, table);
-                    }
                     lookup_block(table, wr + blk * BLOCK, qr + blk * BLOCK);
                 }
             }

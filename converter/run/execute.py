@@ -136,12 +136,16 @@ def _intra_op_threads(devices: list[torch.device]):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // busy // 2))
     # The objects alive now (torch's modules, the plan) outlive the run: out of the cyclic
     # collector's sight, its full collections (set off by the pieces' small objects) no longer
-    # walk them each time (4 % of a conversion's CPU on a 2-core VM). Given back afterwards.
+    # walk them each time (4 % of a conversion's CPU on a 2-core VM). Given back afterwards,
+    # unless something had frozen objects before (freezing does not nest: unfreezing would
+    # release those too).
+    ours = gc.get_freeze_count() == 0
     gc.freeze()
     try:
         yield
     finally:
-        gc.unfreeze()
+        if ours:
+            gc.unfreeze()
         torch.set_num_threads(before)
 
 

@@ -78,12 +78,13 @@ def split(shard: int, job: Job, view: CanonicalView, recipe: Recipe) -> list[Pie
 
 def interleave(per_shard: list[list[Piece]], window: int) -> Iterator[Piece]:
     """Every shard's pieces, in order within each shard, from `window` shards at a time: the next
-    piece comes from the open shard with the fewest bytes handed out so far, and the next shard
-    opens when one runs out. Why: write(2) to one file takes turns on the file's lock (on tmpfs,
+    piece comes from the open shard with the fewest bytes handed out since it opened (ties: the
+    older shard), and the next shard opens when one runs out, level with the least advanced open
+    shard (opened at 0 it would take every piece until it caught up, and the writes would take
+    turns on one file again). Why: write(2) to one file takes turns on the file's lock (on tmpfs,
     one core's copy rate, about 2.7 GB/s); several files at once write in parallel, as a parallel
-    copy does. Balanced by bytes, the open shards finish at about the same time, and they are
-    still finished (renamed into place) in plan order."""
-    open_: list[tuple[int, int]] = []  # (bytes handed out, shard index): a heap
+    copy does. Shards are still finished (renamed into place) in plan order."""
+    open_: list[tuple[int, int]] = []  # (bytes handed out, counted from the level it opened at; shard): a heap
     taken = [0] * len(per_shard)
     upcoming = iter(range(len(per_shard)))
     while True:
@@ -92,7 +93,7 @@ def interleave(per_shard: list[list[Piece]], window: int) -> Iterator[Piece]:
             if i is None:
                 break
             if per_shard[i]:
-                heapq.heappush(open_, (0, i))
+                heapq.heappush(open_, (open_[0][0] if open_ else 0, i))
         if not open_:
             return
         given, i = heapq.heappop(open_)

@@ -10,8 +10,9 @@ build), and hashing a 3 GB source takes about as long on one core. A caller that
 before it imports torch (`start_early`) hides one behind the other; `SourceHasher.start` then
 adopts the early result for the same, unchanged files instead of hashing them again.
 
-Files already whole in the page cache (checked with mincore(2)) are hashed at once instead: no
-disk reads them twice, and the hash no longer trails the conversion (a BF16 source whose last
+Files already whole in the page cache (checked with mincore(2)) are queued at once instead, and
+checked again when their turn comes (one evicted meanwhile waits for the conversion after all):
+no disk reads them twice, and the hash no longer trails the conversion (a BF16 source whose last
 file was released at the end kept the run waiting a second for it on a 2-core VM).
 """
 
@@ -44,9 +45,18 @@ _libc = None
 _LOW_BIT = bytes(i & 1 for i in range(256))
 
 
+def _mincore_tells(path: Path, st: os.stat_result) -> bool:
+    """Whether mincore(2) reports this file's real residency to us: since Linux 5.2 it does only
+    for the file's owner, for whoever may write it, and for a capable user (root); to anyone
+    else it reports every page as resident (a side channel it closes that way)."""
+    euid = os.geteuid()
+    effective = os.access in os.supports_effective_ids
+    return euid == 0 or st.st_uid == euid or os.access(path, os.W_OK, effective_ids=effective)
+
+
 def cached(path: Path) -> bool:
     """Whether every page of the file is in the page cache (mincore(2) over a mapping of it);
-    False where that cannot be told."""
+    False where that cannot be told (mincore's answer would not be the truth, or it failed)."""
     global _libc
     try:
         if _libc is None:
@@ -58,7 +68,10 @@ def cached(path: Path) -> bool:
             lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
             _libc = lib
         with open(path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            if not _mincore_tells(Path(path), st):
+                return False
             if not size:
                 return True
             address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
@@ -89,6 +102,8 @@ class SourceHasher:
         self.pool: ThreadPoolExecutor | None = None
         self.futures: dict[Path, object] = {}
         self.stamps: dict[Path, tuple[int, int]] = {}
+        self.released: set[Path] = set()  # by the conversion (or result()): to be hashed now, cached or not
+        self.closed = False  # no more hashing ahead
         self.by_real: dict[Path, Path] = {}
         self.adopted: SourceHasher | None = None
 
@@ -103,25 +118,33 @@ class SourceHasher:
                 for path in target.files:
                     target._submit(path)
 
-    def _submit(self, path: Path) -> None:
+    def _submit(self, path: Path, ahead: bool = False) -> None:
+        """Queue `path` for hashing: released by the conversion, or `ahead` of it (found cached)."""
         path = self.by_real.get(path.resolve(), path)  # the caller may spell it otherwise (relative, a link)
         with self.lock:
+            if not ahead:
+                self.released.add(path)
             if self.pool is not None and path in self.stamps and path not in self.futures:
                 try:
-                    self.futures[path] = self.pool.submit(self._hash, path)
+                    self.futures[path] = self.pool.submit(self._hash, path, ahead)
                 except RuntimeError:  # shut down (an interrupted run): nothing more to hash
                     pass
 
     def _release_cached(self) -> None:
-        """Hash now the files whose every page is cached (in file order): no disk read is
+        """Queue now the files whose every page is cached (in file order): no disk read is
         duplicated, and the hash does not trail the conversion."""
         for path in self.files:
-            if self.pool is None or path in self.futures:
-                continue
-            if cached(path):
-                self._submit(path)
+            if self.closed:
+                return
+            if path not in self.futures and cached(path):
+                self._submit(path, ahead=True)
 
-    def _hash(self, path: Path) -> None:
+    def _hash(self, path: Path, ahead: bool = False) -> None:
+        if ahead and not cached(path):  # evicted while queued (a source larger than memory)
+            with self.lock:
+                if path not in self.released:  # the conversion's release queues it again
+                    del self.futures[path]
+                    return
         h = hashlib.sha256()
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
@@ -162,6 +185,7 @@ class SourceHasher:
         """The hashes done so far, of files unchanged since hashing began; drops the pending
         ones (an interrupted conversion)."""
         target = self.adopted or self
+        target.closed = True
         if target.pool is not None:
             target.pool.shutdown(wait=False, cancel_futures=True)
         done = {p for p, f in list(target.futures.items()) if f.done() and not f.cancelled() and f.exception() is None}
@@ -180,6 +204,7 @@ class SourceHasher:
             self.adopted = None
             self._launch()
             self.release_all()
+        self.closed = True
         if self.pool is not None:
             self.pool.shutdown(wait=True)
             for f in self.futures.values():
