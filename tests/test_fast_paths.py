@@ -255,8 +255,13 @@ def test_a_shard_that_would_not_fit_is_not_mapped(tmp_path, monkeypatch):
     monkeypatch.setenv("MXCONV_MAPPED_WRITES", "0")
     monkeypatch.setattr(sio, "_free_bytes", lambda folder: 1 << 40)
     with ShardWriter(tmp_path / "c", tmp_path / "c.partial", planned) as w:
-        assert not w.mapped
+        assert not w.mapped and w.direct is None  # no O_DIRECT in memory: no page cache to bypass
         w.write("t", torch.ones(10, 3, dtype=torch.uint8))
+    monkeypatch.setattr(sio, "in_memory_fs", lambda path: False)
+    with ShardWriter(tmp_path / "d", tmp_path / "d.partial", planned) as w:
+        assert not w.mapped and (w.direct is not None or sio.open_direct(tmp_path / "probe", 1) is None)
+        w.write("t", torch.ones(10, 3, dtype=torch.uint8))
+    assert (tmp_path / "c").read_bytes() == (tmp_path / "d").read_bytes() == (tmp_path / "a").read_bytes()
 
 
 def test_memory_file_systems_are_recognized(tmp_path, monkeypatch):

@@ -78,9 +78,14 @@ def in_memory_fs(path: str | os.PathLike) -> bool:
         return False
 
 
-def _aligned(nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:
-    m = mmap.mmap(-1, nbytes)  # anonymous mappings are page aligned
-    return m, torch.frombuffer(m, dtype=torch.uint8)
+def _aligned(nbytes: int) -> tuple[memoryview, torch.Tensor]:
+    """nbytes of memory starting on an ALIGN boundary, as a buffer for os.pwrite and a tensor.
+    Cut from a slightly larger tensor, not mapped: an mmap per 4 KB edge block (two a piece)
+    took the process's mmap lock for writing each time, against every other thread's page faults."""
+    base = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    skip = -base.data_ptr() % ALIGN
+    t = base[skip:skip + nbytes]
+    return memoryview(t.numpy()), t
 
 
 class DirectFile:

@@ -88,7 +88,10 @@ class ShardWriter:
                 self.map = mmap.mmap(self.fd, self.size)
                 self.view = torch.frombuffer(self.map, dtype=torch.uint8)
                 return self
-            self.direct = open_direct(self.tmp_path, self.size) if self.want_direct else None
+            # O_DIRECT only where there is a page cache to bypass: tmpfs accepts the flag (Linux 6.6
+            # and later) but its pages are the file, and the aligned edges cost a mapping each
+            direct = self.want_direct and not in_memory_fs(self.tmp_path.parent)
+            self.direct = open_direct(self.tmp_path, self.size) if direct else None
             if self.direct is not None:
                 self.fd = self.direct.fd
                 self.direct.write(torch.frombuffer(bytearray(self.header), dtype=torch.uint8), 0)
