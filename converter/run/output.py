@@ -26,6 +26,7 @@ from converter.run.freshness import SOURCE_KEYS, SourceCheck, check_sources, rec
 from converter.run.consumers import consumer_keys, skip_list
 from converter.run.writer import fsync_dir, write_atomic, write_bytes_atomic
 from converter.sources.checkpoint import PICKLE_SUFFIXES, SourceCheckpoint
+from converter.sources.hub_digests import recorded_sha256s
 from converter.units import format_size
 from converter.version import __version__
 
@@ -352,6 +353,19 @@ def write_index_and_config(dst: Path, plan: ConversionPlan, config: dict) -> Non
     write_bytes_atomic(dst / CONFIG_FILE, _json_bytes(config), tmp_dir=dst / STATE_DIR)
 
 
+def _shard_records(src: SourceCheckpoint, source_hashes: dict[str, str]) -> dict[str, dict]:
+    """Each source file's size and sha256, and where the sha256 came from: hashed by mxconv, or
+    the Hub's own record of a download (hub_digests.py), which is then not hashed again."""
+    hub = recorded_sha256s(src.files)
+    out = {}
+    for p in src.files:
+        sha = source_hashes.get(p.name)
+        out[p.name] = {"bytes": p.stat().st_size, "sha256": sha}
+        if sha is not None:
+            out[p.name]["sha256_by"] = "huggingface_hub download record" if hub.get(p.name) == sha else "mxconv"
+    return out
+
+
 def write_provenance(dst: Path, src: SourceCheckpoint, plan: ConversionPlan, *, mapping: str,
                      source_hashes: dict[str, str], options: dict, origin: dict | None = None) -> dict:
     """Written last of all: its presence marks the conversion complete. `origin`: the `source`
@@ -368,7 +382,7 @@ def write_provenance(dst: Path, src: SourceCheckpoint, plan: ConversionPlan, *, 
             "format": plan.source_format.value,
             "mapping": mapping,
             "base_model": src.config.get("_name_or_path") or None,
-            "shards": {p.name: {"bytes": p.stat().st_size, "sha256": source_hashes.get(p.name)} for p in src.files},
+            "shards": _shard_records(src, source_hashes),
         },
         "recipe": plan.recipe.to_dict(),
         "options": options,

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from converter.files import INDEX_FILE, SINGLE_FILE  # files.py imports nothing: still light
+from converter.sources.hub_digests import recorded_sha256s
 
 _CHUNK = 16 * 1024 * 1024
 _WINDOW = 64 * 1024 * 1024  # a multiple of the page size (mmap offsets must be)
@@ -94,10 +95,13 @@ class SourceHasher:
     core with SHA-NI; that, not re-reading the page cache, is the cost: as much CPU as the
     conversion of a BF16 source, so a conversion at 8 GB/s needs 4-5 cores hashing beside it)."""
 
-    def __init__(self, files: list[Path], threads: int | None = None):
-        self.files = [Path(f) for f in files]
+    def __init__(self, files: list[Path], threads: int | None = None, use_recorded: bool = True):
+        self.requested = [Path(f) for f in files]
+        # the Hub's own record, where a download left one (hub_digests.py): not hashed again
+        self.recorded = recorded_sha256s(self.requested) if use_recorded else {}
+        self.files = [p for p in self.requested if p.name not in self.recorded]
         self.lock = threading.Lock()
-        self.hashes: dict[str, str] = {}
+        self.hashes: dict[str, str] = dict(self.recorded)
         self.threads = threads or max(1, min(len(self.files), (os.cpu_count() or 1) // 2))
         self.pool: ThreadPoolExecutor | None = None
         self.futures: dict[Path, object] = {}
@@ -175,7 +179,7 @@ class SourceHasher:
     def start(self) -> "SourceHasher":
         """Start hashing, or adopt a hasher that `start_early` began on the same files."""
         with _early_lock:
-            early = _early.pop(tuple(str(p.resolve()) for p in self.files), None)
+            early = _early.pop(tuple(str(p.resolve()) for p in self.requested), None)
         if early is not None:
             self.adopted = early
             return self
@@ -189,8 +193,8 @@ class SourceHasher:
         if target.pool is not None:
             target.pool.shutdown(wait=False, cancel_futures=True)
         done = {p for p, f in list(target.futures.items()) if f.done() and not f.cancelled() and f.exception() is None}
-        return {p.name: target.hashes[p.name] for p in done
-                if p.name in target.hashes and _stamp(p) == target.stamps.get(p)}
+        return {**target.recorded, **{p.name: target.hashes[p.name] for p in done
+                                      if p.name in target.hashes and _stamp(p) == target.stamps.get(p)}}
 
     def result(self) -> dict[str, str]:
         self.release_all()  # files the conversion never read (resumed runs, unused shards)
@@ -244,7 +248,7 @@ def start_early(src: str | os.PathLike) -> None:
         # While torch imports, the first shards (where the conversion starts) as far as a quarter
         # of the free memory: the page cache still holds them when the conversion gets there.
         room, ahead = _available_memory() // 4, 0
-        for f in files:
+        for f in hasher.files:
             if ahead and ahead + hasher.stamps[f][0] > room:
                 break
             hasher.release(f)
@@ -273,5 +277,5 @@ def sha256_files(files: list[Path], checkpoint_files: list[Path]) -> dict[str, s
                 return {p.name: early.hashes[p.name] for p in wanted}
         except Exception:  # the early hash failed or is stale: hash again below
             pass
-    hasher = SourceHasher(files)._launch()
+    hasher = SourceHasher(files, use_recorded=False)._launch()  # a freshness check computes, trusts nothing
     return hasher.result()
