@@ -203,5 +203,10 @@ def compute(piece: Piece, inputs: dict[str, torch.Tensor], recipe: Recipe, devic
             buf = pool.take(t.numel() * t.element_size(), writer.phase(name, r0), bufs)
             host[name] = buf.view(t.dtype).view(t.shape)
             host[name].copy_(t, non_blocking=True)
-        stream.synchronize()  # this worker's copies only; other workers keep their GPUs busy
+        # Wait for this worker's copies only (other workers keep their GPUs busy), asleep: a
+        # stream's synchronize() spins a core until the GPU is done, and with CPU workers beside
+        # the GPU ones every core has pieces to convert.
+        done = torch.cuda.Event(blocking=True)
+        done.record(stream)
+        done.synchronize()
     return host
