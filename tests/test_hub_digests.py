@@ -23,16 +23,24 @@ def sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def as_hub_cache(src: Path, root: Path) -> Path:
+def as_hub_cache(src: Path, root: Path, xet: bool = False) -> Path:
     """`src` laid out as huggingface_hub's cache: snapshots/<rev>/<file> -> ../../blobs/<etag>,
-    the etag of the safetensors (LFS) files being their sha256, of small files a 40-digit git id."""
+    the etag of the safetensors (LFS) files being their sha256, of small files a 40-digit git id.
+    `xet`: as huggingface_hub 2.x stores Xet files, each blob a link on into a shared store
+    <cache>/blobs/<2 hex>/<xet hash> (a 64-digit name that is not the file's sha256)."""
     repo = root / "models--org--tiny"
     snapshot = repo / "snapshots" / ("a" * 40)
     (repo / "blobs").mkdir(parents=True)
     snapshot.mkdir(parents=True)
     for p in sorted(src.iterdir()):
         etag = sha(p) if p.suffix == ".safetensors" else hashlib.sha1(p.read_bytes()).hexdigest()
-        shutil.copyfile(p, repo / "blobs" / etag)
+        if xet:
+            xet_hash = hashlib.sha256(b"xet" + p.read_bytes()).hexdigest()
+            (root / "blobs" / xet_hash[:2]).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, root / "blobs" / xet_hash[:2] / xet_hash)
+            (repo / "blobs" / etag).symlink_to(Path("..") / ".." / "blobs" / xet_hash[:2] / xet_hash)
+        else:
+            shutil.copyfile(p, repo / "blobs" / etag)
         (snapshot / p.name).symlink_to(Path("..") / ".." / "blobs" / etag)
     return snapshot
 
@@ -54,11 +62,17 @@ def as_local_dir(src: Path, root: Path, sub: str = "") -> Path:
 def test_recorded_sha256_where_huggingface_hub_trusts_it(tiny_sources, tmp_path):
     src = tiny_sources["fp8"]
     shards = sorted(p.name for p in src.glob("*.safetensors"))
-    cache = as_hub_cache(src, tmp_path / "cache")
-    assert all(recorded_sha256(cache / n) == sha(src / n) for n in shards)
-    assert recorded_sha256(cache / "config.json") is None  # a git blob id, not a sha256
+    for xet in (False, True):
+        cache = as_hub_cache(src, tmp_path / f"cache{xet}", xet=xet)
+        assert all(recorded_sha256(cache / n) == sha(src / n) for n in shards)
+        assert recorded_sha256(cache / "config.json") is None  # a git blob id, not a sha256
+        if xet:  # the shared store's names are Xet hashes: never taken for a sha256
+            stored = [p for p in (tmp_path / "cacheTrue" / "blobs").rglob("*") if p.is_file()]
+            assert stored and all(recorded_sha256(p) is None for p in stored)
     local = as_local_dir(src, tmp_path / "local", sub="weights")
     assert all(recorded_sha256(local / n) == sha(src / n) for n in shards)
+    (tmp_path / "linked").symlink_to(local)  # the weights folder reached through a link
+    assert all(recorded_sha256(tmp_path / "linked" / n) == sha(src / n) for n in shards)
     assert recorded_sha256(local / "config.json") is None
     assert recorded_sha256(src / shards[0]) is None  # no download record at all
     edited = local / shards[0]
@@ -72,14 +86,15 @@ def test_recorded_sha256_where_huggingface_hub_trusts_it(tiny_sources, tmp_path)
     assert recorded_sha256(link) is None
 
 
-@pytest.mark.parametrize("layout", ["cache", "local_dir"])
+@pytest.mark.parametrize("layout", ["cache", "xet_cache", "local_dir"])
 def test_a_hub_download_converts_without_hashing_its_files(tiny_sources, tmp_path, monkeypatch, layout):
     """The conversion hashes none of the downloaded shards (one edited after its download is
     hashed), the provenance holds their true sha256 and says where each came from, and the
     tensors are those of a conversion of the plain copy."""
     src = tiny_sources["fp8"]
     shards = sorted(src.glob("*.safetensors"))
-    dl = as_hub_cache(src, tmp_path / "cache") if layout == "cache" else as_local_dir(src, tmp_path / "local")
+    dl = (as_local_dir(src, tmp_path / "local") if layout == "local_dir"
+          else as_hub_cache(src, tmp_path / "cache", xet=layout == "xet_cache"))
     edited = None
     if layout == "local_dir":
         edited = dl / shards[-1].name
@@ -110,3 +125,21 @@ def test_a_freshness_check_hashes_even_a_recorded_file(tiny_sources, tmp_path):
     assert recorded_sha256(local / name) == "0" * 64
     files = sorted(local.glob("*.safetensors"))
     assert hashing.sha256_files([local / name], files) == {name: sha(local / name)}
+
+
+def test_a_freshness_check_reuses_the_early_hashes_and_hashes_the_rest_once(tiny_sources, tmp_path, monkeypatch):
+    """With an early hasher running (the CLI's), a freshness check takes the files it hashed
+    and hashes only the others (a Hub-recorded one among them), each once."""
+    local = as_local_dir(tiny_sources["fp8"], tmp_path / "local")
+    files = sorted(local.glob("*.safetensors"))
+    for p in files[1:]:  # only the first keeps its download record
+        (tmp_path / "local" / ".cache" / "huggingface" / "download" / f"{p.name}.metadata").unlink()
+    hashed = []
+    real = hashing.SourceHasher._hash
+    monkeypatch.setattr(hashing.SourceHasher, "_hash", lambda self, path, ahead=False: hashed.append(path.name)
+                        or real(self, path, ahead))
+    hashing.start_early(local)
+    got = hashing.sha256_files(files, files)
+    assert got == {p.name: sha(p) for p in files}
+    assert sorted(hashed) == sorted(p.name for p in files)  # each once: the early hasher skipped the first
+    hashing.SourceHasher(files).start().result()  # adopt and finish the early hasher

@@ -16,7 +16,8 @@ written whole and the file truncated to its size at the end.
 
 Where O_DIRECT is unavailable (tmpfs before Linux 6.6, macOS, some network file systems)
 `open_direct` returns None and the caller writes through the page cache as before. A file system
-in memory (`in_memory_fs`: tmpfs, ramfs) has no disk to bypass; the shard writer maps it instead.
+in memory (`in_memory_fs`: tmpfs, ramfs) has no disk to bypass: the shard writer uses plain
+write(2) there (or, writing one shard at a time with many threads, a shared mapping).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _aligned(nbytes: int) -> tuple[memoryview, torch.Tensor]:
     """nbytes of memory starting on an ALIGN boundary, as a buffer for os.pwrite and a tensor.
     Cut from a slightly larger tensor, not mapped: an mmap per 4 KB edge block (two a piece)
     took the process's mmap lock for writing each time, against every other thread's page faults."""
-    base = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    base = torch.zeros(nbytes + ALIGN, dtype=torch.uint8)  # zeros: an edge block's gaps stay zero
     skip = -base.data_ptr() % ALIGN
     t = base[skip:skip + nbytes]
     return memoryview(t.numpy()), t
@@ -94,7 +95,7 @@ class DirectFile:
 
     def __init__(self, fd: int, size: int):
         self.fd, self.size = fd, size
-        self.partial: dict[int, list] = {}  # block index -> [mmap, tensor view, bytes covered]
+        self.partial: dict[int, list] = {}  # block index -> [buffer, tensor view, bytes covered]
         self.lock = threading.Lock()
         self.local = threading.local()
 

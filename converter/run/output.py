@@ -26,7 +26,6 @@ from converter.run.freshness import SOURCE_KEYS, SourceCheck, check_sources, rec
 from converter.run.consumers import consumer_keys, skip_list
 from converter.run.writer import fsync_dir, write_atomic, write_bytes_atomic
 from converter.sources.checkpoint import PICKLE_SUFFIXES, SourceCheckpoint
-from converter.sources.hub_digests import recorded_sha256s
 from converter.units import format_size
 from converter.version import __version__
 
@@ -353,21 +352,21 @@ def write_index_and_config(dst: Path, plan: ConversionPlan, config: dict) -> Non
     write_bytes_atomic(dst / CONFIG_FILE, _json_bytes(config), tmp_dir=dst / STATE_DIR)
 
 
-def _shard_records(src: SourceCheckpoint, source_hashes: dict[str, str]) -> dict[str, dict]:
+def _shard_records(src: SourceCheckpoint, source_hashes: dict[str, str], hub: set[str]) -> dict[str, dict]:
     """Each source file's size and sha256, and where the sha256 came from: hashed by mxconv, or
-    the Hub's own record of a download (hub_digests.py), which is then not hashed again."""
-    hub = recorded_sha256s(src.files)
+    the Hub's own record of a download (`hub`: their names; hub_digests.py)."""
     out = {}
     for p in src.files:
         sha = source_hashes.get(p.name)
         out[p.name] = {"bytes": p.stat().st_size, "sha256": sha}
         if sha is not None:
-            out[p.name]["sha256_by"] = "huggingface_hub download record" if hub.get(p.name) == sha else "mxconv"
+            out[p.name]["sha256_by"] = "huggingface_hub download record" if p.name in hub else "mxconv"
     return out
 
 
 def write_provenance(dst: Path, src: SourceCheckpoint, plan: ConversionPlan, *, mapping: str,
-                     source_hashes: dict[str, str], options: dict, origin: dict | None = None) -> dict:
+                     source_hashes: dict[str, str], options: dict, origin: dict | None = None,
+                     hub_recorded: set[str] | None = None) -> dict:
     """Written last of all: its presence marks the conversion complete. `origin`: the `source`
     block of an earlier conversion that `src` came from (unshuffle), which then stays the source,
     `src` being recorded as `derived_from`."""
@@ -382,7 +381,7 @@ def write_provenance(dst: Path, src: SourceCheckpoint, plan: ConversionPlan, *, 
             "format": plan.source_format.value,
             "mapping": mapping,
             "base_model": src.config.get("_name_or_path") or None,
-            "shards": _shard_records(src, source_hashes),
+            "shards": _shard_records(src, source_hashes, set(hub_recorded or ())),
         },
         "recipe": plan.recipe.to_dict(),
         "options": options,

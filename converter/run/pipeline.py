@@ -33,6 +33,7 @@ from converter.run.output import (
 from converter.run.preflight import check_source_tensors, preflight_destination
 from converter.sources.checkpoint import SourceCheckpoint
 from converter.sources.hashing import SourceHasher
+from converter.sources.hub_digests import recorded_sha256s
 from converter.units import parse_size
 
 DEFAULT_RECIPE = "deepseek_v3_mxfp8"  # when no family is known; otherwise the family's `recipes.mxfp8`
@@ -205,7 +206,9 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
             raise
     with interrupted_as(lambda: _resume_hint(dst, plan)):
         if ray is None:
-            hashes = hasher.result()
+            hashes, hub = hasher.result(), set(hasher.recorded)
+        else:  # the nodes used the same records (hub_digests.py) wherever there was one
+            hub = {n for n, sha in recorded_sha256s(ckpt.hashed_files).items() if hashes.get(n) == sha}
         moved = changed_during_run(fingerprint, ckpt.files)
         if moved is not None:
             raise SourceError("changed while it was being converted (its size, mtime or ctime moved); rerun the "
@@ -214,7 +217,7 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
         write_index_and_config(dst, plan, config)
         record_manifest(dst, fingerprint, hashes)
         write_provenance(dst, ckpt, plan, mapping=result.mapping, source_hashes=hashes, options=options,
-                         origin=origin)
+                         origin=origin, hub_recorded=hub)
     result.seconds = time.perf_counter() - start
     return result
 

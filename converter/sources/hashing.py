@@ -265,17 +265,21 @@ def sha256_files(files: list[Path], checkpoint_files: list[Path]) -> dict[str, s
     no file is hashed twice; otherwise hashes in a pool of its own."""
     with _early_lock:
         early = _early.get(tuple(str(p.resolve()) for p in checkpoint_files))
+    got: dict[str, str] = {}
     if early is not None and early.pool is not None:
-        for path in files:
-            early.release(path)
         wanted = {early.by_real.get(Path(p).resolve(), Path(p)) for p in files}
+        mine = {p for p in wanted if p in early.stamps}  # the early hasher's (not Hub-recorded ones)
+        for path in mine:
+            early.release(path)
         try:
             for path, future in list(early.futures.items()):
-                if path in wanted:
+                if path in mine:
                     future.result()
-            if all(_stamp(p) == early.stamps.get(p) for p in wanted):
-                return {p.name: early.hashes[p.name] for p in wanted}
-        except Exception:  # the early hash failed or is stale: hash again below
-            pass
+            got = {p.name: early.hashes[p.name] for p in mine if _stamp(p) == early.stamps.get(p)}
+        except Exception:  # the early hash failed: hash again below
+            got = {}
+        files = [p for p in wanted if p.name not in got]
+        if not files:
+            return got
     hasher = SourceHasher(files, use_recorded=False)._launch()  # a freshness check computes, trusts nothing
-    return hasher.result()
+    return {**got, **hasher.result()}
