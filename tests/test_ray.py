@@ -280,6 +280,53 @@ def test_unreachable_address_fails_fast(monkeypatch, tmp_path, tiny_sources):
     assert not (tmp_path / "dst").exists()
 
 
+def test_a_client_server_that_dies_as_it_starts_is_asked_for_again(monkeypatch):
+    """The proxier of a ray:// address forks a server per client, which sometimes dies at once
+    ("Starting Ray client server failed"): connect() tries again, twice at most; any other
+    failure is reported at once, as one line naming the address."""
+    from converter.run import cluster
+
+    calls = []
+
+    class FakeRay:
+        def __init__(self, failures, message):
+            self.failures, self.message = failures, message
+
+        def is_initialized(self):
+            return False
+
+        def init(self, **kwargs):
+            calls.append(kwargs["address"])
+            if calls.count(kwargs["address"]) <= self.failures:
+                raise RuntimeError(self.message)
+
+        def shutdown(self):
+            calls.append("shutdown")
+
+    monkeypatch.setattr(cluster, "_check_reachable", lambda address: None)
+    died = "Initialization failure from server: RuntimeError: Starting Ray client server failed. See logs."
+    zombie = ("Initialization failure from server: ... line 396, in start_specific_server ... "
+              "psutil.ZombieProcess: PID still exists but it's a zombie")
+    for failures, ok, flaky in ((1, True, died), (2, True, zombie), (3, False, died)):
+        calls.clear()
+        monkeypatch.setattr(cluster, "import_ray", lambda: FakeRay(failures, flaky))
+        if ok:
+            with cluster.connect("ray://127.0.0.1:1") as ray:
+                assert isinstance(ray, FakeRay)
+            assert calls.count("ray://127.0.0.1:1") == failures + 1
+        else:
+            with pytest.raises(MxconvError, match="cannot connect to the Ray cluster at 'ray://127.0.0.1:1'"):
+                with cluster.connect("ray://127.0.0.1:1"):
+                    pass
+            assert calls.count("ray://127.0.0.1:1") == 3
+    calls.clear()
+    monkeypatch.setattr(cluster, "import_ray", lambda: FakeRay(1, "Version mismatch: the cluster runs Ray 2.9"))
+    with pytest.raises(MxconvError, match="Version mismatch"):
+        with cluster.connect("ray://127.0.0.1:1"):
+            pass
+    assert calls == ["ray://127.0.0.1:1"]
+
+
 def test_progress_board_counts_a_retried_task_once():
     board = ProgressBoard()
 

@@ -62,6 +62,14 @@ def import_ray():
     return ray
 
 
+# A ray:// client's server-side process (the proxier forks one per client) sometimes dies as it
+# starts (seen in one of five to eight connections to a local 2-node test cluster: "Starting Ray
+# client server failed", or the proxier tripping over its zombie in start_specific_server); a new
+# connection gets a new one.
+_TRANSIENT = ("Starting Ray client server failed", "start_specific_server")
+_CLIENT_ATTEMPTS = 3
+
+
 @contextmanager
 def connect(address: str):
     """Ray, connected: `auto` (the cluster this machine belongs to), `local` (a new Ray instance
@@ -73,13 +81,18 @@ def connect(address: str):
         return
     if address != "local":
         _check_reachable(address)
-    try:
-        if address == "local":
-            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-        else:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    except Exception as e:  # ConnectionError, ValueError, RuntimeError... all say the same to the user
-        raise MxconvError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
+    for attempt in range(_CLIENT_ATTEMPTS):
+        try:
+            if address == "local":
+                ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            else:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            break
+        except Exception as e:  # ConnectionError, ValueError, RuntimeError... all say the same to the user
+            if any(t in str(e) for t in _TRANSIENT) and attempt + 1 < _CLIENT_ATTEMPTS:
+                ray.shutdown()
+                continue
+            raise MxconvError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
     try:
         yield ray
     finally:
