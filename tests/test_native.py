@@ -27,14 +27,21 @@ def _native_or_skip():
     return built
 
 
-@pytest.fixture(scope="module", params=["native", "portable"])
+_AVX2_FLAGS = ["-O2", "-mavx2", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+
+
+@pytest.fixture(scope="module", params=["native", "portable", "avx2"])
 def lib(request, tmp_path_factory):
-    """The kernels as mxconv builds them (-march=native: vpermi2b where the CPU has it) and a
-    portable build (no CPU-specific instructions: the plain C lookup), each dispatched to."""
+    """The kernels as mxconv builds them (-march=native: AVX-512 and vpermi2b where the CPU has
+    them), a portable build (no CPU-specific instructions: the plain C code) and an AVX2 build
+    (the BF16 path of CPUs without AVX-512), each dispatched to."""
     built = _native_or_skip()
-    if request.param == "portable":
-        path = tmp_path_factory.mktemp("portable") / "mxfp8.so"
-        assert native._build(native._compiler(), path, (native.PORTABLE_FLAGS,)) is None
+    if request.param != "native":
+        if request.param == "avx2" and "avx2" not in native._cpu_flags().split():
+            pytest.skip("this CPU has no AVX2")
+        path = tmp_path_factory.mktemp(request.param) / "mxfp8.so"
+        flags = native.PORTABLE_FLAGS if request.param == "portable" else _AVX2_FLAGS
+        assert native._build(native._compiler(), path, (flags,)) is None
         built = native.bind(ctypes.CDLL(str(path)))
     real = kernels._native
     kernels._native = lambda device: built if device.type == "cpu" else None

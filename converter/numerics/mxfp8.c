@@ -20,6 +20,9 @@
 #if defined(__AVX512VBMI__)
 #define HAVE_BYTE_PERMUTE 1 /* vpermi2b: 64 lookups into a 128-byte table in one instruction */
 #endif
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define HAVE_AVX2 1 /* 8 floats a register: the BF16 path's blocks on CPUs without AVX-512 */
 #endif
 
 #define MX_FALLBACK 1
@@ -110,6 +113,57 @@ static inline void quantize_block16x2(const uint16_t *restrict xb, float m, int 
 }
 #endif
 
+#ifdef HAVE_AVX2
+/* e4m3_byte of 8 floats at once, as 8 int32 lanes (0..255): the same integer and float steps. */
+static inline __m256i e4m3_lanes8(__m256 f) {
+    __m256i u = _mm256_castps_si256(f);
+    __m256i sign = _mm256_and_si256(_mm256_srli_epi32(u, 24), _mm256_set1_epi32(0x80));
+    u = _mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)); /* now < 2^31: signed compares order it */
+    __m256i sub = _mm256_sub_epi32(
+        _mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(u), _mm256_set1_ps(16384.0f))),
+        _mm256_set1_epi32(141 << 23));
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 20), _mm256_set1_epi32(1));
+    __m256i normal = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_sub_epi32(u, _mm256_set1_epi32(120 << 23)),
+                         _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFFF))), 20);
+    __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(121 << 23), u);
+    __m256i big = _mm256_cmpgt_epi32(u, _mm256_set1_epi32((1087 << 20) - 1));
+    __m256i r = _mm256_blendv_epi8(normal, sub, small);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7F), big);
+    return _mm256_or_si256(r, sign);
+}
+
+/* The largest |x| (BF16 bits & 0x7FFF) of the block of 32 values at `x`. */
+static inline uint16_t bf16_max_avx2(const uint16_t *restrict x) {
+    __m256i low15 = _mm256_set1_epi16(0x7FFF);
+    __m256i a = _mm256_max_epu16(_mm256_and_si256(_mm256_loadu_si256((const __m256i *)x), low15),
+                                 _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + 16)), low15));
+    __m128i m = _mm_max_epu16(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    /* the maximum of 8 halfwords is 0xFFFF minus the minimum of their complements (phminposuw) */
+    m = _mm_minpos_epu16(_mm_xor_si128(m, _mm_set1_epi16(-1)));
+    return (uint16_t)(0xFFFFu - (uint32_t)_mm_extract_epi16(m, 0));
+}
+
+/* One block of 32 BF16 values times the power of two m, as e4m3 bytes. */
+static inline void quantize_block8x4(const uint16_t *restrict xb, float m, int clamp, uint8_t *restrict qb) {
+    __m256 mult = _mm256_set1_ps(m);
+    for (int h = 0; h < 2; h++) { /* 16 values: two registers of 8 */
+        __m256i lanes[2];
+        for (int j = 0; j < 2; j++) {
+            __m128i half = _mm_loadu_si128((const __m128i *)(xb + 16 * h + 8 * j));
+            __m256 y = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16)), mult);
+            if (clamp)
+                y = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-448.0f)), _mm256_set1_ps(448.0f));
+            lanes[j] = e4m3_lanes8(y);
+        }
+        /* 2 x 8 int32 (0..255) -> 16 bytes in order: the packs work within 128-bit lanes */
+        __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(lanes[0], lanes[1]), 0xD8);
+        __m256i b = _mm256_permute4x64_epi64(_mm256_packus_epi16(w, w), 0x08);
+        _mm_storeu_si128((__m128i *)(qb + 16 * h), _mm256_castsi256_si128(b));
+    }
+}
+#endif
+
 /* MXFP8 of BF16 x [n, k] (k % 32 == 0): q [n, k] e4m3 bytes, scales [n, k/32] E8M0 bytes.
    mult/exp: 32768-entry tables indexed by a block's |amax| BF16 bits (2^(127-e) and e).
    clamp: saturate scaled values to +-448 before the cast (FLOOR can scale past it). */
@@ -127,6 +181,14 @@ int mx_quantize_bf16(const uint16_t *restrict x, int64_t n, int64_t k, const flo
             scales[b + j] = exp[amax];
             quantize_block16x2(x + (b + j) * BLOCK, mult[amax], clamp, q + (b + j) * BLOCK);
         }
+    }
+#elif defined(HAVE_AVX2)
+    for (; b < blocks; b++) {
+        uint16_t amax = bf16_max_avx2(x + b * BLOCK);
+        if (amax >= 0x7F80u || exp[amax] == NONFINITE_EXP)
+            return MX_FALLBACK;
+        scales[b] = exp[amax];
+        quantize_block8x4(x + b * BLOCK, mult[amax], clamp, q + b * BLOCK);
     }
 #endif
     for (; b < blocks; b++) {
