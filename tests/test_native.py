@@ -27,20 +27,26 @@ def _native_or_skip():
     return built
 
 
-_AVX2_FLAGS = ["-O2", "-mavx2", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+_BASE_FLAGS = ["-O2", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+# build -> (the CPU flags it needs, its compiler flags)
+_BUILDS = {
+    "portable": ((), native.PORTABLE_FLAGS),  # no CPU-specific instructions: the plain C code
+    "avx2": (("avx2",), ["-mavx2", *_BASE_FLAGS]),  # CPUs without AVX-512 (Zen 2/3, Haswell..)
+    "avx512-no-vbmi": (("avx2", "avx512f", "avx512bw", "avx512vl"),  # Skylake-X, Cascade Lake
+                       ["-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", *_BASE_FLAGS]),
+}
 
 
-@pytest.fixture(scope="module", params=["native", "portable", "avx2"])
+@pytest.fixture(scope="module", params=["native", *_BUILDS])
 def lib(request, tmp_path_factory):
     """The kernels as mxconv builds them (-march=native: AVX-512 and vpermi2b where the CPU has
-    them), a portable build (no CPU-specific instructions: the plain C code) and an AVX2 build
-    (the BF16 path of CPUs without AVX-512), each dispatched to."""
+    them) and as other CPUs get them (each instruction-set path of mxfp8.c), each dispatched to."""
     built = _native_or_skip()
     if request.param != "native":
-        if request.param == "avx2" and "avx2" not in native._cpu_flags().split():
-            pytest.skip("this CPU has no AVX2")
+        needs, flags = _BUILDS[request.param]
+        if not set(needs) <= set(native._cpu_flags().split()):
+            pytest.skip(f"this CPU lacks {', '.join(needs)}")
         path = tmp_path_factory.mktemp(request.param) / "mxfp8.so"
-        flags = native.PORTABLE_FLAGS if request.param == "portable" else _AVX2_FLAGS
         assert native._build(native._compiler(), path, (flags,)) is None
         built = native.bind(ctypes.CDLL(str(path)))
     real = kernels._native

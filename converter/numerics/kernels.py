@@ -4,7 +4,7 @@
 On CPU the compiled kernels of `converter.numerics.native` run when they could be built (one pass per
 block; an FP8 source costs a table lookup per element; with AVX-512, about 4.7 G elements/s per
 core from FP8 and 3 G/s from BF16 on a 2-core AMD EPYC VM, 7x and 3x the torch code; built for
-AVX2 only, 1.4 G/s from FP8 and 2.2 G/s from BF16 there). The torch code here is what runs on GPUs, and on CPUs without a C
+AVX2 only, 2.6 G/s from FP8 and 2.2 G/s from BF16 there). The torch code here is what runs on GPUs, and on CPUs without a C
 compiler.
 
 What makes them fast (profiled on a 2-core Xeon VM; the reference path runs at about 60 M

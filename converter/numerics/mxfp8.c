@@ -14,15 +14,15 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX2__)
 #include <immintrin.h>
+#define HAVE_AVX2 1 /* FP8 block maxima and 16-entry lookups; BF16 blocks where AVX-512 is missing */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define HAVE_AVX512 1 /* 16 floats or 32 halfwords a register: the BF16 path's blocks */
 #if defined(__AVX512VBMI__)
 #define HAVE_BYTE_PERMUTE 1 /* vpermi2b: 64 lookups into a 128-byte table in one instruction */
 #endif
-#elif defined(__AVX2__)
-#include <immintrin.h>
-#define HAVE_AVX2 1 /* 8 floats a register: the BF16 path's blocks on CPUs without AVX-512 */
+#endif
 #endif
 
 #define MX_FALLBACK 1
@@ -113,7 +113,7 @@ static inline void quantize_block16x2(const uint16_t *restrict xb, float m, int 
 }
 #endif
 
-#ifdef HAVE_AVX2
+#if defined(HAVE_AVX2) && !defined(HAVE_AVX512)
 /* e4m3_byte of 8 floats at once, as 8 int32 lanes (0..255): the same integer and float steps. */
 static inline __m256i e4m3_lanes8(__m256 f) {
     __m256i u = _mm256_castps_si256(f);
@@ -236,6 +236,19 @@ static inline void lookup_block(const uint8_t *restrict table, const uint8_t *re
     __m512i bytes = _mm512_permutex2var_epi8(lo, _mm512_castsi256_si512(codes), hi);
     __m256i sign = _mm256_and_si256(codes, _mm256_set1_epi8((char)0x80));
     _mm256_storeu_si256((__m256i *)out, _mm256_xor_si256(_mm512_castsi512_si256(bytes), sign));
+#elif defined(HAVE_AVX2)
+    /* vpshufb looks up 16 entries: the table as 8 sixteenths, picked by bits 4..6 of each code */
+    __m256i codes = _mm256_loadu_si256((const __m256i *)in);
+    __m256i low = _mm256_and_si256(codes, _mm256_set1_epi8(0x0F));
+    __m256i high = _mm256_and_si256(_mm256_srli_epi16(codes, 4), _mm256_set1_epi8(0x07));
+    __m256i bytes = _mm256_setzero_si256();
+    for (int t = 0; t < 8; t++) {
+        __m256i part = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(table + 16 * t)));
+        __m256i hit = _mm256_cmpeq_epi8(high, _mm256_set1_epi8((char)t));
+        bytes = _mm256_blendv_epi8(bytes, _mm256_shuffle_epi8(part, low), hit);
+    }
+    __m256i sign = _mm256_and_si256(codes, _mm256_set1_epi8((char)0x80));
+    _mm256_storeu_si256((__m256i *)out, _mm256_xor_si256(bytes, sign));
 #else
     for (int i = 0; i < BLOCK; i++)
         out[i] = table[in[i] & 0x7Fu] ^ (in[i] & 0x80u);
@@ -244,12 +257,22 @@ static inline void lookup_block(const uint8_t *restrict table, const uint8_t *re
 
 /* The largest |code| (code & 0x7F) of the block of 32 codes at `in`. */
 static inline uint8_t block_max(const uint8_t *restrict in) {
+#ifdef HAVE_AVX2
+    __m256i a = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)in), _mm256_set1_epi8(0x7F));
+    __m128i m = _mm_max_epu8(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    m = _mm_max_epu8(m, _mm_srli_si128(m, 8));
+    m = _mm_max_epu8(m, _mm_srli_si128(m, 4));
+    m = _mm_max_epu8(m, _mm_srli_si128(m, 2));
+    m = _mm_max_epu8(m, _mm_srli_si128(m, 1));
+    return (uint8_t)_mm_cvtsi128_si32(m);
+#else
     uint8_t code = 0;
     for (int i = 0; i < BLOCK; i++) {
         uint8_t a = in[i] & 0x7Fu;
         code = a > code ? a : code;
     }
     return code;
+#endif
 }
 
 /* The largest |code| of each of the 4 blocks of 32 codes at `in`, as bytes 0..3. */
