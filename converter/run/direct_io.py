@@ -22,13 +22,14 @@ write(2) there (or, writing one shard at a time with many threads, a shared mapp
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
 import threading
 
 import torch
+
+from converter.libc import libc
 
 ALIGN = 4096
 _BOUNCE_BYTES = 8 << 20
@@ -41,20 +42,15 @@ def phase(offset: int) -> int:
 
 _MEMORY_FS = {"tmpfs", "ramfs"}
 MADV_DONTNEED = 4  # Linux's value
-_libc = None
 
 
 def madvise(address: int, length: int, advice: int) -> bool:
     """madvise(2) on the pages covering [address, address + length), through ctypes, which lets
     other threads run meanwhile (Python's mmap.madvise holds the GIL). False where the call is
     unsupported or fails."""
-    global _libc
     try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         start = address - address % mmap.PAGESIZE
-        return _libc.madvise(start, address + length - start, advice) == 0
+        return libc().madvise(start, address + length - start, advice) == 0
     except (OSError, AttributeError):
         return False
 

@@ -134,11 +134,19 @@ def _intra_op_threads(devices: list[torch.device]):
     # writer threads each fanning out to 16 OpenMP threads would bury the cores
     busy = max(sum(d.type == "cpu" for d in devices), io_threads(devices))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // busy // 2))
-    # The objects alive now (torch's modules, the plan) outlive the run: out of the cyclic
-    # collector's sight, its full collections (set off by the pieces' small objects) no longer
-    # walk them each time (4 % of a conversion's CPU on a 2-core VM). Given back afterwards,
-    # unless something had frozen objects before (freezing does not nest: unfreezing would
-    # release those too).
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
+def _collector_frozen():
+    """The objects alive now (torch's modules, the plan) outlive the run: out of the cyclic
+    collector's sight, its full collections (set off by the pieces' small objects) no longer walk
+    them each time (4 % of a conversion's CPU on a 2-core VM). Given back afterwards, unless
+    something had frozen objects before (freezing does not nest: unfreezing would release those
+    too)."""
     ours = gc.get_freeze_count() == 0
     gc.freeze()
     try:
@@ -146,7 +154,6 @@ def _intra_op_threads(devices: list[torch.device]):
     finally:
         if ours:
             gc.unfreeze()
-        torch.set_num_threads(before)
 
 
 def io_threads(devices: list[torch.device]) -> int:
@@ -330,7 +337,7 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
                   for n, d in enumerate(devices)]
     consumers = [threading.Thread(target=writer, name=f"mxconv-write-{n}", daemon=True) for n in range(readers)]
     consumers.append(threading.Thread(target=finisher, name="mxconv-finish", daemon=True))
-    with _intra_op_threads(devices):
+    with _intra_op_threads(devices), _collector_frozen():
         for t in producers + consumers:
             t.start()
         try:

@@ -76,10 +76,11 @@ class ShardWriter:
 
     def __enter__(self) -> "ShardWriter":
         self.tmp_path.parent.mkdir(parents=True, exist_ok=True)
+        in_memory = in_memory_fs(self.tmp_path.parent)
         try:
             self.mapped = self.want_mapped
             if self.mapped is None:  # MXCONV_MAPPED_WRITES=0: write(2) also on tmpfs
-                self.mapped = (os.environ.get("MXCONV_MAPPED_WRITES", "1") != "0" and in_memory_fs(self.tmp_path.parent)
+                self.mapped = (os.environ.get("MXCONV_MAPPED_WRITES", "1") != "0" and in_memory
                                and _free_bytes(self.tmp_path.parent) > self.size)
             if self.mapped:  # a shared writable mapping needs a file open for reading too
                 self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -89,9 +90,8 @@ class ShardWriter:
                 self.view = torch.frombuffer(self.map, dtype=torch.uint8)
                 return self
             # O_DIRECT only where there is a page cache to bypass: tmpfs accepts the flag (Linux 6.6
-            # and later) but its pages are the file, and the aligned edges cost a mapping each
-            direct = self.want_direct and not in_memory_fs(self.tmp_path.parent)
-            self.direct = open_direct(self.tmp_path, self.size) if direct else None
+            # and later) but its pages are the file, and the unaligned edges would only cost work
+            self.direct = open_direct(self.tmp_path, self.size) if self.want_direct and not in_memory else None
             if self.direct is not None:
                 self.fd = self.direct.fd
                 self.direct.write(torch.frombuffer(bytearray(self.header), dtype=torch.uint8), 0)

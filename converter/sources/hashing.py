@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from converter.files import INDEX_FILE, SINGLE_FILE  # files.py imports nothing: still light
+from converter.libc import libc
 from converter.sources.hub_digests import recorded_sha256s
 
 _CHUNK = 16 * 1024 * 1024
@@ -42,7 +43,6 @@ def _stamp(path: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-_libc = None
 _LOW_BIT = bytes(i & 1 for i in range(256))
 
 
@@ -58,16 +58,8 @@ def _mincore_tells(path: Path, st: os.stat_result) -> bool:
 def cached(path: Path) -> bool:
     """Whether every page of the file is in the page cache (mincore(2) over a mapping of it);
     False where that cannot be told (mincore's answer would not be the truth, or it failed)."""
-    global _libc
     try:
-        if _libc is None:
-            lib = ctypes.CDLL(None, use_errno=True)
-            lib.mmap.restype = ctypes.c_void_p
-            lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                 ctypes.c_long]
-            lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-            lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-            _libc = lib
+        c = libc()
         with open(path, "rb", buffering=0) as f:
             st = os.fstat(f.fileno())
             size = st.st_size
@@ -75,17 +67,17 @@ def cached(path: Path) -> bool:
                 return False
             if not size:
                 return True
-            address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+            address = c.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
             if address in (None, ctypes.c_void_p(-1).value):
                 return False
             try:
                 pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
                 vec = (ctypes.c_ubyte * pages)()
-                if _libc.mincore(address, size, vec) != 0:
+                if c.mincore(address, size, vec) != 0:
                     return False
                 return bytes(vec).translate(_LOW_BIT).count(0) == 0  # bit 0: the page is resident
             finally:
-                _libc.munmap(address, size)
+                c.munmap(address, size)
     except (OSError, AttributeError):
         return False
 
