@@ -179,8 +179,9 @@ def build_source(root: Path, config: dict, precision: str, shards: int, seed: in
     return source_facts(root)
 
 
-def source_facts(root: Path) -> dict:
-    files = sorted(root.glob("*.safetensors"))
+def source_facts(root: Path, pattern: str = "*.safetensors") -> dict:
+    """Sizes of the source in `root`; its weight files are those matching `pattern`."""
+    files = sorted(root.glob(pattern))
     return {"path": str(root), "bytes": sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
             "weight_bytes": sum(p.stat().st_size for p in files), "shards": len(files),
             "largest_shard_bytes": max(p.stat().st_size for p in files)}
@@ -298,14 +299,7 @@ def build_dcp_source(root: Path, hf_src: Path) -> dict:
     build_dcp_checkpoints(hf_src, [{"kind": "megatron", "padded_vocab": -(-vocab // 256) * 256 + 256, "dst": tmp,
                                            "transposed": False}])  # Megatron saves contiguous chunks
     tmp.rename(root)
-    return dcp_facts(root)
-
-
-def dcp_facts(root: Path) -> dict:
-    files = sorted(root.glob("*.distcp"))
-    return {"path": str(root), "bytes": sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
-            "weight_bytes": sum(p.stat().st_size for p in files), "shards": len(files),
-            "largest_shard_bytes": max(p.stat().st_size for p in files)}
+    return source_facts(root, "*.distcp")
 
 
 def find_llmc_python(explicit: str | None) -> tuple[str | None, str]:
@@ -574,7 +568,7 @@ def main() -> int:
                 if not (hf_src / INDEX_FILE).exists():
                     build_source(hf_src, config, "bf16", args.shards)
                 if (src / ".metadata").exists():
-                    facts = dcp_facts(src)
+                    facts = source_facts(src, "*.distcp")
                 else:
                     t = time.perf_counter()
                     facts = build_dcp_source(src, hf_src)

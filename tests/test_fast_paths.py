@@ -252,9 +252,11 @@ def test_a_shard_that_would_not_fit_is_not_mapped(tmp_path, monkeypatch):
         assert not w.mapped
         w.write("t", torch.ones(10, 3, dtype=torch.uint8))
     assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
-    monkeypatch.setenv("MXCONV_MAPPED_WRITES", "0")
+    monkeypatch.setenv("MXCONV_MAPPED_WRITES", "0")  # the executor's choice: even one shard by 16 writers
     monkeypatch.setattr(sio, "_free_bytes", lambda folder: 1 << 40)
-    with ShardWriter(tmp_path / "c", tmp_path / "c.partial", planned) as w:
+    from converter.run.execute import _mapping
+
+    with ShardWriter(tmp_path / "c", tmp_path / "c.partial", planned, mapped=_mapping(1, 16)) as w:
         assert not w.mapped and w.direct is None  # no O_DIRECT in memory: no page cache to bypass
         w.write("t", torch.ones(10, 3, dtype=torch.uint8))
     monkeypatch.setattr(sio, "in_memory_fs", lambda path: False)

@@ -109,3 +109,19 @@ def test_every_subpackage_is_installed():
     listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     present = {_module_name(p) for p in PACKAGE.rglob("__init__.py")}
     assert present <= listed, f"not in pyproject.toml's packages: {sorted(present - listed)}"
+
+
+def test_built_in_data_is_found_installed_or_from_the_source_tree(monkeypatch):
+    """mappings/, configs/ and families/ are packages once installed; run from a source tree
+    without installing, the same files come from the repository's folders."""
+    from converter import yaml_data
+
+    installed = {k: sorted(p.name for p in yaml_data.builtin_dir(k).iterdir() if p.name.endswith(".yaml"))
+                 for k in ("mappings", "configs", "families")}
+
+    def not_installed(name):
+        raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(yaml_data.resources, "files", not_installed)
+    for kind, names in installed.items():
+        assert names and sorted(p.name for p in yaml_data.builtin_dir(kind).iterdir() if p.name.endswith(".yaml")) == names

@@ -9,13 +9,13 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterable
 from typing import Mapping as MappingOf
 
 import torch
 
+from converter import yaml_data
 from converter.errors import MappingError
 from converter.mapping.rules import CANONICAL_SCALE, CONTEXT_VARS, DIGITS, Rule, read_rule_file, term_value  # noqa: F401 (public here too)
 
@@ -302,8 +302,5 @@ def detect_mapping(names: Iterable[str]) -> str:
 
 
 def _builtin_dir():
-    try:
-        return resources.files("converter.mappings")
-    except ModuleNotFoundError:  # running from a source tree that was not pip-installed
-        return Path(__file__).resolve().parent.parent / "mappings"
+    return yaml_data.builtin_dir("mappings")
 

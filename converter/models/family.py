@@ -16,7 +16,6 @@ import ast
 import functools
 import operator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -217,10 +216,7 @@ def _config_int(config: dict, key: str, minimum: int, path, family: str, require
 
 
 def _families_dir():
-    try:
-        return resources.files("converter.families")
-    except ModuleNotFoundError:  # running from a source tree that was not pip-installed
-        return Path(__file__).resolve().parent.parent.parent / "families"
+    return yaml_data.builtin_dir("families")
 
 
 def family_names() -> list[str]:

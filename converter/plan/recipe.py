@@ -6,7 +6,6 @@ import dataclasses
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -74,7 +73,7 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def builtin_recipes() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("converter.configs").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in yaml_data.builtin_dir("configs").iterdir() if p.name.endswith(".yaml"))
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
@@ -120,7 +119,7 @@ def _recipe_text(name_or_path: str) -> tuple[str, str]:
             return path.read_text(), str(path)
         except OSError as e:
             raise RecipeError(f"cannot read recipe: {e.strerror}", file=path) from e
-    builtin = resources.files("converter.configs") / f"{name_or_path}.yaml"
+    builtin = yaml_data.builtin_dir("configs") / f"{name_or_path}.yaml"
     if not builtin.is_file():
         raise RecipeError(f"no built-in recipe {name_or_path!r}; built-in: {', '.join(builtin_recipes())}, "
                           "or give a path to a YAML file")

@@ -15,7 +15,7 @@ On tmpfs, every output page is allocated as it is written: write(2) does that fo
 CPU-s per GB, a shared mapping filled in place for 0.7-0.77 (a page fault per 4 KB; 2-core EPYC
 VM), but write(2)s to one file take turns on its lock. So several shards are written at once with
 write(2), and only a run that writes one shard at a time with at least 4 writers maps it
-(MXCONV_MAPPED_WRITES=1 maps always, 0 never; see ShardWriter).
+(MXCONV_MAPPED_WRITES=1 maps always, 0 never: read here only; see ShardWriter).
 
 torch ops, file reads and writes and sha256 all release the GIL, so on a 2-core machine the
 readers, the workers, the writers and the source hasher keep both cores busy. Shards are finished
@@ -232,7 +232,8 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
             while not cancel.is_set():
                 with lock:
                     p = next(todo, None)
-                    files = list(dict.fromkeys(f for name in (p.job.inputs if p else ())
+                    first = p is not None and (p.rows is None or p.rows[0] == 0)  # a job's pieces share its files
+                    files = list(dict.fromkeys(f for name in (p.job.inputs if first else ())
                                                for f in view.source_files(name) if f not in seen))
                     seen.update(files)
                 if p is None:

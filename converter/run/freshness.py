@@ -29,12 +29,12 @@ from converter.plan.planner import ConversionPlan
 from converter.plan.view import CanonicalView
 from converter.sources.checkpoint import SourceCheckpoint
 from converter.sources.hashing import sha256_files
+from converter.sources.safetensors import MAX_HEADER
 from converter.version import __version__
 
 # Manifest keys that may differ between runs of the same conversion: compared file by file.
 SOURCE_KEYS = ("sources", "shard_sources")
 _STAT_FIELDS = ("dev", "ino", "mtime_ns", "ctime_ns")
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 _OTHER_HEADER = 64 * 1024
 
 
@@ -72,7 +72,7 @@ def file_identity(path: Path) -> dict:
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
         n = int.from_bytes(f.read(8), "little")
-        if 8 + n > st.st_size or n > _MAX_HEADER:  # not a safetensors file
+        if 8 + n > st.st_size or n > MAX_HEADER:  # not a safetensors file
             f.seek(0)
             n = _OTHER_HEADER
         header = hashlib.sha256(f.read(n)).hexdigest()

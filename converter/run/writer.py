@@ -54,7 +54,8 @@ class ShardWriter:
     4 KB fault makes a page cost about twice the CPU of write(2) (which is why the executor maps
     only when it writes one shard at a time, see execute.py). A region's pages are unmapped (they
     stay in the file) once it is recorded, so resident memory holds the pieces in flight, not the
-    shard. MXCONV_MAPPED_WRITES=0 turns mapping off (write(2) at offsets instead)."""
+    shard. `mapped` False: write(2) at offsets, on any file system (the executor's choice; the
+    environment variable MXCONV_MAPPED_WRITES overrides it there)."""
 
     def __init__(self, path: Path, tmp_path: Path, tensors: list[PlannedTensor], direct: bool = True,
                  mapped: bool | None = None):
@@ -79,9 +80,8 @@ class ShardWriter:
         in_memory = in_memory_fs(self.tmp_path.parent)
         try:
             self.mapped = self.want_mapped
-            if self.mapped is None:  # MXCONV_MAPPED_WRITES=0: write(2) also on tmpfs
-                self.mapped = (os.environ.get("MXCONV_MAPPED_WRITES", "1") != "0" and in_memory
-                               and _free_bytes(self.tmp_path.parent) > self.size)
+            if self.mapped is None:
+                self.mapped = in_memory and _free_bytes(self.tmp_path.parent) > self.size
             if self.mapped:  # a shared writable mapping needs a file open for reading too
                 self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.ftruncate(self.fd, self.size)
@@ -107,9 +107,7 @@ class ShardWriter:
     def phase(self, name: str, row: int = 0) -> int:
         """Alignment (address modulo 4096) at which a buffer for `name` from `row` on is written
         without a copy."""
-        plan = self.planned[name]
-        rows = plan.shape[0] if plan.shape else 1
-        return phase(self.offsets[name] + (plan.nbytes // rows * row if rows else 0))
+        return phase(self._span(name, row, 0)[0])
 
     def _span(self, name: str, row: int, tensor_rows: int | None) -> tuple[int, int]:
         """File offset and byte count of rows [row, row + tensor_rows) of `name` (None: all of it)."""
@@ -178,7 +176,7 @@ class ShardWriter:
             if name in self.written or any(a < span[1] and span[0] < b for a, b in spans):
                 raise OutputError("tensor written twice", file=self.path, tensor=name)
             spans.append(span)
-        offset = self.offsets[name] + (plan.nbytes // rows * row if rows else 0)
+        offset = self._span(name, row, 0)[0]
         try:
             if self.mapped:
                 with self.lock:

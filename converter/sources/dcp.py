@@ -32,7 +32,7 @@ from converter.errors import MappingError, SourceError
 from converter.files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from converter.sources.checkpoint import SourceCheckpoint, _read_json
 from converter.sources.dcp_chunks import Chunk, ChunkReader, flat_boxes
-from converter.sources.safetensors import DTYPE_CODES, ITEMSIZE, TensorInfo, read_header
+from converter.sources.safetensors import DTYPE_CODES, ITEMSIZE, TensorInfo, read_header, target_buffer
 from converter.sources.unpickle import Record, load_metadata
 
 METADATA_FILE = ".metadata"
@@ -74,13 +74,7 @@ class DcpTensor(TensorInfo):
         return tuple(sorted({c.file for c in self.chunks})) or (self.file,)
 
     def read(self, pin: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-        if out is None:
-            buf = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
-        else:
-            if out.dtype != torch.uint8 or not out.is_contiguous() or out.device.type != "cpu" or \
-                    out.numel() < self.nbytes:
-                raise ValueError(f"out must be a contiguous uint8 CPU tensor of at least {self.nbytes} bytes")
-            buf = out.view(-1)[: self.nbytes]
+        buf = target_buffer(self.nbytes, pin, out)
         size = ITEMSIZE[self.dtype]
         flat = buf.view(self.torch_dtype)
         fds: dict[Path, int] = {}

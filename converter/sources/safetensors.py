@@ -37,7 +37,7 @@ if hasattr(torch, "float8_e8m0fnu"):
     DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 ITEMSIZE = {code: torch.empty(0, dtype=dt).element_size() for code, dt in DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             if len(head) < 8:
                 raise SourceError("file is shorter than a safetensors header (truncated?)", file=path)
             n = int.from_bytes(head, "little")
-            if n > _MAX_HEADER or 8 + n > size:
+            if n > MAX_HEADER or 8 + n > size:
                 raise SourceError(f"header length {n} exceeds the file size {size} (truncated or not safetensors)",
                                   file=path)
             raw = f.read(n)
@@ -128,15 +128,21 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
     return TensorInfo(name, path, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
+def target_buffer(nbytes: int, pin: bool, out: torch.Tensor | None) -> torch.Tensor:
+    """nbytes to read a tensor into: a fresh CPU buffer (optionally pinned), or the first bytes of
+    `out` (a contiguous uint8 CPU tensor; reusing buffers spares the page faults, and in VMs the
+    host faults, of fresh memory)."""
+    if out is None:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    if out.dtype != torch.uint8 or not out.is_contiguous() or out.device.type != "cpu" or out.numel() < nbytes:
+        raise ValueError(f"out must be a contiguous uint8 CPU tensor of at least {nbytes} bytes")
+    return out.view(-1)[:nbytes]
+
+
 def read_tensor(info: TensorInfo, pin: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Read one tensor's bytes from disk into a fresh CPU tensor (optionally pinned), or into the
     first bytes of `out` (a contiguous uint8 CPU tensor), which the result then shares."""
-    if out is None:
-        buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin)
-    else:  # reusing buffers spares the page faults (and, in VMs, host faults) of fresh memory
-        if out.dtype != torch.uint8 or not out.is_contiguous() or out.device.type != "cpu" or out.numel() < info.nbytes:
-            raise ValueError(f"out must be a contiguous uint8 CPU tensor of at least {info.nbytes} bytes")
-        buf = out.view(-1)[: info.nbytes]
+    buf = target_buffer(info.nbytes, pin, out)
     view = memoryview(buf.numpy()) if info.nbytes else memoryview(b"")
     try:
         fd = os.open(info.file, os.O_RDONLY)

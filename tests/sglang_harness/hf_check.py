@@ -33,6 +33,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from common import emit, read_file_tensors, run, same_bytes  # noqa: E402 (this folder: see common.py)
+
 
 def main() -> int:
     t0 = time.perf_counter()
@@ -41,28 +43,18 @@ def main() -> int:
 
     import torch
     import transformers
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from converter.numerics.reference import dequantize_mxfp8
     from converter.verify.checks import read_destination
     from converter.verify.logits import _ModelFiller, destination_tensors, fixed_token_ids
 
-    files = {}
-    idx = json.load(open(os.path.join(ckpt, "model.safetensors.index.json")))["weight_map"]
-    for f in sorted(set(idx.values())):
-        with safe_open(os.path.join(ckpt, f), "pt") as fh:
-            for k in fh.keys():
-                files[k] = fh.get_tensor(k)
+    files = read_file_tensors(ckpt)
 
     def ours(module: str) -> torch.Tensor:
         w = files[module + ".weight"]
         s = files.get(module + ".weight_scale_inv", files.get(module + ".weight_scale"))
         return (w if s is None else dequantize_mxfp8(w, s, torch.float32)).to(torch.float32)
-
-    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return (a.dtype == b.dtype and a.shape == b.shape
-                and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
 
     model, info = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, output_loading_info=True)
     model.eval()
@@ -102,7 +94,7 @@ def main() -> int:
         checked += 1
         if p.dtype == torch.float8_e4m3fn:
             fail(f"{name} still float8 after loading (no CPU dequantization?)")
-        elif not same(p, ref):
+        elif not same_bytes(p, ref):
             fail(f"{name}: transformers' value {p.dtype} {tuple(p.shape)} differs from the project's "
                  f"dequantization {ref.dtype} {tuple(ref.shape)}")
     report["tensors_checked"] = checked
@@ -141,26 +133,14 @@ def main() -> int:
             got = torch.full_like(want, float("nan"))
     report["attn_implementation"] = model.config._attn_implementation
     report["logits_shape"] = list(got.shape)
-    report["logits_identical"] = bool(same(got, want))
+    report["logits_identical"] = bool(same_bytes(got, want))
     report["logits_max_abs_diff"] = float((got - want).abs().max())
     if not report["logits_identical"]:
         fail(f"logits differ from the project's dequantized model (max abs diff {report['logits_max_abs_diff']})")
     report["total_s"] = round(time.perf_counter() - t0, 2)
     report["ok"] = not report["failures"]
-    out = json.dumps(report, indent=1, default=str)
-    print(out)
-    if out_json:
-        open(out_json, "w").write(out)
-    return 0 if report["ok"] else 1
+    return emit(report, out_json)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SystemExit:
-        raise
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        sys.exit(2)
+    run(main)

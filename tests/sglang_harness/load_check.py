@@ -57,6 +57,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from common import emit, read_file_tensors, run, same_bytes  # noqa: E402 (this folder: see common.py)
+
 # sgl_kernel CPU ops that sglang imports at module level under `if _is_cpu:` (CPU engine)
 # and never calls while loading weights.  No CPU sgl_kernel wheel exists on PyPI.
 SGL_KERNEL_CPU_NAMES = [
@@ -160,35 +162,6 @@ def install_stubs() -> list[str]:
         sys.modules["sgl_kernel"] = sk
         installed.append("sgl_kernel: " + ", ".join(SGL_KERNEL_CPU_NAMES))
     return installed
-
-
-def read_file_tensors(ckpt):
-    from safetensors import safe_open
-
-    idx = os.path.join(ckpt, "model.safetensors.index.json")
-    if os.path.exists(idx):
-        files = sorted(set(json.load(open(idx))["weight_map"].values()))
-    else:
-        files = sorted(f for f in os.listdir(ckpt) if f.endswith(".safetensors"))
-    out = {}
-    for f in files:
-        with safe_open(os.path.join(ckpt, f), "pt") as fh:
-            for k in fh.keys():
-                out[k] = fh.get_tensor(k)
-    return out
-
-
-def u8(t):
-    import torch
-
-    t = t.detach().contiguous().reshape(-1)
-    return t.view(torch.uint8) if t.dtype != torch.uint8 else t
-
-
-def same_bytes(a, b) -> bool:
-    import torch
-
-    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and torch.equal(u8(a), u8(b))
 
 
 def main():
@@ -510,20 +483,8 @@ def main():
     report["check_s"] = round(time.perf_counter() - t_check, 2)
     report["total_s"] = round(time.perf_counter() - T0, 2)
     report["ok"] = not report["failures"]
-    out = json.dumps(report, indent=1, default=str)
-    print(out)
-    if args.json:
-        open(args.json, "w").write(out)
-    return 0 if report["ok"] else 1
+    return emit(report, args.json)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SystemExit:
-        raise
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        sys.exit(2)
+    run(main)
