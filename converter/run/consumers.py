@@ -21,7 +21,7 @@ def skip_list(modules: list[str]) -> list[str]:
     """`modules_to_not_convert` for the config: the per-layer modules, then each layer-agnostic
     entry that names a kept module (only modules that stay BF16 in every layer are in
     LAYER_AGNOSTIC_SKIPS); idempotent, so a list read back from a config gives itself."""
-    per_layer = [m for m in modules if m not in LAYER_AGNOSTIC_SKIPS]
+    per_layer = per_layer_entries(modules)
     return per_layer + [g for g in LAYER_AGNOSTIC_SKIPS if any(m.endswith("." + g) for m in per_layer)]
 
 

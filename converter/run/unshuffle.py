@@ -25,7 +25,8 @@ from converter.plan.planner import (
 )
 from converter.plan.recipe import recipe_from_dict
 from converter.plan.view import CanonicalView
-from converter.run.consumers import LAYER_AGNOSTIC_SKIPS
+from converter.numerics.trtllm_layout import LAYOUT_METADATA
+from converter.run.consumers import per_layer_entries
 from converter.run.pipeline import ConversionResult, write_checkpoint
 from converter.sources.checkpoint import SourceCheckpoint, SourceFormat, scale_name
 from converter.sources.safetensors import PlannedTensor
@@ -56,7 +57,7 @@ def plan_unshuffle(ckpt: SourceCheckpoint, max_shard_bytes: int) -> tuple[Conver
     qc = ckpt.config.get("quantization_config") or {}
     layout = qc.get("moe_weight_layout") or {}
     config_path = ckpt.root / CONFIG_FILE
-    if layout.get("format") != "flashinfer_trtllm_gen":
+    if layout.get("format") != LAYOUT_METADATA["format"]:
         raise SourceError("not a pre-shuffled checkpoint: quantization_config has no FlashInfer TRT-LLM "
                           "moe_weight_layout", file=config_path)
     prov = _finished_provenance(ckpt.root / PROVENANCE_FILE)
@@ -87,8 +88,7 @@ def plan_unshuffle(ckpt: SourceCheckpoint, max_shard_bytes: int) -> tuple[Conver
     jobs.sort(key=lambda j: j.sort_key)
     counts = dict(prov.get("output", {}).get("tensors", {}))
     plan = ConversionPlan(SourceFormat(prov["source"]["format"]), recipe, pack_shards(jobs, max_shard_bytes),
-                          sorted((m for m in qc.get("modules_to_not_convert", []) if m not in LAYER_AGNOSTIC_SKIPS),
-                                 key=natural_key),
+                          sorted(per_layer_entries(qc.get("modules_to_not_convert", [])), key=natural_key),
                           {"mxfp8": counts.get("mxfp8", 0), "dequantized_bf16": counts.get("bf16", 0),
                            "copied": counts.get("copied", 0)})
     return plan, prov
