@@ -11,8 +11,8 @@ import pytest
 import torch
 from reference import reference_fp8_dequant, reference_mxfp8
 
-from converter.numerics import kernels, native
-from converter.numerics.dispatch import quantize_mxfp8, requantize_fp8_block
+from converter.numerics import kernels, native, reference
+from converter.numerics.dispatch import dequantize_fp8_block, quantize_mxfp8, requantize_fp8_block
 
 _REAL_DISPATCH = kernels._native
 
@@ -152,8 +152,85 @@ def test_a_nonfinite_value_in_any_block_of_a_group_declines(lib, where):
 
 def test_too_few_scale_tiles_are_refused_before_any_read(lib):
     w = torch.zeros(256, 256, dtype=torch.float8_e4m3fn)
-    assert kernels.requantize_fp8(w, torch.ones(1, 2), "rceil") is None
-    assert kernels.requantize_fp8(w, torch.ones(2, 1), "rceil") is None
+    for kernel in (lambda s: kernels.requantize_fp8(w, s, "rceil"), lambda s: kernels.dequantize_fp8(w, s)):
+        assert kernel(torch.ones(1, 2)) is None and kernel(torch.ones(2, 1)) is None
+
+
+def _bf16_bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int16)
+
+
+def test_dequant_every_fp8_code_under_many_tile_scales(lib):
+    """DeepSeek's FP8 -> BF16 (the `bf16` recipe, kv_b_proj): every non-NaN code, both signs, in
+    every 128x128 tile, under 270 tile scales from subnormal products to overflow (Inf), zero and
+    -0 among them; a 3-band weight whose rows do not fill the last band. Bits equal the reference's."""
+    g = torch.Generator().manual_seed(6)
+    scales = _tile_scales(260, g)
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    w = codes[torch.randint(0, len(codes), (300, 128 * 90), generator=g)]
+    for band in range(3):  # every code in every tile: 127 in each of the band's first two rows
+        w.view(300, 90, 128)[band * 128: band * 128 + 2, :, :127] = codes.view(2, 1, 127)
+    w = w.view(torch.float8_e4m3fn)
+    s = scales.view(3, 90).clone()
+    s[1, 5], s[2, 7] = 1e36, -(2.0**127)  # value * scale past float32's largest: Inf
+    got = kernels.dequantize_fp8(w, s)
+    assert got is not None  # the compiled kernel took it: nothing here is outside what it models
+    assert torch.equal(_bf16_bits(got), _bf16_bits(reference_fp8_dequant(w, s)))
+    assert torch.isinf(got.float()).any() and (got.view(torch.int16) == -32768).any()  # Inf and -0 were reached
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (130, 200), (128, 96), (257, 384 + 31)])
+def test_dequant_ragged_shapes_and_tiles_each_with_its_own_scale(lib, shape):
+    """Any K (whole 128-column tiles go 32 codes at a time, the rest one by one), ragged bands,
+    each tile with its own scale and sign, into a caller's buffer."""
+    g = torch.Generator().manual_seed(7)
+    n, k = shape
+    w = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    w[(w & 0x7F) == 0x7F] = 0x7E
+    w = w.view(torch.float8_e4m3fn)
+    tiles = (-(-n // 128), -(-k // 128))
+    s = torch.rand(tiles, generator=g) * torch.exp2(torch.randint(-20, 20, tiles, generator=g).float())
+    s = s * torch.where(torch.rand(tiles, generator=g) < 0.5, -1.0, 1.0)
+    out = torch.empty(n * k, dtype=torch.bfloat16)
+    got = dequantize_fp8_block(w, s, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(_bf16_bits(got), _bf16_bits(reference_fp8_dequant(w, s)))
+
+
+@pytest.mark.parametrize("col", [0, 127, 128 + 40, 256 + 2])
+def test_dequant_declines_nan_codes_and_nonfinite_scales(lib, col):
+    """A NaN code in a vector-walked tile or in the ragged tail, or a NaN/Inf tile scale: the kernel
+    declines and the dispatcher gives the reference's bytes (NaN where the reference has them)."""
+    g = torch.Generator().manual_seed(8)
+    w = torch.randint(0, 0x7F, (130, 259), generator=g, dtype=torch.uint8)
+    s = torch.rand(2, 3, generator=g) + 0.5
+    for code in (0x7F, 0xFF):
+        bad = w.clone()
+        bad[129, col] = code
+        bad = bad.view(torch.float8_e4m3fn)
+        assert kernels.dequantize_fp8(bad, s) is None
+        got = dequantize_fp8_block(bad, s)
+        assert torch.isnan(got[129, col]) and torch.equal(got[:129], reference_fp8_dequant(bad, s)[:129])
+    for scale in (float("nan"), float("inf")):
+        t = s.clone()
+        t[1, col // 128] = scale
+        assert kernels.dequantize_fp8(w.view(torch.float8_e4m3fn), t) is None
+
+
+def test_dequant_and_requant_take_ue8m0_scales_through_the_kernels(lib, monkeypatch):
+    """UE8M0 sources (V3.1 and later) store exponent bytes: the dispatcher gives the kernels
+    2^(e - 127) in float32, the reference's own scales, and never falls back for them."""
+    g = torch.Generator().manual_seed(9)
+    w = torch.randint(0, 0x7F, (256, 384), generator=g, dtype=torch.uint8)
+    w = (w | (torch.randint(0, 2, w.shape, generator=g, dtype=torch.uint8) << 7)).view(torch.float8_e4m3fn)
+    e = torch.tensor([[0, 1, 127], [100, 150, 200]], dtype=torch.uint8)
+    monkeypatch.setattr(reference, "dequantize_fp8_block", None)  # a fallback would fail loudly
+    got = dequantize_fp8_block(w, e)
+    want = reference_fp8_dequant(w, torch.exp2(e.double() - 127).float())
+    assert torch.equal(_bf16_bits(got), _bf16_bits(want))
+    q, sc = requantize_fp8_block(w, e)
+    rq, rs = quantize_mxfp8(want.float())
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(sc, rs)
 
 
 @pytest.fixture

@@ -125,3 +125,17 @@ def test_built_in_data_is_found_installed_or_from_the_source_tree(monkeypatch):
     monkeypatch.setattr(yaml_data.resources, "files", not_installed)
     for kind, names in installed.items():
         assert names and sorted(p.name for p in yaml_data.builtin_dir(kind).iterdir() if p.name.endswith(".yaml")) == names
+
+
+def test_the_kernel_sources_are_installed():
+    """native.py compiles these at run time, from the installed package: a file that no
+    package-data pattern names would be missing from the wheel, and every install would fall back
+    to the slower torch kernels."""
+    import fnmatch
+    import tomllib
+
+    from converter.numerics import native
+
+    patterns = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for source in (*native.SOURCES, native.HEADER):
+        assert source.is_file() and any(fnmatch.fnmatch(source.name, p) for p in patterns["converter.numerics"]), source

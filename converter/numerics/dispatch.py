@@ -44,9 +44,10 @@ def dequantize_mxfp8(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 
 def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor | None = None
                          ) -> torch.Tensor:
-    """`reference.dequantize_fp8_block` without torch's slow float8 casts (float32 scales)."""
-    if scale_inv.dtype == torch.float32 and weight.numel():
-        fast = kernels.dequantize_fp8(weight, scale_inv, out)
+    """`reference.dequantize_fp8_block` without torch's slow float8 casts."""
+    scales = _tile_scales(scale_inv)
+    if scales is not None and weight.numel():
+        fast = kernels.dequantize_fp8(weight, scales, out)
         if fast is not None:
             return fast
     return reference.dequantize_fp8_block(weight, scale_inv)
@@ -57,12 +58,23 @@ def requantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, rule: Sc
                          out: tuple[torch.Tensor, torch.Tensor] | None = None,
                          scale_zero: ScaleZeroBlocks | str = ScaleZeroBlocks.EXACT) -> tuple[torch.Tensor, torch.Tensor]:
     """`reference.requantize_fp8_block` in one pass with no BF16 tensor where the kernels can be exact."""
-    if scale_inv.dtype == torch.float32 and weight.numel():
-        fast = kernels.requantize_fp8(weight, scale_inv, ScaleRule(rule).value, out)
+    scales = _tile_scales(scale_inv)
+    if scales is not None and weight.numel():
+        fast = kernels.requantize_fp8(weight, scales, ScaleRule(rule).value, out)
         if fast is not None:
-            return _flushed(fast, scale_zero, lambda: _fp8_value_signs(weight, scale_inv))
+            return _flushed(fast, scale_zero, lambda: _fp8_value_signs(weight, scales))
     return quantize_mxfp8(dequantize_fp8_block(weight, scale_inv), rule, allow_nonfinite=allow_nonfinite, name=name,
                           scale_zero=scale_zero)
+
+
+def _tile_scales(scale_inv: torch.Tensor) -> torch.Tensor | None:
+    """The float32 tile scales the reference multiplies by (float32 as stored; UE8M0 exponent bytes
+    as 2^(e - 127)), or None for a dtype the reference itself rejects."""
+    if scale_inv.dtype == torch.float32:
+        return scale_inv
+    if scale_inv.dtype in (torch.uint8, getattr(torch, "float8_e8m0fnu", None)):
+        return reference.e8m0_to_float(reference.ue8m0_exponents(scale_inv))
+    return None
 
 
 def _fp8_value_signs(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:

@@ -212,16 +212,24 @@ def _bands(n: int, rows: int):
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor | None = None
                    ) -> torch.Tensor | None:
-    """numerics.dequantize_fp8_block for float32 scales; None on NaN codes or absurd scales."""
+    """numerics.dequantize_fp8_block for float32 scales; None on NaN codes or non-finite scales
+    and, in the torch code, scales it cannot handle exactly."""
     n, k = weight.shape
-    sblk = _block_scales(scale_inv, k, fused=False)
-    if sblk is None or bool(((weight.view(torch.uint8) & 0x7F) == 0x7F).any()):
-        return None
-    dev, nb = weight.device, k // _BLOCK
+    dev, lib = weight.device, _native(weight.device)
     if out is None or out.dtype != torch.bfloat16 or out.numel() != n * k or not out.is_contiguous() \
             or out.device != dev:
         out = torch.empty((n, k), dtype=torch.bfloat16, device=dev)
     out = out.view(n, k)
+    if lib is not None:
+        if (scale_inv.dtype != torch.float32 or weight.element_size() != 1 or scale_inv.dim() != 2
+                or scale_inv.shape[0] < -(-n // _TILE) or scale_inv.shape[1] < -(-k // _TILE)):
+            return None  # the reference path says what is wrong
+        w, s = weight.contiguous(), scale_inv.contiguous()
+        return None if lib.mx_dequantize_fp8(w.data_ptr(), n, k, s.data_ptr(), s.shape[1], out.data_ptr()) else out
+    sblk = _block_scales(scale_inv, k, fused=False)
+    if sblk is None or bool(((weight.view(torch.uint8) & 0x7F) == 0x7F).any()):
+        return None
+    nb = k // _BLOCK
     rows = min(n, _chunk_rows(k, dev, _TILE))
     half = _scratch("h", (rows, k), torch.int16, dev)
     f = _scratch("f", (rows, k), torch.float32, dev)

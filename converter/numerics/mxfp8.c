@@ -10,34 +10,9 @@
    The float operations below are the reference's, in its order, on IEEE binary32 with round to
    nearest even. Build with -ffp-contract=off: a fused multiply-add would skip a rounding. */
 
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#if defined(__AVX2__)
-#include <immintrin.h>
-#define HAVE_AVX2 1 /* FP8 block maxima and 16-entry lookups; BF16 blocks where AVX-512 is missing */
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define HAVE_AVX512 1 /* 16 floats or 32 halfwords a register: the BF16 path's blocks */
-#if defined(__AVX512VBMI__)
-#define HAVE_BYTE_PERMUTE 1 /* vpermi2b: 64 lookups into a 128-byte table in one instruction */
-#endif
-#endif
-#endif
+#include "mxfp8.h"
 
-#define MX_FALLBACK 1
-#define BLOCK 32
-#define TILE 128
 #define NONFINITE_EXP 255 /* the exponent tables' sentinel for NaN/Inf amax */
-
-static inline uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-static inline float float_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-
-/* float32 -> bfloat16 bits, round to nearest even (torch's rule; never given NaN here). */
-static inline uint16_t bf16_bits(float f) {
-    uint32_t u = bits_of(f);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
 
 /* float32 -> float8_e4m3fn byte exactly as c10's fp8e4m3fn_from_fp32_value: round to nearest
    even, values from 480 up become 0x7F (NaN; the callers clamp or cannot get there), subnormals
@@ -50,12 +25,6 @@ static inline uint8_t e4m3_byte(float f) {
     uint32_t normal = (u - (120u << 23) + 0x7FFFFu + ((u >> 20) & 1u)) >> 20;
     uint32_t r = u >= (1087u << 20) ? 0x7Fu : (u < (121u << 23) ? sub : normal);
     return (uint8_t)(r | sign);
-}
-
-/* e4m3fn code 0..126 (no sign, not NaN) -> its exact value. */
-static inline float e4m3_value(uint32_t code) {
-    uint32_t exp = code >> 3, man = code & 7u;
-    return exp ? float_of(((exp + 120u) << 23) | (man << 20)) : (float)man * 0x1p-9f;
 }
 
 #ifdef HAVE_AVX512
@@ -237,18 +206,9 @@ static inline void lookup_block(const uint8_t *restrict table, const uint8_t *re
     __m256i sign = _mm256_and_si256(codes, _mm256_set1_epi8((char)0x80));
     _mm256_storeu_si256((__m256i *)out, _mm256_xor_si256(_mm512_castsi512_si256(bytes), sign));
 #elif defined(HAVE_AVX2)
-    /* vpshufb looks up 16 entries: the table as 8 sixteenths, picked by bits 4..6 of each code */
     __m256i codes = _mm256_loadu_si256((const __m256i *)in);
-    __m256i low = _mm256_and_si256(codes, _mm256_set1_epi8(0x0F));
-    __m256i high = _mm256_and_si256(_mm256_srli_epi16(codes, 4), _mm256_set1_epi8(0x07));
-    __m256i bytes = _mm256_setzero_si256();
-    for (int t = 0; t < 8; t++) {
-        __m256i part = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(table + 16 * t)));
-        __m256i hit = _mm256_cmpeq_epi8(high, _mm256_set1_epi8((char)t));
-        bytes = _mm256_blendv_epi8(bytes, _mm256_shuffle_epi8(part, low), hit);
-    }
     __m256i sign = _mm256_and_si256(codes, _mm256_set1_epi8((char)0x80));
-    _mm256_storeu_si256((__m256i *)out, _mm256_xor_si256(bytes, sign));
+    _mm256_storeu_si256((__m256i *)out, _mm256_xor_si256(lookup128_avx2(table, codes), sign));
 #else
     for (int i = 0; i < BLOCK; i++)
         out[i] = table[in[i] & 0x7Fu] ^ (in[i] & 0x80u);

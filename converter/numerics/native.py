@@ -1,5 +1,5 @@
-"""The compiled CPU kernels (`converter/numerics/mxfp8.c`): built once per machine with the system C
-compiler, cached, loaded with ctypes.
+"""The compiled CPU kernels (`converter/numerics/mxfp8.c`, `fp8_block.c`, `mxfp8.h`): built once per
+machine with the system C compiler into one library, cached, loaded with ctypes.
 
 Why compiled code: on a CPU the conversion must keep pace with copying the files, and torch's
 element-wise operations cannot: each is a pass over memory, and its float -> e4m3 cast is scalar.
@@ -25,7 +25,8 @@ import threading
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("mxfp8.c")
+SOURCES = (Path(__file__).with_name("mxfp8.c"), Path(__file__).with_name("fp8_block.c"))
+HEADER = Path(__file__).with_name("mxfp8.h")
 # -ffp-contract=off: no fused multiply-add (it would skip a rounding the reference does);
 # -march=native: the cache key holds the CPU's feature flags, so a shared cache stays correct.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
@@ -64,12 +65,12 @@ def _writable(folder: Path) -> bool:
 
 
 def _digest(cc: str) -> str:
-    """What a build depends on: our source, the flags, the compiler and the CPU it targets."""
+    """What a build depends on: our sources, the flags, the compiler and the CPU it targets."""
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = cc
-    parts = [SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags(), sys.platform]
+    parts = [*(f.read_text() for f in (*SOURCES, HEADER)), " ".join(FLAGS), version, _cpu_flags(), sys.platform]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
 
@@ -91,7 +92,7 @@ def _cpu_flags() -> str:
 
 
 def _build(cc: str, out: Path, flag_sets: tuple[list[str], ...] = (FLAGS, PORTABLE_FLAGS)) -> str | None:
-    """Compile SOURCE into `out` (atomically) with the first flags that work; returns None or the
+    """Compile SOURCES into `out` (atomically) with the first flags that work; returns None or the
     compiler's complaint."""
     errors = []
     for flags in flag_sets:
@@ -101,7 +102,7 @@ def _build(cc: str, out: Path, flag_sets: tuple[list[str], ...] = (FLAGS, PORTAB
         except OSError as exc:
             return f"cannot write in {out.parent}: {exc.strerror}"
         try:
-            done = subprocess.run([cc, *flags, "-o", str(tmp_path), str(SOURCE), "-lm"],
+            done = subprocess.run([cc, *flags, "-o", str(tmp_path), *map(str, SOURCES), "-lm"],
                                   capture_output=True, text=True, timeout=120)
             if done.returncode == 0:
                 os.replace(tmp_path, out)
@@ -118,7 +119,8 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.mx_quantize_bf16.argtypes = [p, i64, i64, p, p, i, p, p]
     lib.mx_requantize_fp8.argtypes = [p, i64, i64, p, i64, p, p, i, p, p]
-    lib.mx_quantize_bf16.restype = lib.mx_requantize_fp8.restype = i
+    lib.mx_dequantize_fp8.argtypes = [p, i64, i64, p, i64, p]
+    lib.mx_quantize_bf16.restype = lib.mx_requantize_fp8.restype = lib.mx_dequantize_fp8.restype = i
     return lib
 
 
@@ -127,7 +129,7 @@ def load() -> ctypes.CDLL | None:
     if not enabled():
         return None
     with _lock:
-        key = str(SOURCE)
+        key = str(SOURCES[0])
         if key in _loaded:
             return _loaded[key]
         lib, problem = None, None
