@@ -23,6 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bench  # noqa: E402  (scripts/ is on sys.path when bench.py runs)
+import bench_sources  # noqa: E402
+
+from converter.files import INDEX_FILE  # noqa: E402
 
 _CHUNK = 256 << 20
 
@@ -143,7 +146,7 @@ def ceiling(args, timed) -> int:
 
     cuda = args.device in ("auto", "cuda") and torch.cuda.is_available()
     gpus = torch.cuda.device_count() if cuda else 0
-    config = dict(bench.QUICK_CONFIG if args.quick else bench.FULL_CONFIG)
+    config = dict(bench_sources.QUICK_CONFIG if args.quick else bench_sources.FULL_CONFIG)
     if args.layers:
         config["num_hidden_layers"] = args.layers
     workdir = (args.workdir or Path(tempfile_dir())).resolve()
@@ -159,11 +162,11 @@ def ceiling(args, timed) -> int:
     try:
         for precision in args.precisions.split(","):
             src = workdir / f"src-{precision}" / f"{'quick' if args.quick else 'full'}-{config['num_hidden_layers']}"
-            if (src / bench.INDEX_FILE).exists():
-                facts = bench.source_facts(src)
+            if (src / INDEX_FILE).exists():
+                facts = bench_sources.source_facts(src)
             else:
                 t = time.perf_counter()
-                facts = bench.build_source(src, config, precision, args.shards)
+                facts = bench_sources.build_source(src, config, precision, args.shards)
                 print(f"bench: built {precision} source, {facts['weight_bytes'] / 1e9:.2f} GB in {facts['shards']} "
                       f"shards, in {time.perf_counter() - t:.0f} s", flush=True)
             rows = plan_rows(args, cuda, gpus)
