@@ -45,10 +45,10 @@ from converter.verify.jobs import Thresholds, check_jobs
 from converter.verify.report import VerifyReport, layer_summaries
 
 
-def _expected_recipe(dst: Path, report: VerifyReport) -> tuple[Recipe, str]:
-    """The recipe and mapping DST says it was made with; the built-in default when it cannot say."""
+def _expected_recipe(dst: Path, prov: dict | None, why: str | None, report: VerifyReport) -> tuple[Recipe, str]:
+    """The recipe and mapping DST's provenance `prov` says it was made with (`why` it is None);
+    the built-in default when it cannot say."""
     path = dst / PROVENANCE_FILE
-    prov, why = read_json(path)
     fallback = "checking against the family's default recipe"
     if prov is None:
         report.failures.append(Failure(COVERAGE, None, f"{PROVENANCE_FILE} is {why}: the conversion is incomplete "
@@ -98,17 +98,16 @@ def verify_checkpoint(src: str | Path, dst: str | Path, *, device: str = "cpu", 
         require_transformers()
     devices = resolve_devices(device, workers)
     report = VerifyReport(src, dst, thresholds or Thresholds())
-    recipe, mapping = _expected_recipe(dst, report)
+    prov, why = read_json(dst / PROVENANCE_FILE)  # read once: what every check below compares with
+    recipe, mapping = _expected_recipe(dst, prov, why, report)
     if config is None:  # a DCP source: the --config directory its provenance records (unshuffle keeps it)
-        recorded, _ = read_json(dst / PROVENANCE_FILE)
-        source = (recorded or {}).get("source") if isinstance(recorded, dict) else None
+        source = (prov or {}).get("source")
         config = source.get("config") if isinstance(source, dict) and is_dcp(src) else None
     try:
         ckpt, view, mapping_name, plan = plan_conversion(src, recipe=recipe, mapping=mapping, config=config)
     except MxconvError as e:
         raise VerifyError(f"cannot plan the expected conversion from the source: {e}") from None
     report.recipe, report.source_format, report.mapping = recipe.name, plan.source_format.value, mapping_name
-    prov, _ = read_json(dst / PROVENANCE_FILE)
     if prov:
         for fname, why in source_sizes_changed(prov, ckpt):
             report.failures.append(Failure(COVERAGE, None, f"source shard {fname} {why}", str(src / fname)))
