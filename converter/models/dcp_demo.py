@@ -256,34 +256,32 @@ def _megatron_state(rank: int, ranks: int, job: dict) -> dict:
     return state
 
 
-def _fsdp_state(rank: int, ranks: int, job: dict) -> dict:
+def _row_sharded(rank: int, ranks: int, tensors) -> dict:
+    """FSDP2's layout of (name, full tensor) pairs: DTensors sharded on dim 0 over `ranks` ranks
+    (a rank past the rows holds an empty shard), this rank's shard of each."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 
     mesh = init_device_mesh("cpu", (ranks,))
-    config = json.loads((Path(job["hf"]) / "config.json").read_text())
     state: dict = {}
-    for name, t in fsdp_tensors(LazyHF(job["hf"]), config, job.get("prefix", "model_state.model.")):
+    for name, t in tensors:
         parts = torch.chunk(t, ranks, dim=0)
         local = parts[rank] if rank < len(parts) else t[:0]
         state[name] = DTensor.from_local(local.clone(), mesh, [Shard(0)], run_check=False, shape=t.shape,
                                          stride=t.stride())
+    return state
+
+
+def _fsdp_state(rank: int, ranks: int, job: dict) -> dict:
+    config = json.loads((Path(job["hf"]) / "config.json").read_text())
+    state = _row_sharded(rank, ranks, fsdp_tensors(LazyHF(job["hf"]), config, job.get("prefix", "model_state.model.")))
     state["optim_state.state.exp_avg"] = torch.zeros(3)
     return state
 
 
 def _torchtitan_state(rank: int, ranks: int, job: dict) -> dict:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard
-
-    mesh = init_device_mesh("cpu", (ranks,))
     config = json.loads((Path(job["hf"]) / "config.json").read_text())
-    state: dict = {}
-    for name, t in torchtitan_tensors(LazyHF(job["hf"]), config):
-        parts = torch.chunk(t, ranks, dim=0)
-        local = parts[rank] if rank < len(parts) else t[:0]
-        state[name] = DTensor.from_local(local.clone(), mesh, [Shard(0)], run_check=False, shape=t.shape,
-                                         stride=t.stride())
+    state = _row_sharded(rank, ranks, torchtitan_tensors(LazyHF(job["hf"]), config))
     state["optimizer.state.layers.0.attention.wo.weight.exp_avg"] = torch.zeros(3)
     state["train_state"] = io.BytesIO(b"step 100")
     return state
@@ -292,8 +290,7 @@ def _torchtitan_state(rank: int, ranks: int, job: dict) -> dict:
 def build_dcp_checkpoints(hf_root: str | Path, jobs: list[dict], ranks: int = 2) -> None:
     """Write DCP checkpoints from the HF checkpoint in `hf_root`; each job: {"kind": "megatron"
     (with "padded_vocab"), "fsdp" (with "prefix"), "hf-dcp" or "torchtitan", "dst": directory}.
-    One group of `ranks`
-    gloo processes writes them all."""
+    One group of `ranks` gloo processes writes them all."""
     jobs = [dict(job, dst=str(job["dst"]), hf=str(hf_root)) for job in jobs]
     with tempfile.TemporaryDirectory() as tmp:
         with socket.socket() as s:
