@@ -315,7 +315,7 @@ def main() -> int:
                     "(rows named 'before: ...')")
     ap.add_argument("--variants", help="--ceiling: extra mxconv rows with environment variables set or "
                     "convert flags added, as 'name:VAR=VALUE,--flag;name2:...' (the fewest and the most "
-                    "CPU workers)")
+                    "CPU and GPU workers; a name ending in '@cuda' gets CUDA rows only)")
     args = ap.parse_args()
     if args.ceiling:
         import bench_ceiling

@@ -48,16 +48,20 @@ def chunked_digest(dst: Path) -> str:
 def plan_rows(args, cuda: bool, gpus: int) -> list[dict]:
     mx = ["-m", "converter.cli", "convert"] + (["--max-shard-size", args.max_shard_size] if args.max_shard_size else [])
     rows = [{"name": "cp -r", "kind": "cp"}, {"name": "parallel cp (one per shard)", "kind": "pcp"}]
-    checkouts = [("", None, {}, [])] + ([("before: ", str(args.compare.resolve()), {}, [])] if args.compare else [])
-    for variant in filter(None, (args.variants or "").split(";")):  # name:VAR=VALUE,--flag,...
+    checkouts = [("", None, {}, [], False)]
+    if args.compare:
+        checkouts.append(("before: ", str(args.compare.resolve()), {}, [], False))
+    for variant in filter(None, (args.variants or "").split(";")):  # name[@cuda]:VAR=VALUE,--flag,...
         name, _, items = variant.partition(":")
+        name, cuda_only = name.removesuffix("@cuda"), name.endswith("@cuda")
         items = [kv for kv in items.split(",") if kv]
         env = dict(kv.split("=", 1) for kv in items if not kv.startswith("--"))
-        checkouts.append((f"variant {name}: ", None, env, [kv for kv in items if kv.startswith("--")]))
-    for label, path, env, extra in checkouts:  # extra: convert flags
-        cpu_w, gpu_w = args.workers, args.gpu_worker_list
+        checkouts.append((f"variant {name}: ", None, env, [kv for kv in items if kv.startswith("--")], cuda_only))
+    for label, path, env, extra, cuda_only in checkouts:  # extra: convert flags
+        cpu_w, gpu_w = ([] if cuda_only else args.workers), args.gpu_worker_list
         if label:  # another checkout or a variant: the fewest and the most workers only
-            cpu_w, gpu_w = sorted({min(cpu_w), max(cpu_w)}), sorted({min(gpu_w), max(gpu_w)})
+            cpu_w = sorted({min(cpu_w), max(cpu_w)}) if cpu_w else []
+            gpu_w = sorted({min(gpu_w), max(gpu_w)})
         for w in cpu_w:
             rows.append({"name": f"{label}mxconv cpu, {w} workers", "kind": "mxconv", "pythonpath": path, "env": env,
                          "argv": mx + extra + ["--device", "cpu", "--workers", str(w)], "device": "cpu", "workers": w})

@@ -86,6 +86,21 @@ def test_window_and_write_mode_follow_the_writer_count(monkeypatch):
     assert execute._mapping(1, 16) is False
 
 
+def test_host_buffers_are_pinned_only_for_gpu_workers_alone(monkeypatch):
+    """Beside CPU workers (the default with 8 cores or more) the pool stays pageable: most pieces
+    never leave the host, and a pinned buffer would make its reader wait for the CUDA context."""
+    import torch
+
+    monkeypatch.delenv("MXCONV_PINNED", raising=False)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert execute._pinned([gpu, gpu]) is True
+    assert execute._pinned([gpu, gpu, cpu]) is False and execute._pinned([cpu, cpu]) is False
+    monkeypatch.setenv("MXCONV_PINNED", "1")
+    assert execute._pinned([gpu, cpu]) is True
+    monkeypatch.setenv("MXCONV_PINNED", "0")
+    assert execute._pinned([gpu]) is False
+
+
 @pytest.mark.parametrize("workers", [2, 4])
 def test_a_conversion_writes_several_shards_at_once_with_the_same_bytes(tiny_sources, tmp_path, monkeypatch,
                                                                         workers):

@@ -21,8 +21,8 @@ torch ops, file reads and writes and sha256 all release the GIL, so on a 2-core 
 readers, the workers, the writers and the source hasher keep both cores busy. Shards are finished
 (fsync + atomic rename) strictly in plan order, so an interrupted run leaves a prefix of finished
 shards, as a sequential one would (the shards open at that moment are redone by a rerun). With
---device cuda each worker owns a stream on its GPU: inputs are read into pinned host memory,
-copied in and out without blocking, and the worker waits only for its own stream.
+--device cuda each GPU worker owns a stream on its GPU, copies in and out on it, and waits only
+for its own stream; host buffers are pinned only where GPU workers alone compute (see `_pinned`).
 """
 
 from __future__ import annotations
@@ -178,6 +178,19 @@ def _mapping(window: int, writers: int) -> bool | None:
     return None if window == 1 and writers >= 4 else False
 
 
+def _pinned(devices: list[torch.device]) -> bool:
+    """Whether the pooled host buffers are pinned (page-locked): only where every worker is a GPU
+    worker, since there the copies are all there is to the host's part. Beside CPU workers (the
+    default with 8 cores or more: `cpu_helpers`), most pieces never leave the host, every pinned
+    allocation costs a cudaHostAlloc inside the run, and the first one makes each reader thread
+    wait for the CUDA context; a GPU worker copies from pageable memory instead (synchronously,
+    which it waits for anyway). MXCONV_PINNED=1/0 forces it either way (read here only)."""
+    env = os.environ.get("MXCONV_PINNED")
+    if env is not None:
+        return env != "0"
+    return bool(devices) and all(d.type == "cuda" for d in devices)
+
+
 def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Recipe, devices: list[torch.device],
             progress: Callable[[int], None], reading: Callable[[Path], None] = lambda path: None,
             partial_tag: str = "") -> None:
@@ -196,7 +209,7 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
     mapped = _mapping(window, readers)
     inflight = min(_MAX_INFLIGHT, max(_MIN_INFLIGHT, _INFLIGHT_PER_WORKER * max(len(devices), readers)))
     budget = _Budget(inflight, cancel)
-    pool = BufferPool(pin=any(d.type == "cuda" for d in devices), limit=2 * inflight)  # inputs and outputs in flight
+    pool = BufferPool(pin=_pinned(devices), limit=2 * inflight)  # inputs and outputs in flight
     ready: queue.Queue = queue.Queue()  # loaded pieces, for the workers
     computed: queue.Queue = queue.Queue()  # outputs, for the writers
     done_shards: queue.Queue = queue.Queue()  # shards whose every piece is written, for the finisher
