@@ -11,7 +11,7 @@ import pytest
 import torch
 from reference import reference_fp8_dequant, reference_mxfp8
 
-from converter.numerics import kernels, native, reference
+from converter.numerics import dispatch, kernels, native, reference
 from converter.numerics.dispatch import dequantize_fp8_block, quantize_mxfp8, requantize_fp8_block
 
 _REAL_DISPATCH = kernels._native
@@ -224,13 +224,35 @@ def test_dequant_and_requant_take_ue8m0_scales_through_the_kernels(lib, monkeypa
     w = torch.randint(0, 0x7F, (256, 384), generator=g, dtype=torch.uint8)
     w = (w | (torch.randint(0, 2, w.shape, generator=g, dtype=torch.uint8) << 7)).view(torch.float8_e4m3fn)
     e = torch.tensor([[0, 1, 127], [100, 150, 200]], dtype=torch.uint8)
-    monkeypatch.setattr(reference, "dequantize_fp8_block", None)  # a fallback would fail loudly
-    got = dequantize_fp8_block(w, e)
     want = reference_fp8_dequant(w, torch.exp2(e.double() - 127).float())
+    rq, rs = quantize_mxfp8(want.float())
+    monkeypatch.setattr(reference, "dequantize_fp8_block", None)  # a fallback would fail loudly
+    monkeypatch.setattr(dispatch, "quantize_mxfp8", None)  # requantization's fallback
+    got = dequantize_fp8_block(w, e)
     assert torch.equal(_bf16_bits(got), _bf16_bits(want))
     q, sc = requantize_fp8_block(w, e)
-    rq, rs = quantize_mxfp8(want.float())
     assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(sc, rs)
+
+
+def test_scales_wider_and_longer_than_the_tiles_are_indexed_by_their_own_row_length(lib):
+    """A scale tensor may have more columns (and rows) than the weight has tiles: each band's
+    scales start a whole scale row apart, whatever the weight's width."""
+    g = torch.Generator().manual_seed(10)
+    w = torch.randint(0, 0x7F, (300, 200), generator=g, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    s = torch.rand(4, 5, generator=g) * 4 + 0.25  # needs (3, 2)
+    want = reference_fp8_dequant(w, s[:3, :2].contiguous())
+    assert torch.equal(_bf16_bits(dequantize_fp8_block(w, s)), _bf16_bits(want))
+    q, sc = requantize_fp8_block(w[:, :192], s)
+    rq, rs = quantize_mxfp8(want[:, :192].float())
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(sc, rs)
+
+
+def test_other_one_byte_weights_are_left_to_the_reference(lib):
+    """The kernels decode e4m3fn codes: an e5m2 weight (or any other one-byte dtype) must not reach
+    them, whatever the scales' dtype."""
+    w = torch.tensor([[1.0, 2.0, -3.5, 57344.0] * 32] * 128).to(torch.float8_e5m2)
+    for s in (torch.ones(1, 1), torch.tensor([[127]], dtype=torch.uint8)):
+        assert torch.equal(_bf16_bits(dequantize_fp8_block(w, s)), _bf16_bits(reference.dequantize_fp8_block(w, s)))
 
 
 @pytest.fixture

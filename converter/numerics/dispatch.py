@@ -46,7 +46,7 @@ def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, out: tor
                          ) -> torch.Tensor:
     """`reference.dequantize_fp8_block` without torch's slow float8 casts."""
     scales = _tile_scales(scale_inv)
-    if scales is not None and weight.numel():
+    if scales is not None and weight.dtype == torch.float8_e4m3fn and weight.numel():
         fast = kernels.dequantize_fp8(weight, scales, out)
         if fast is not None:
             return fast
@@ -59,7 +59,7 @@ def requantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, rule: Sc
                          scale_zero: ScaleZeroBlocks | str = ScaleZeroBlocks.EXACT) -> tuple[torch.Tensor, torch.Tensor]:
     """`reference.requantize_fp8_block` in one pass with no BF16 tensor where the kernels can be exact."""
     scales = _tile_scales(scale_inv)
-    if scales is not None and weight.numel():
+    if scales is not None and weight.dtype == torch.float8_e4m3fn and weight.numel():
         fast = kernels.requantize_fp8(weight, scales, ScaleRule(rule).value, out)
         if fast is not None:
             return _flushed(fast, scale_zero, lambda: _fp8_value_signs(weight, scales))
