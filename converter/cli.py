@@ -69,8 +69,9 @@ def convert(
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
                                          help="quantize NaN/Inf instead of failing (Inf saturates, NaN stays)"),
     overwrite: bool = typer.Option(False, "--overwrite",
-                                   help="replace whatever DST holds (an interrupted run of this same "
-                                        "conversion is resumed, not redone)"),
+                                   help="replace an earlier mxconv run in DST made otherwise (an "
+                                        "interrupted run of this same conversion is resumed, not redone; a "
+                                        "folder mxconv did not write is never emptied)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and write nothing"),
     verify: bool = typer.Option(False, "--verify", help="run `mxconv verify` on the result"),
     push_to: Optional[str] = typer.Option(None, help="push the result to this Hub repo id when done"),
@@ -232,7 +233,7 @@ def unshuffle(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     workers: Optional[int] = typer.Option(None, min=1, help="jobs computed in parallel (default: one per CPU core)"),
     max_shard_size: str = typer.Option("5GB", help="largest output shard, in bytes: 5GB, 500MB, 4GiB"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace whatever DST holds"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier mxconv run in DST made otherwise"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
 ) -> None:

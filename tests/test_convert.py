@@ -199,15 +199,27 @@ def test_dry_run_writes_nothing(tiny_sources, tmp_path):
     assert "kv_b_proj" in proc.stdout and "dry run: nothing written" in proc.stdout
 
 
-def test_refuses_non_empty_destination_unless_overwrite(tiny_sources, tmp_path):
+def test_a_directory_mxconv_did_not_write_is_refused_even_with_overwrite(tiny_sources, tmp_path):
+    """--overwrite replaces an earlier mxconv run, never someone's files: a mistyped DST with the
+    suggested flag must not delete a folder."""
     dst = tmp_path / "busy"
-    dst.mkdir()
+    (dst / "sub").mkdir(parents=True)
     (dst / "precious.txt").write_text("keep me")
-    with pytest.raises(OutputError, match="not empty"):
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match=r"not written by mxconv \(it holds precious.txt, sub/\).*pick another"):
+            converter.convert(tiny_sources["bf16"], dst, quiet=True, overwrite=overwrite)
+        assert (dst / "precious.txt").read_text() == "keep me" and sorted(p.name for p in dst.iterdir()) == [
+            "precious.txt", "sub"]
+
+
+def test_overwrite_replaces_an_earlier_mxconv_run_with_other_options(tiny_sources, tmp_path):
+    dst = tmp_path / "out"
+    converter.convert(tiny_sources["bf16"], dst, quiet=True, max_shard_size="1MB")
+    (dst / "notes.txt").write_text("left in an mxconv output")
+    with pytest.raises(OutputError, match="different"):
         converter.convert(tiny_sources["bf16"], dst, quiet=True)
-    assert (dst / "precious.txt").read_text() == "keep me"
     converter.convert(tiny_sources["bf16"], dst, quiet=True, overwrite=True)
-    assert not (dst / "precious.txt").exists() and (dst / "mxconv.json").exists()
+    assert not (dst / "notes.txt").exists() and read_json(dst / "mxconv.json")["complete"] is True
 
 
 def test_source_is_never_modified(tiny_sources, tmp_path):

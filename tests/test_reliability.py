@@ -314,9 +314,10 @@ def test_destination_not_written_by_mxconv_is_refused(src, tmp_path):
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "notes.txt").write_text("mine")
-    with pytest.raises(OutputError, match="not written by mxconv; use --overwrite"):
-        convert(src, dst, quiet=True)
-    assert (dst / "notes.txt").read_text() == "mine"
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="not written by mxconv"):
+            convert(src, dst, quiet=True, overwrite=overwrite)
+        assert (dst / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "contains", "symlink", "file"])

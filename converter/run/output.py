@@ -71,7 +71,7 @@ def inspect_destination(dst: Path, fingerprint: dict, plan: ConversionPlan, over
             leftovers = _leftovers(dst)
             return DestinationState(set(), False, leftovers=leftovers, reclaimable=sum(_size(p) for p in leftovers))
         if previous is None or not same_conversion(previous, fingerprint):
-            if not overwrite:
+            if not overwrite or not _written_by_mxconv(dst, previous):
                 raise OutputError(_refusal(dst, previous, fingerprint), file=dst)
             _check_clearable(dst)
             return DestinationState(set(), False, clear=True, reclaimable=_tree_bytes(dst))
@@ -156,12 +156,21 @@ def _refusal(dst: Path, previous: dict | None, fingerprint: dict) -> str:
         if (dst / PROVENANCE_FILE).exists():
             return (f"destination holds an mxconv conversion without its resume manifest ({STATE_DIR}/"
                     f"{MANIFEST_FILE}); use --overwrite to convert again")
-        return ("destination is not empty and was not written by mxconv; "
-                "use --overwrite to replace its contents")
+        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in dst.iterdir())
+        held = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        return (f"destination is not empty and was not written by mxconv (it holds {held}); mxconv writes "
+                "into a new or empty directory or one of its own runs (--overwrite replaces only those): "
+                "pick another directory")
     changed = sorted(k for k in fingerprint if k not in SOURCE_KEYS and previous.get(k) != fingerprint[k])
     what = "a finished" if (dst / PROVENANCE_FILE).exists() else "an unfinished"
     return (f"destination holds {what} conversion with a different {', '.join(changed) or 'manifest'}; "
             "rerun with the same source, recipe and options to resume it, or use --overwrite to start again")
+
+
+def _written_by_mxconv(dst: Path, manifest: dict | None) -> bool:
+    """Whether DST is an mxconv run, finished or not: the only kind --overwrite may empty (anything
+    else may be someone's files, and a mistyped path must not delete them)."""
+    return manifest is not None or (dst / PROVENANCE_FILE).is_file()
 
 
 def _read_manifest(dst: Path) -> dict | None:
