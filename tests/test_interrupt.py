@@ -4,6 +4,7 @@ marker that looks complete, and the same command resumes (GitHub issue 19)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from cli_process import MxconvProcess, reference_conversion, run_mxconv
 from test_reliability import assert_same_tree, finished_shards, leftovers
 
+import converter.run.pipeline
 from converter.files import (
     MANIFEST_FILE,
     PROVENANCE_FILE,
@@ -66,7 +68,10 @@ def test_sigint_during_convert_says_so_exits_130_and_the_rerun_resumes(src, refe
     assert incomplete_reason(dst) is not None and not (dst / PROVENANCE_FILE).exists()
     again = run_mxconv(argv + ["-q"], logs)
     assert again.returncode == 0, again.stderr
-    assert f"resumed ({done} shard(s) already done)" in again.stdout
+    assert f"resumed ({done} shard(s) already done, " in again.stdout  # and the rate is over what it converted:
+    now = re.search(r"already done, ([0-9.]+) (B|KB|MB) of input converted now\)", again.stdout)
+    whole = converter.run.pipeline.plan_conversion(src)[3].input_bytes
+    assert now and float(now.group(1)) * {"B": 1, "KB": 1e3, "MB": 1e6}[now.group(2)] < whole
     assert_same_tree(dst, reference)
 
 
@@ -128,3 +133,54 @@ def test_interrupted_library_call_is_still_a_keyboard_interrupt(src, tmp_path, m
         converter.run.pipeline.convert(src, tmp_path / "dst", max_shard_size=SHARD, quiet=True)
     assert isinstance(err.value, KeyboardInterrupt)
     assert err.value.message.startswith("2 of ") and Path(tmp_path / "dst").is_dir()
+
+
+@pytest.mark.parametrize("when", ["while the threads start", "while the last pieces are written"])
+def test_ctrl_c_at_the_edges_of_the_pipeline_leaves_no_temporary_shard(src, tmp_path, monkeypatch, when):
+    """Ctrl-C lands in the main thread wherever it is: while it starts the pipeline's threads (a
+    reader has already created its shard's temporary file) or while it waits for the writers at
+    the end. Either way the run stops, says it was interrupted, and leaves no .partial file."""
+    import threading
+    import types
+
+    import converter.run.execute as execute
+    import converter.run.pipeline
+    from converter.errors import Interrupted
+
+    dst = tmp_path / "dst"
+    partial = lambda: list((dst / STATE_DIR).glob("*.partial")) if (dst / STATE_DIR).is_dir() else []  # noqa: E731
+
+    class Thread(threading.Thread):
+        starts = 0
+
+        def start(self):
+            super().start()
+            Thread.starts += 1
+            if when == "while the threads start" and Thread.starts == 3:
+                deadline = time.monotonic() + 30
+                while not partial() and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                assert partial(), "no reader opened a shard"
+                raise KeyboardInterrupt
+
+        def join(self, timeout=None):
+            if when == "while the last pieces are written" and self.name == "mxconv-write-0" and not Thread.raised:
+                Thread.raised = True
+                assert partial()
+                raise KeyboardInterrupt
+            super().join(timeout)
+
+    Thread.raised = False
+    monkeypatch.setattr(execute, "threading", types.SimpleNamespace(**{**vars(threading), "Thread": Thread}))
+    if when == "while the last pieces are written":  # the writers are still busy when the readers are done
+        write_rows = execute.ShardWriter.write_rows
+
+        def slowly(self, *args):
+            time.sleep(0.02)
+            return write_rows(self, *args)
+
+        monkeypatch.setattr(execute.ShardWriter, "write_rows", slowly)
+    with pytest.raises(Interrupted):
+        converter.run.pipeline.convert(src, dst, max_shard_size="50MB", quiet=True, workers=2)
+    assert partial() == [] and not leftovers(dst) and not (dst / PROVENANCE_FILE).exists()
+    assert not any(t.name.startswith("mxconv-") for t in threading.enumerate())  # every thread stopped

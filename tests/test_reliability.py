@@ -255,15 +255,16 @@ def partial_run(src: Path, dst: Path, monkeypatch, **kwargs) -> None:
 
 
 @pytest.mark.parametrize("change, what", [
-    ({"max_shard_size": "2MB"}, "layout_sha256"),
-    ({"scale_rule": "floor"}, "recipe"),
+    ({"max_shard_size": "2MB"}, r"\(changed: the output tensors, the shard sizes \(--max-shard-size\)\)"),
+    ({"scale_rule": "floor"}, r"\(changed: recipe\)"),
     ({"recipe": "deepseek_v3_mxfp8_trtllm"}, "recipe"),
 ])
 def test_changed_option_or_recipe_is_refused(src, tmp_path, monkeypatch, change, what):
+    """Said in a user's words: which of the things the output depends on differ."""
     dst = tmp_path / "dst"
     partial_run(src, dst, monkeypatch, max_shard_size="1MB")
     options = {"max_shard_size": "1MB", **change}
-    with pytest.raises(OutputError, match=f"an unfinished conversion with a different .*{what}"):
+    with pytest.raises(OutputError, match=f"an unfinished conversion made otherwise .*{what}.*resume it"):
         convert(src, dst, quiet=True, **options)
     assert (dst / STATE_DIR / MANIFEST_FILE).exists()  # refused: nothing touched
     result = convert(src, dst, quiet=True, overwrite=True, **options)
@@ -277,7 +278,7 @@ def test_changed_source_config_is_refused(src, small_reference, tmp_path):
     config = json.loads((copy / "config.json").read_text())
     config["rope_theta"] = 50000.0  # changes the output config.json, not a single shard
     replace_file(copy / "config.json", json.dumps(config).encode())
-    with pytest.raises(OutputError, match="different source_config_sha256"):
+    with pytest.raises(OutputError, match=r"changed: the source.s config.json\)"):
         convert(copy, dst, max_shard_size="1MB", quiet=True)
 
 
@@ -297,7 +298,7 @@ def test_second_process_on_the_same_destination_is_refused(src, tmp_path, monkey
 
     dst = tmp_path / "dst"
     partial_run(src, dst, monkeypatch, max_shard_size="1MB")
-    converter.run.output._unlock(dst)  # the interrupted run's lock, as if its process had ended
+    converter.run.output.unlock(dst)  # the interrupted run's lock, as if its process had ended
     other = os.open(dst / STATE_DIR / "lock", os.O_RDWR)
     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.pwrite(other, b"4242\n", 0)

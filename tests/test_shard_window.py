@@ -11,7 +11,7 @@ import pytest
 from helpers import load_all, same_bytes
 
 import converter
-from converter.run import execute, pieces
+from converter.run import devices, execute, pieces
 from converter.run.pieces import Piece, interleave
 
 
@@ -93,12 +93,12 @@ def test_host_buffers_are_pinned_only_for_gpu_workers_alone(monkeypatch):
 
     monkeypatch.delenv("MXCONV_PINNED", raising=False)
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert execute._pinned([gpu, gpu]) is True
-    assert execute._pinned([gpu, gpu, cpu]) is False and execute._pinned([cpu, cpu]) is False
+    assert devices.pinned([gpu, gpu]) is True
+    assert devices.pinned([gpu, gpu, cpu]) is False and devices.pinned([cpu, cpu]) is False
     monkeypatch.setenv("MXCONV_PINNED", "1")
-    assert execute._pinned([gpu, cpu]) is True
+    assert devices.pinned([gpu, cpu]) is True
     monkeypatch.setenv("MXCONV_PINNED", "0")
-    assert execute._pinned([gpu]) is False
+    assert devices.pinned([gpu]) is False
 
 
 @pytest.mark.parametrize("workers", [2, 4])

@@ -122,8 +122,8 @@ def test_source_copied_elsewhere_is_accepted_by_its_sha256(converted, tmp_path):
     shutil.copytree(source, moved)  # new inodes and ctimes (copy2 keeps mtimes)
     result = convert(moved, dst, max_shard_size=SHARD, quiet=True)
     assert result.already_complete
-    assert len(result.source_notes) == 3
-    assert all("ino, ctime changed, but its sha256 is the one recorded: unchanged" in n for n in result.source_notes)
+    assert result.source_notes == ["3 source files (model-00001-of-00003.safetensors, ...): ino, ctime changed, "
+                                   "but their sha256 are the ones recorded: unchanged"]  # one line, not one per file
 
 
 def test_sha256_from_mxconv_json_when_the_manifest_has_none(converted):
@@ -135,7 +135,9 @@ def test_sha256_from_mxconv_json_when_the_manifest_has_none(converted):
         entry["stat"]["mtime_ns"] -= 1
     (dst / STATE_DIR / MANIFEST_FILE).write_text(json.dumps(data))
     result = convert(source, dst, max_shard_size=SHARD, quiet=True)
-    assert result.already_complete and len(result.source_notes) == 3
+    assert result.already_complete and result.source_notes == [
+        "3 source files (model-00001-of-00003.safetensors, ...): mtime changed, but their sha256 are the ones "
+        "recorded: unchanged"]
     (dst / PROVENANCE_FILE).unlink()  # now nothing recorded a sha256: everything is redone
     data["sources"][sorted(data["sources"])[0]]["stat"]["mtime_ns"] -= 1
     (dst / STATE_DIR / MANIFEST_FILE).write_text(json.dumps(data))
@@ -198,7 +200,8 @@ def test_resume_from_a_copy_keeps_the_shards_whose_sources_were_hashed(src, tmp_
     moved = copy_source(source, tmp_path / "moved")
     result = convert(moved, dst, max_shard_size=SHARD, quiet=True)
     assert result.skipped_shards == 5
-    assert all("sha256 is the one recorded: unchanged" in n for n in result.source_notes)
+    assert all("sha256 is the one recorded: unchanged" in n or "sha256 are the ones recorded: unchanged" in n
+               for n in result.source_notes)
 
 
 def test_source_written_during_the_run_is_refused_at_the_end(src, tmp_path, monkeypatch):

@@ -164,7 +164,8 @@ def run_group(spec: SourceSpec, dst: str, token: Token, shards: list, recipe, de
         raise OutputError(f"node {node_id[:8]} ({host}) does not see the destination the driver writes (no "
                           f"{token.name} in its state directory): every node needs SRC and DST at the same paths",
                           file=dst)
-    from converter.run.execute import execute, resolve_devices
+    from converter.run.devices import resolve_devices
+    from converter.run.execute import execute
     from converter.run.output import shard_is_done
     from converter.sources.hashing import SourceHasher
 

@@ -22,7 +22,7 @@ readers, the workers, the writers and the source hasher keep both cores busy. Sh
 (fsync + atomic rename) strictly in plan order, so an interrupted run leaves a prefix of finished
 shards, as a sequential one would (the shards open at that moment are redone by a rerun). With
 --device cuda each GPU worker owns a stream on its GPU, copies in and out on it, and waits only
-for its own stream; host buffers are pinned only where GPU workers alone compute (see `_pinned`).
+for its own stream; host buffers are pinned only where GPU workers alone compute (see `devices.pinned`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from converter.files import STATE_DIR
 from converter.plan.planner import ShardPlan
 from converter.plan.recipe import Recipe
 from converter.plan.view import CanonicalView
+from converter.run.devices import intra_op_threads, io_threads, pinned
 from converter.run.pieces import BufferPool, Piece, compute, interleave, load, split
 from converter.run.writer import ShardWriter
 
@@ -61,43 +62,6 @@ _STREAMS_PER_GPU = 2
 
 class Cancelled(Exception):
     """Another thread failed; this one stops at the next job boundary."""
-
-
-def cpu_helpers() -> int:
-    """CPU workers beside the GPU workers of `--device cuda`: the cores but two (which launch the
-    GPU work), where there are at least 8; MXCONV_CPU_HELPERS sets the count (0: GPUs only).
-    On a 16-core H200 machine the compiled CPU kernels converted an FP8 source faster than the GPU
-    path (copies in and out for a millisecond of numerics per piece), so the GPUs add to the cores
-    instead of replacing them; the bytes are the same whoever computes a piece."""
-    env = os.environ.get("MXCONV_CPU_HELPERS")
-    if env:
-        return max(0, int(env))
-    cores = len(os.sched_getaffinity(0))
-    return cores - 2 if cores >= 8 else 0
-
-
-def resolve_devices(device: str, workers: int | None) -> list[torch.device]:
-    """One compute device per worker. `cuda` uses every visible GPU (at least one worker each),
-    plus `cpu_helpers()` CPU workers. workers None: one per CPU core, or two per GPU (one computes
-    while the other's copies run)."""
-    dev = torch.device(device)
-    if workers is None:
-        gpus = torch.cuda.device_count() if dev.type == "cuda" and dev.index is None else 1
-        workers = 2 * gpus if dev.type == "cuda" else max(1, len(os.sched_getaffinity(0)))
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MxconvError(f"--device {device} asked for, but no CUDA device is available")
-        count = torch.cuda.device_count()
-        if dev.index is not None:
-            if dev.index >= count:
-                raise MxconvError(f"--device {device}: only {count} CUDA device(s) visible")
-            gpu = [dev] * workers
-        else:
-            gpu = [torch.device("cuda", i % count) for i in range(max(workers, count))]
-        return gpu + [torch.device("cpu")] * cpu_helpers()
-    if dev.type != "cpu":
-        raise MxconvError(f"unsupported --device {device!r}; use cpu, cuda or cuda:N")
-    return [dev] * workers
 
 
 class _Budget:
@@ -126,21 +90,6 @@ class _Budget:
 
 
 @contextmanager
-def _intra_op_threads(devices: list[torch.device]):
-    """Workers parallelize over jobs; torch's own thread pool on top of that would oversubscribe
-    the cores (N workers x N OpenMP threads busy-waiting), so it gets the cores left over."""
-    before = torch.get_num_threads()
-    # the reader and writer threads count too: a copy into a mapped shard is a torch op, and 16
-    # writer threads each fanning out to 16 OpenMP threads would bury the cores
-    busy = max(sum(d.type == "cpu" for d in devices), io_threads(devices))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // busy // 2))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextmanager
 def _collector_frozen():
     """The objects alive now (torch's modules, the plan) outlive the run: out of the cyclic
     collector's sight, its full collections (set off by the pieces' small objects) no longer walk
@@ -156,15 +105,6 @@ def _collector_frozen():
             gc.unfreeze()
 
 
-def io_threads(devices: list[torch.device]) -> int:
-    """Reader threads, and as many writer threads: one per CPU worker (a worker count is a core
-    count there); with accelerators, one per core as well, since the CPU's only work then is
-    moving bytes, and a few GPU workers keep the GPU busy."""
-    if all(d.type == "cpu" for d in devices):
-        return len(devices)
-    return max(len(devices), len(os.sched_getaffinity(0)))
-
-
 def shard_window(shards: int, writers: int) -> int:
     """Output shards written at once: one per two writer threads (at least 2), as many as there are."""
     return max(1, min(shards, max(2, writers // 2)))
@@ -178,17 +118,19 @@ def _mapping(window: int, writers: int) -> bool | None:
     return None if window == 1 and writers >= 4 else False
 
 
-def _pinned(devices: list[torch.device]) -> bool:
-    """Whether the pooled host buffers are pinned (page-locked): only where every worker is a GPU
-    worker, since there the copies are all there is to the host's part. Beside CPU workers (the
-    default with 8 cores or more: `cpu_helpers`), most pieces never leave the host, every pinned
-    allocation costs a cudaHostAlloc inside the run, and the first one makes each reader thread
-    wait for the CUDA context; a GPU worker copies from pageable memory instead (synchronously,
-    which it waits for anyway). MXCONV_PINNED=1/0 forces it either way (read here only)."""
-    env = os.environ.get("MXCONV_PINNED")
-    if env is not None:
-        return env != "0"
-    return bool(devices) and all(d.type == "cuda" for d in devices)
+def _despite_interrupts(step: Callable[[], None], cancel: Callable[[BaseException], None]
+                        ) -> KeyboardInterrupt | None:
+    """Run `step` (idempotent) to its end even if Ctrl-C lands in it: the run is cancelled and the
+    step run again. A Ctrl-C while the writers finished used to skip the rest of the clean-up and
+    leave a shard's temporary file behind. Returns the interrupt, if one came."""
+    caught = None
+    while True:
+        try:
+            step()
+            return caught
+        except KeyboardInterrupt as e:
+            caught = caught or e
+            cancel(e)
 
 
 def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Recipe, devices: list[torch.device],
@@ -209,7 +151,7 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
     mapped = _mapping(window, readers)
     inflight = min(_MAX_INFLIGHT, max(_MIN_INFLIGHT, _INFLIGHT_PER_WORKER * max(len(devices), readers)))
     budget = _Budget(inflight, cancel)
-    pool = BufferPool(pin=_pinned(devices), limit=2 * inflight)  # inputs and outputs in flight
+    pool = BufferPool(pin=pinned(devices), limit=2 * inflight)  # inputs and outputs in flight
     ready: queue.Queue = queue.Queue()  # loaded pieces, for the workers
     computed: queue.Queue = queue.Queue()  # outputs, for the writers
     done_shards: queue.Queue = queue.Queue()  # shards whose every piece is written, for the finisher
@@ -351,27 +293,40 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
                   for n, d in enumerate(devices)]
     consumers = [threading.Thread(target=writer, name=f"mxconv-write-{n}", daemon=True) for n in range(readers)]
     consumers.append(threading.Thread(target=finisher, name="mxconv-finish", daemon=True))
-    with _intra_op_threads(devices), _collector_frozen():
-        for t in producers + consumers:
-            t.start()
-        try:
-            for t in producers:
+    started: list[threading.Thread] = []
+
+    def join(group: list[threading.Thread]) -> None:
+        for t in group:
+            if t in started:
                 t.join()
+
+    def stop_writers() -> None:
+        for _ in consumers[:-1]:
+            computed.put(None)
+        join(consumers[:-1])
+        done_shards.put(None)  # lets the finisher stop if a shard never completed
+        join(consumers[-1:])
+
+    def abort_unfinished() -> None:
+        for i, w in enumerate(writers):
+            if w is not None and not finished[i]:
+                w.abort()
+
+    with intra_op_threads(devices), _collector_frozen():
+        try:  # started inside: Ctrl-C while they start must still stop them and remove their files
+            for t in producers + consumers:
+                t.start()
+                started.append(t)
+            join(producers)
         except BaseException as e:  # KeyboardInterrupt in the main thread: stop the others first
             fail(e)
-            for t in producers:
-                t.join()
+            _despite_interrupts(lambda: join(producers), fail)
             raise
         finally:
-            for _ in consumers[:-1]:
-                computed.put(None)
-            for t in consumers[:-1]:
-                t.join()
-            done_shards.put(None)  # lets the finisher stop if a shard never completed
-            consumers[-1].join()
-            for i, w in enumerate(writers):
-                if w is not None and not finished[i]:
-                    w.abort()
+            late = _despite_interrupts(stop_writers, fail)
+            late = _despite_interrupts(abort_unfinished, fail) or late
+        if late is not None:  # Ctrl-C while the last pieces were being written: the run is cancelled
+            raise late
     if errors:
         raise errors[0]
     if not all(finished):  # cannot happen without an error; never report success for it

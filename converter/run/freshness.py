@@ -94,8 +94,14 @@ class SourceCheck:
 
     def notes(self) -> list[str]:
         lines = [f"source file {name} changed ({why})" for name, why in sorted(self.changed.items())]
-        lines += [f"source file {name}: {what} changed, but its sha256 is the one recorded: unchanged"
-                  for name, what in sorted(self.confirmed.items())]
+        confirmed = sorted(self.confirmed.items())
+        if len(confirmed) > 2:  # a copied or re-downloaded source: one line, not one per file
+            whats = sorted({what for _, what in confirmed})
+            lines.append(f"{len(confirmed)} source files ({confirmed[0][0]}, ...): {' or '.join(whats)} changed, but "
+                         "their sha256 are the ones recorded: unchanged")
+        else:
+            lines += [f"source file {name}: {what} changed, but its sha256 is the one recorded: unchanged"
+                      for name, what in confirmed]
         return lines
 
 

@@ -1,5 +1,6 @@
 """The destination directory: its state (fresh, resumable, complete), the manifest that makes a
-resume safe, and the small files written after the shards (index, config, provenance)."""
+resume safe, its lock, and the side files copied from the source (the files written after the
+shards are `provenance.py`'s)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from converter.errors import OutputError
@@ -23,11 +23,9 @@ from converter.files import (
 )
 from converter.plan.planner import ConversionPlan, ShardPlan
 from converter.run.freshness import SOURCE_KEYS, SourceCheck, check_sources, recorded_hashes, same_conversion
-from converter.run.consumers import consumer_keys, skip_list
 from converter.run.writer import fsync_dir, write_atomic, write_bytes_atomic
-from converter.sources.checkpoint import PICKLE_SUFFIXES, SourceCheckpoint
+from converter.sources.checkpoint import PICKLE_SUFFIXES
 from converter.units import format_size
-from converter.version import __version__
 
 # Source files never copied into the destination: weights and what mxconv writes itself.
 _SKIP_NAMES = {CONFIG_FILE, INDEX_FILE, SINGLE_FILE, PROVENANCE_FILE, VERIFY_REPORT_FILE}
@@ -37,7 +35,7 @@ _TEMP_SUFFIXES = (".partial", ".tmp")  # what mxconv leaves in the state directo
 LOCK_FILE = "lock"  # in the state directory; flock'ed while a conversion writes DST
 
 
-def _json_bytes(data: dict) -> bytes:
+def json_bytes(data: dict) -> bytes:
     return (json.dumps(data, indent=2) + "\n").encode()
 
 
@@ -71,7 +69,8 @@ def inspect_destination(dst: Path, fingerprint: dict, plan: ConversionPlan, over
             leftovers = _leftovers(dst)
             return DestinationState(set(), False, leftovers=leftovers, reclaimable=sum(_size(p) for p in leftovers))
         if previous is None or not same_conversion(previous, fingerprint):
-            if not overwrite or not _written_by_mxconv(dst, previous):
+            ours = previous is not None or (dst / PROVENANCE_FILE).is_file()  # --overwrite empties only an mxconv run
+            if not overwrite or not ours:  # (anything else may be someone's files: a mistyped path deletes nothing)
                 raise OutputError(_refusal(dst, previous, fingerprint), file=dst)
             _check_clearable(dst)
             return DestinationState(set(), False, clear=True, reclaimable=_tree_bytes(dst))
@@ -111,7 +110,7 @@ def prepare_destination(dst: Path, fingerprint: dict, state: DestinationState) -
         fsync_dir(dst)
         manifest = dst / STATE_DIR / MANIFEST_FILE
         if _read_manifest(dst) != fingerprint:
-            write_bytes_atomic(manifest, _json_bytes(fingerprint))
+            write_bytes_atomic(manifest, json_bytes(fingerprint))
     except OSError as e:
         raise OutputError(f"cannot prepare the destination: {e.strerror}", file=e.filename or dst) from e
 
@@ -128,12 +127,12 @@ def record_manifest(dst: Path, fingerprint: dict, hashes: dict[str, str] | None 
     try:
         if lock:
             _lock(dst)
-        write_bytes_atomic(dst / STATE_DIR / MANIFEST_FILE, _json_bytes(fingerprint))
+        write_bytes_atomic(dst / STATE_DIR / MANIFEST_FILE, json_bytes(fingerprint))
     except OSError as e:
         raise OutputError(f"cannot update the manifest: {e.strerror}", file=e.filename or dst) from e
     finally:
         if lock:
-            _unlock(dst)
+            unlock(dst)
 
 
 def incomplete_reason(dst: Path) -> str | None:
@@ -161,16 +160,18 @@ def _refusal(dst: Path, previous: dict | None, fingerprint: dict) -> str:
         return (f"destination is not empty and was not written by mxconv (it holds {held}); mxconv writes "
                 "into a new or empty directory or one of its own runs (--overwrite replaces only those): "
                 "pick another directory")
-    changed = sorted(k for k in fingerprint if k not in SOURCE_KEYS and previous.get(k) != fingerprint[k])
-    what = "a finished" if (dst / PROVENANCE_FILE).exists() else "an unfinished"
-    return (f"destination holds {what} conversion with a different {', '.join(changed) or 'manifest'}; "
-            "rerun with the same source, recipe and options to resume it, or use --overwrite to start again")
+    changed = sorted({_WHAT_CHANGED.get(k, k) for k in fingerprint
+                      if k not in SOURCE_KEYS and previous.get(k) != fingerprint[k]})
+    what = f"made otherwise (changed: {', '.join(changed) or 'the manifest'})"
+    if (dst / PROVENANCE_FILE).exists():
+        return f"destination holds a finished conversion {what}; use --overwrite to replace it, or another destination"
+    return (f"destination holds an unfinished conversion {what}; rerun with the same source, recipe and options to "
+            "resume it, or use --overwrite to start again")
 
 
-def _written_by_mxconv(dst: Path, manifest: dict | None) -> bool:
-    """Whether DST is an mxconv run, finished or not: the only kind --overwrite may empty (anything
-    else may be someone's files, and a mistyped path must not delete them)."""
-    return manifest is not None or (dst / PROVENANCE_FILE).is_file()
+# fingerprint keys (freshness.plan_fingerprint) in a user's words
+_WHAT_CHANGED = {"layout_sha256": "the output tensors", "shards": "the shard sizes (--max-shard-size)",
+                 "source_config_sha256": "the source's config.json", "mxconv_version": "the mxconv version"}
 
 
 def _read_manifest(dst: Path) -> dict | None:
@@ -282,7 +283,7 @@ def _lock(dst: Path) -> None:
     _held_locks[key] = fd
 
 
-def _unlock(dst: Path) -> None:
+def unlock(dst: Path) -> None:
     fd = _held_locks.pop(dst.resolve(), None)
     if fd is not None:
         os.ftruncate(fd, 0)  # no stale pid in a finished DST
@@ -339,68 +340,5 @@ def copy_side_files(src_root: Path, dst: Path) -> list[str]:
     return copied
 
 
-def output_config(source_config: dict, plan: ConversionPlan, moe_layout: dict | None) -> dict:
-    config = {k: v for k, v in source_config.items() if k != "quantization_config"}
-    if plan.recipe.target == "mxfp8":
-        qc = {"quant_method": "mxfp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-              "weight_block_size": [1, 32], "scale_fmt": "ue8m0",
-              "modules_to_not_convert": skip_list(plan.modules_to_not_convert)}
-        qc.update(consumer_keys(qc["modules_to_not_convert"], plan.recipe.scale_name))
-        if moe_layout:
-            qc["moe_weight_layout"] = moe_layout
-        config["quantization_config"] = qc
-    return config
-
-
 def index_bytes(plan: ConversionPlan) -> bytes:
-    return _json_bytes({"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map()})
-
-
-def write_index_and_config(dst: Path, plan: ConversionPlan, config: dict) -> None:
-    write_bytes_atomic(dst / INDEX_FILE, index_bytes(plan), tmp_dir=dst / STATE_DIR)
-    write_bytes_atomic(dst / CONFIG_FILE, _json_bytes(config), tmp_dir=dst / STATE_DIR)
-
-
-def _shard_records(src: SourceCheckpoint, source_hashes: dict[str, str], hub: set[str]) -> dict[str, dict]:
-    """Each source file's size and sha256, and where the sha256 came from: hashed by mxconv, or
-    the Hub's own record of a download (`hub`: their names; hub_digests.py)."""
-    out = {}
-    for p in src.files:
-        sha = source_hashes.get(p.name)
-        out[p.name] = {"bytes": p.stat().st_size, "sha256": sha}
-        if sha is not None:
-            out[p.name]["sha256_by"] = "huggingface_hub download record" if p.name in hub else "mxconv"
-    return out
-
-
-def write_provenance(dst: Path, src: SourceCheckpoint, plan: ConversionPlan, *, mapping: str,
-                     source_hashes: dict[str, str], options: dict, origin: dict | None = None,
-                     hub_recorded: set[str] | None = None) -> dict:
-    """Written last of all: its presence marks the conversion complete. `origin`: the `source`
-    block of an earlier conversion that `src` came from (unshuffle), which then stays the source,
-    `src` being recorded as `derived_from`."""
-    tensors = {"mxfp8": plan.counts.get("mxfp8", 0), "bf16": plan.counts.get("dequantized_bf16", 0),
-               "copied": plan.counts.get("copied", 0)}
-    data = {
-        "mxconv_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "complete": True,
-        "source": {
-            "path": str(src.root.resolve()),
-            "format": plan.source_format.value,
-            "mapping": mapping,
-            "base_model": src.config.get("_name_or_path") or None,
-            "shards": _shard_records(src, source_hashes, set(hub_recorded or ())),
-        },
-        "recipe": plan.recipe.to_dict(),
-        "options": options,
-        "output": {"shards": len(plan.shards), "total_size": plan.total_size, "tensors": tensors,
-                   "modules_to_not_convert": plan.modules_to_not_convert},
-    }
-    if Path(src.side_root) != Path(src.root):  # a DCP source: its config.json came from --config
-        data["source"]["config"] = str(Path(src.side_root).resolve())
-    if origin is not None:
-        data["derived_from"], data["source"] = data["source"], origin
-    write_bytes_atomic(dst / PROVENANCE_FILE, _json_bytes(data), tmp_dir=dst / STATE_DIR)
-    _unlock(dst)
-    return data
+    return json_bytes({"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map()})

@@ -111,7 +111,7 @@ class BufferPool:
     host too); passing every tensor of a checkpoint through fresh buffers cost more system time
     than the numerics. Each buffer has 4 KB to spare, so the tensor in it can start at the
     address phase that lets an O_DIRECT write take it without a copy. Pinned where asked
-    (`execute._pinned`: GPU workers alone)."""
+    (`devices.pinned`: GPU workers alone)."""
 
     def __init__(self, pin: bool, limit: int):
         self.pin, self.limit, self.cached = pin, limit, 0

@@ -20,16 +20,11 @@ from converter.models.family import Family, recipe_for
 from converter.plan.planner import ConversionPlan, build_plan
 from converter.plan.recipe import Recipe, load_recipe
 from converter.plan.view import CanonicalView
-from converter.run.execute import execute, resolve_devices
+from converter.run.devices import resolve_devices
+from converter.run.execute import execute
 from converter.run.freshness import changed_during_run, plan_fingerprint
-from converter.run.output import (
-    copy_side_files,
-    output_config,
-    prepare_destination,
-    record_manifest,
-    write_index_and_config,
-    write_provenance,
-)
+from converter.run.output import copy_side_files, prepare_destination, record_manifest
+from converter.run.provenance import output_config, write_index_and_config, write_provenance
 from converter.run.preflight import check_source_tensors, preflight_destination
 from converter.sources.checkpoint import SourceCheckpoint
 from converter.sources.hashing import SourceHasher
@@ -47,6 +42,7 @@ class ConversionResult:
     mapping: str
     seconds: float = 0.0
     skipped_shards: int = 0
+    input_converted: int | None = None  # source bytes this run converted (less than the plan's when resumed)
     already_complete: bool = False
     dry_run: bool = False
     copied_files: list[str] = field(default_factory=list)
@@ -188,7 +184,7 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
         result.skipped_shards = len(plan.shards) - len(todo)
         start = time.perf_counter()
         hasher = SourceHasher(ckpt.hashed_files if hash_sources and ray is None else []).start()
-        total = sum(j.input_bytes for s in todo for j in s.jobs)
+        total = result.input_converted = sum(j.input_bytes for s in todo for j in s.jobs)
         try:
             if ray is not None:  # the nodes hash the source files they read
                 hashes, result.cluster = run_on_cluster(ray_api, todo, view, ckpt, opener, fingerprint, dst,

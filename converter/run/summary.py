@@ -2,11 +2,47 @@
 
 from __future__ import annotations
 
+import re
+
 from converter.plan.planner import COPY, DEQUANT_BF16, ConversionPlan
 from converter.run.consumers import consumer_keys, who_loads
 from converter.run.pipeline import ConversionResult
 from converter.sources.checkpoint import SourceCheckpoint
 from converter.units import format_size
+
+
+_LISTED = 8  # files listed one by one; more are shown as the first and last few
+
+
+def _listing(rows: list[str], total: str) -> list[str]:
+    """`rows` (one per file) as they are, or the first and last few and a line for the rest."""
+    if len(rows) <= _LISTED:
+        return rows
+    return rows[:3] + [f"  ... {len(rows) - 5} more ({total} in all)"] + rows[-2:]
+
+
+def _job_table(plan: ConversionPlan) -> list[str]:
+    """What happens to the tensors, one line per name pattern (layer and expert numbers as #) with
+    its count and layers: a few dozen lines for a whole DeepSeek V3, not 90,000."""
+    groups: dict[tuple[str, str], list] = {}
+    for shard in plan.shards:
+        for job in shard.jobs:
+            what = {COPY: "copy", DEQUANT_BF16: "dequantize to BF16"}.get(job.action, job.action)
+            names = [_NUMBER.sub("#", t.name) for t in job.outputs]
+            pattern = names[0] + (f" (+ {', '.join(n.rsplit('.', 1)[-1] for n in names[1:])})" if names[1:] else "")
+            first = _NUMBER.search(job.outputs[0].name)
+            group = groups.setdefault((what, pattern), [0, set()])
+            group[0] += 1
+            if first and ".layers." in job.outputs[0].name:
+                group[1].add(int(first.group()))
+    lines = []
+    for (what, pattern), (count, layers) in groups.items():
+        span = f"  (layers {min(layers)}-{max(layers)})" if len(layers) > 1 else "".join(f"  (layer {n})" for n in layers)
+        lines.append(f"    {what:<20} {count:>6} x {pattern}{span}")
+    return lines
+
+
+_NUMBER = re.compile(r"(?<=\.)\d+(?=\.)")  # a layer or expert number inside a tensor name
 
 
 def describe_plan(ckpt: SourceCheckpoint, plan: ConversionPlan, mapping: str, verbose: bool = False) -> str:
@@ -16,8 +52,8 @@ def describe_plan(ckpt: SourceCheckpoint, plan: ConversionPlan, mapping: str, ve
     for info in ckpt.tensors.values():  # a DCP tensor counts in every file holding one of its chunks
         for file in info.files:
             counts[file] = counts.get(file, 0) + 1
-    for path in ckpt.files:
-        lines.append(f"  {path.name}: {counts.get(path, 0)} tensors, {format_size(path.stat().st_size)}")
+    lines += _listing([f"  {path.name}: {counts.get(path, 0)} tensors, {format_size(path.stat().st_size)}"
+                       for path in ckpt.files], format_size(ckpt.total_bytes))
     r = plan.recipe
     lines.append(f"recipe: {r.name} (target {r.target}, scale rule {r.scale_rule}, MoE layout {r.moe_layout}"
                  + (f", UE8M0 sources: {r.ue8m0_source}" if plan.source_format.value == "fp8_ue8m0" else "") + ")")
@@ -31,12 +67,11 @@ def describe_plan(ckpt: SourceCheckpoint, plan: ConversionPlan, mapping: str, ve
                      + (f", ... (+{more})" if more > 0 else ""))
     lines.append(f"loads in: {who_loads(_quantization(plan))}")
     lines.append(f"output: {len(plan.shards)} shard(s), {format_size(plan.total_size)}")
-    for shard in plan.shards:
-        lines.append(f"  {shard.name}: {len(shard.tensors)} tensors, {format_size(shard.nbytes)}")
-        if verbose:
-            for job in shard.jobs:
-                what = {COPY: "copy", DEQUANT_BF16: "dequantize to BF16"}.get(job.action, job.action)
-                lines.append(f"    {what:<20} {', '.join(t.name for t in job.outputs)}")
+    lines += _listing([f"  {shard.name}: {len(shard.tensors)} tensors, {format_size(shard.nbytes)}"
+                       for shard in plan.shards], format_size(plan.total_size))
+    if verbose:
+        lines.append("jobs (# stands for a layer or expert number):")
+        lines += _job_table(plan)
     return "\n".join(lines)
 
 
@@ -45,8 +80,10 @@ def describe_result(result: ConversionResult) -> str:
     notes = "".join(f"\n  {note}" for note in result.source_notes)
     if result.already_complete:
         return f"{result.dst}: already complete, nothing to do (same source, recipe and options)" + notes
-    rate = format_size(plan.input_bytes / result.seconds) + "/s" if result.seconds else "-"
-    resumed = f", resumed ({result.skipped_shards} shard(s) already done)" if result.skipped_shards else ""
+    converted = plan.input_bytes if result.input_converted is None else result.input_converted
+    rate = format_size(converted / result.seconds) + "/s" if result.seconds else "-"
+    resumed = (f", resumed ({result.skipped_shards} shard(s) already done, {format_size(converted)} of input "
+               "converted now)") if result.skipped_shards else ""
     if result.cluster:
         c = result.cluster
         moved = f", {c['moved']} moved off {len(c['lost_nodes'])} lost node(s)" if c["lost_nodes"] else ""

@@ -207,8 +207,8 @@ class ShardWriter:
     def _abort(self) -> None:
         self._unmap_all()
         if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+            fd, self.fd = self.fd, None  # never closed twice, even if this is run again after a Ctrl-C
+            os.close(fd)
         self.tmp_path.unlink(missing_ok=True)
 
     def abort(self) -> None:

@@ -25,7 +25,7 @@ from converter.errors import MxconvError, VerifyError
 from converter.files import CONFIG_FILE, PROVENANCE_FILE, VERIFY_REPORT_FILE
 from converter.models.family import family_or_none
 from converter.plan.recipe import Recipe, load_recipe, recipe_from_dict
-from converter.run.execute import resolve_devices
+from converter.run.devices import resolve_devices
 from converter.run.pipeline import DEFAULT_RECIPE
 from converter.run.writer import write_bytes_atomic
 from converter.sources.dcp import is_dcp
