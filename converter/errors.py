@@ -19,8 +19,8 @@ class MxconvError(Exception):
 
     def describe(self) -> str:
         where = []
-        if self.file:
-            where.append(f"file {self.file}")
+        if self.file:  # a folder is named as one (a destination, a source checkpoint)
+            where.append(f"{'directory' if Path(self.file).is_dir() else 'file'} {self.file}")
         if self.tensor:
             where.append(f"tensor {self.tensor}")
         prefix = f"{', '.join(where)}: " if where else ""

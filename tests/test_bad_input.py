@@ -283,3 +283,22 @@ def test_config_describing_a_far_larger_model_is_refused_quickly(case):
     edit_json(src / "config.json", lambda c: c.update(n_routed_experts=10**9))
     with pytest.raises(SourceError, match="config and weights disagree"):
         dry_run(src)
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--recipe", "last8_bf16"], "deepseek_v3 has no 'last8_bf16' recipe (that role is qwen3_moe's); its roles: bf16, "
+                                 "mxfp8, trtllm"),
+    (["--recipe", "nope"], "no built-in recipe 'nope'; give a role of the source's family (mxfp8, trtllm, bf16"),
+    (["--scale-rule", "bogus"], "error: --scale-rule: must be 'rceil' or 'floor', got 'bogus'"),
+    (["--scale-zero-blocks", "zero"], "error: --scale-zero-blocks: must be 'exact'"),
+])
+def test_a_bad_option_is_named_as_the_flag_or_role_it_is(case, extra, says):
+    src, dst, logs = case("fp8")
+    assert_clean_error(convert(src, dst, logs, *extra), says)
+    assert not dst.exists()
+
+
+def test_a_missing_source_is_said_to_be_missing(case, tmp_path):
+    src, dst, logs = case()
+    assert_clean_error(convert(tmp_path / "nope", dst, logs), f"file {tmp_path / 'nope'}: source does not exist")
+    assert_clean_error(convert(src / "config.json", dst, logs), "source is not a directory")

@@ -363,8 +363,13 @@ def recipe_for(family: Family, recipe: str | None) -> str | None:
     if recipe in family.recipes:
         return family.recipes[recipe]
     ours = set(family.recipes.values())
-    owners = sorted(f.name for f in map(load_family, family_names()) if recipe in f.recipes.values())
+    families = list(map(load_family, family_names()))
+    owners = sorted(f.name for f in families if recipe in f.recipes.values())
     if owners and recipe not in ours:
         raise RecipeError(f"recipe {recipe!r} is for {', '.join(owners)} models, this source is {family.name}; "
                           f"use {', '.join(sorted(ours))} or a recipe file")
+    role_of = sorted(f.name for f in families if recipe in f.recipes)  # a role this family lacks
+    if role_of:
+        raise RecipeError(f"{family.name} has no {recipe!r} recipe (that role is {', '.join(role_of)}'s); its roles: "
+                          f"{', '.join(sorted(family.recipes))}, or give a recipe file")
     return recipe

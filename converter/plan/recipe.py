@@ -52,7 +52,13 @@ class Recipe:
     def with_options(self, **overrides) -> "Recipe":
         """The recipe with command-line overrides applied (None means: keep the recipe's value)."""
         changes = {k: v for k, v in overrides.items() if v is not None}
-        return _validated(dataclasses.replace(self, **changes), self.source)
+        try:
+            return _validated(dataclasses.replace(self, **changes), self.source)
+        except RecipeError as e:  # a bad value given on the command line: name the flag, not the recipe file
+            flag = next((k for k in changes if e.message.startswith(k + " ")), None)
+            if flag is None:
+                raise
+            raise RecipeError(f"--{flag.replace('_', '-')}: {e.message.removeprefix(flag + ' ')}") from None
 
     def wants_mxfp8(self, module: str, num_hidden_layers: int) -> bool:
         """Is the linear `module` (name without .weight) quantized to MXFP8 by this recipe?"""
@@ -121,8 +127,8 @@ def _recipe_text(name_or_path: str) -> tuple[str, str]:
             raise RecipeError(f"cannot read recipe: {e.strerror}", file=path) from e
     builtin = yaml_data.builtin_dir("configs") / f"{name_or_path}.yaml"
     if not builtin.is_file():
-        raise RecipeError(f"no built-in recipe {name_or_path!r}; built-in: {', '.join(builtin_recipes())}, "
-                          "or give a path to a YAML file")
+        raise RecipeError(f"no built-in recipe {name_or_path!r}; give a role of the source's family (mxfp8, trtllm, "
+                          f"bf16, ...), a built-in recipe ({', '.join(builtin_recipes())}) or a path to a YAML file")
     return builtin.read_text(), f"{name_or_path} (built-in)"
 
 

@@ -47,7 +47,8 @@ class SourceCheckpoint:
     def open(cls, root: str | Path) -> "SourceCheckpoint":
         root = Path(root)
         if not root.is_dir():
-            raise SourceError("source is not a directory", file=root)
+            raise SourceError("source does not exist" if not Path(root).exists() else "source is not a directory",
+                              file=root)
         config_path = root / CONFIG_FILE
         config = _read_json(config_path) if config_path.exists() else None
         if config is None:
