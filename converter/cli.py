@@ -15,6 +15,7 @@ import typer
 from converter.errors import Interrupted, MxconvError, MxconvWarning, interrupted_as
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,  # plain help and one-line errors: no markup to eat "mxconv[ray]"
                   help="Convert DeepSeek V3/V3.2, Kimi K2 and Qwen3-MoE checkpoints to bit-exact MXFP8 for SGLang on Blackwell.")
 
 CONFIG_HELP = ("PyTorch DCP sources: the Hugging Face model directory (config.json, tokenizer) the "
@@ -23,6 +24,20 @@ DEVICE_HELP = "where the numerics run: cpu, cuda (all visible GPUs) or cuda:N; o
 RAY_HELP = ("write the shards on the nodes of a Ray cluster that share SRC and DST at the same paths: auto (the "
             "cluster this machine is in), local (a new Ray instance here), or an address (ray://HOST:10001); "
             "--device and --workers then apply to each node; needs `pip install 'mxconv[ray]'`")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from converter.version import __version__
+
+        typer.echo(f"mxconv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")) -> None:
+    """Convert DeepSeek V3/V3.2, Kimi K2 and Qwen3-MoE checkpoints to bit-exact MXFP8 for SGLang on Blackwell."""
 
 
 def _fail(err: Exception) -> None:
@@ -47,9 +62,11 @@ _RERUN = "rerun the same command to resume"
 
 @app.command()
 def convert(
-    src: Path = typer.Argument(..., help="source checkpoint directory (Hugging Face layout, or a PyTorch DCP "
-                                         "training checkpoint: Megatron torch_dist, FSDP2)"),
-    dst: Path = typer.Argument(..., help="output directory (absent or empty, or an earlier run to resume)"),
+    src: Path = typer.Argument(..., metavar="SRC",
+                               help="source checkpoint directory (Hugging Face layout, or a PyTorch DCP "
+                                    "training checkpoint: Megatron torch_dist, FSDP2)"),
+    dst: Path = typer.Argument(..., metavar="DST",
+                               help="output directory (absent or empty, or an earlier run to resume)"),
     recipe: Optional[str] = typer.Option(None, help="built-in recipe name, a role of the source's family (mxfp8, "
                                                     "trtllm, bf16, ...), or a recipe YAML path; default: the "
                                                     "family's mxfp8 recipe (deepseek_v3_mxfp8, qwen3_moe_mxfp8, ...)"),
@@ -142,14 +159,15 @@ def _run_verify(src: Path, dst: Path, **kwargs) -> None:
 
 @app.command()
 def verify(
-    src: Path = typer.Argument(..., help="the source checkpoint DST was converted from"),
-    dst: Path = typer.Argument(..., help="a conversion made by `mxconv convert`"),
+    src: Path = typer.Argument(..., metavar="SRC", help="the source checkpoint DST was converted from"),
+    dst: Path = typer.Argument(..., metavar="DST", help="a conversion made by `mxconv convert`"),
     report: Optional[Path] = typer.Option(None, "--report", help="also write the JSON report here (it always "
                                                                   "goes to DST/mxconv_verify.json)"),
     html: Optional[Path] = typer.Option(None, "--html", help="write an HTML page with per-layer plots here"),
     logits: bool = typer.Option(False, "--logits", help="also compare the logits of SRC and of the dequantized "
                                                         "DST in transformers (models that fit in memory)"),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    device: str = typer.Option("cpu", help="where the bytes are re-derived: cpu, cuda (all visible GPUs) or "
+                                           "cuda:N; the results are the same"),
     workers: Optional[int] = typer.Option(None, min=1, help="DST shards checked in parallel (default: one per "
                                                             "CPU core)"),
     config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP + " (default: the one the "
@@ -167,19 +185,21 @@ def verify(
 
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="a checkpoint directory (a source or a conversion)"),
+    path: Path = typer.Argument(..., metavar="PATH", help="a checkpoint directory (a source or a conversion)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
-    """Say what a checkpoint is: architecture, precision, quantization, MoE layout, sizes, completeness."""
+    """Say what a checkpoint is: architecture, precision, quantization, MoE layout, sizes, completeness;
+    exit 1 when it lists problems or an unfinished conversion."""
     import json
 
-    from converter.verify.inspect import format_inspect, inspect_checkpoint
+    from converter.verify.inspect import exit_status, format_inspect, inspect_checkpoint
 
     try:
         info = inspect_checkpoint(path)
     except MxconvError as e:
         _fail(e)
     typer.echo(json.dumps(info, indent=2) if as_json else format_inspect(info))
+    raise typer.Exit(exit_status(info))
 
 
 def _run_push(dst: Path, repo_id: str, **kwargs) -> None:
@@ -207,8 +227,8 @@ def _run_push(dst: Path, repo_id: str, **kwargs) -> None:
 
 @app.command()
 def push(
-    dst: Path = typer.Argument(..., help="a finished conversion"),
-    repo_id: str = typer.Argument(..., help="Hub repo id, e.g. my-org/DeepSeek-V3-MXFP8"),
+    dst: Path = typer.Argument(..., metavar="DST", help="a finished conversion"),
+    repo_id: str = typer.Argument(..., metavar="REPO_ID", help="Hub repo id, e.g. my-org/DeepSeek-V3-MXFP8"),
     private: bool = typer.Option(False, "--private", help="create the repo private"),
     revision: Optional[str] = typer.Option(None, help="branch to push to (created if missing)"),
     token: Optional[str] = typer.Option(None, help="Hub token (default: HF_TOKEN or the stored login)"),
@@ -228,8 +248,9 @@ def push(
 
 @app.command()
 def unshuffle(
-    src: Path = typer.Argument(..., help="a checkpoint converted with --recipe deepseek_v3_mxfp8_trtllm"),
-    dst: Path = typer.Argument(..., help="output directory for the canonical MXFP8 checkpoint"),
+    src: Path = typer.Argument(..., metavar="SRC",
+                               help="a checkpoint converted with --recipe deepseek_v3_mxfp8_trtllm"),
+    dst: Path = typer.Argument(..., metavar="DST", help="output directory for the canonical MXFP8 checkpoint"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     workers: Optional[int] = typer.Option(None, min=1, help="jobs computed in parallel (default: one per CPU core)"),
     max_shard_size: str = typer.Option("5GB", help="largest output shard, in bytes: 5GB, 500MB, 4GiB"),
@@ -252,10 +273,11 @@ def unshuffle(
 
 @app.command()
 def demo(
-    directory: Path = typer.Argument(Path("mxconv-demo"), help="where to build the tiny checkpoint and its conversion"),
+    directory: Path = typer.Argument(Path("mxconv-demo"), metavar="DIRECTORY",
+                                     help="where to build the tiny checkpoint and its conversion"),
     family: str = typer.Option("deepseek_v3", help="model family: deepseek_v3, deepseek_v32, kimi_k2, qwen3_moe"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Build a tiny checkpoint of a model family (no download), convert it to MXFP8, verify it, summarize."""
     from converter.models.demo import build_checkpoint, describe_tiny

@@ -74,6 +74,28 @@ def test_who_loads():
     assert "unshuffle" in who_loads({"moe_weight_layout": {"format": "x"}})
 
 
+def test_who_loads_says_what_loads_each_kind_of_checkpoint():
+    """Not the MXFP8 sentence for every quantization_config: the FP8 release loads as block FP8,
+    BF16 anywhere, and anything else is said to be unknown."""
+    release = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    for qc in (release, {**release, "scale_fmt": "ue8m0"}):
+        said = who_loads(qc, "fp8")
+        assert said.startswith("the DeepSeek FP8 release format") and "load it as block FP8, not as MXFP8" in said
+        assert "quant_method mxfp8" not in said and "mxconv convert" in said
+    assert "UE8M0 scales" in who_loads({**release, "scale_fmt": "ue8m0"})
+    assert who_loads(None) == who_loads({}, "bf16") == "any BF16 loader (not quantized)"
+    assert who_loads(None, "fp32") == "any loader of unquantized FP32 weights (not quantized)"
+    assert who_loads(None, "mxfp8").startswith("unknown: mxfp8 weights but no quantization_config")
+    for qc in ({"quant_method": "awq", "bits": 4}, {"quant_method": "fp8", "weight_block_size": [1, 128]},
+               {"quant_method": "fp8"}):
+        said = who_loads(qc, "fp8")
+        assert said.startswith("unknown quantization (quant_method ") and "SGLang" not in said, said
+    assert "weight_block_size [1, 128]" in who_loads({"quant_method": "fp8", "weight_block_size": [1, 128]})
+    # mxconv's own outputs, as before
+    assert who_loads({"quant_method": "mxfp8", "moe_weight_layout": False}).startswith("SGLang (quant_method mxfp8")
+    assert who_loads({"quant_method": "mxfp8", "quant_algo": "MXFP8"}).endswith("leave the weights unscaled)")
+
+
 # ------------------------------------------------------------- TRT-LLM layout for FlashInfer
 
 
@@ -164,7 +186,7 @@ def test_scale_name_is_validated():
     from converter.errors import RecipeError
     from converter.plan.recipe import load_recipe
 
-    with pytest.raises(RecipeError, match="scale_name must be one of"):
+    with pytest.raises(RecipeError, match="--scale-name: must be one of"):  # names the flag (recipe.py)
         load_recipe("deepseek_v3_mxfp8").with_options(scale_name="scale")
     with pytest.raises(RecipeError, match="moe_layout trtllm keeps scale_name"):
         load_recipe("deepseek_v3_mxfp8_trtllm").with_options(scale_name="weight_scale")

@@ -192,11 +192,19 @@ def test_scale_zero_blocks_flush_from_the_command_line(tiny_sources, tmp_path):
 def test_dry_run_writes_nothing(tiny_sources, tmp_path):
     dst = tmp_path / "never"
     proc = subprocess.run([sys.executable, "-m", "converter.cli", "convert", str(tiny_sources["bf16"]), str(dst),
-                           "--dry-run", "--max-shard-size", "1MB"], capture_output=True, text=True)
+                           "--dry-run", "--max-shard-size", "300KB"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert not dst.exists()
     assert "quantized to MXFP8" in proc.stdout and "model-00001-of-" in proc.stdout
     assert "kv_b_proj" in proc.stdout and "dry run: nothing written" in proc.stdout
+    # one line per name pattern, not per tensor (a whole DeepSeek V3 has some 90,000 jobs), and
+    # files beyond a few listed as the first and last ones
+    experts = [line for line in proc.stdout.splitlines() if ".mlp.experts.#.down_proj.weight (+ weight_scale" in line]
+    c = TINY_CONFIG  # MoE layers 1 and 2, and the MTP layer 3
+    moe_layers = c["num_hidden_layers"] - c["first_k_dense_replace"] + c["num_nextn_predict_layers"]
+    assert len(experts) == 1 and f" {c['n_routed_experts'] * moe_layers} x " in experts[0]
+    assert experts[0].endswith(f"(layers {c['first_k_dense_replace']}-{c['num_hidden_layers']})")
+    assert ".experts.0." not in proc.stdout and "more (" in proc.stdout
 
 
 def test_a_directory_mxconv_did_not_write_is_refused_even_with_overwrite(tiny_sources, tmp_path):
@@ -216,7 +224,7 @@ def test_overwrite_replaces_an_earlier_mxconv_run_with_other_options(tiny_source
     dst = tmp_path / "out"
     converter.convert(tiny_sources["bf16"], dst, quiet=True, max_shard_size="1MB")
     (dst / "notes.txt").write_text("left in an mxconv output")
-    with pytest.raises(OutputError, match="different"):
+    with pytest.raises(OutputError, match=r"finished conversion made otherwise \(changed: .*--max-shard-size.*use --overwrite to replace it"):
         converter.convert(tiny_sources["bf16"], dst, quiet=True)
     converter.convert(tiny_sources["bf16"], dst, quiet=True, overwrite=True)
     assert not (dst / "notes.txt").exists() and read_json(dst / "mxconv.json")["complete"] is True
@@ -245,3 +253,20 @@ def test_cuda_output_is_byte_identical(converted, tmp_path):
     converter.convert(src, gpu, device="cuda", quiet=True, max_shard_size="1MB")
     for path in dst.glob("*.safetensors"):
         assert (gpu / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_cli_help_and_version_say_what_they_mean(tmp_path):
+    """Plain help (no markup that would eat `mxconv[ray]`), flags shown as flags, a --version, and
+    usage errors in one line."""
+    from cli_process import run_mxconv
+
+    from converter.version import __version__
+
+    version = run_mxconv(["--version"], tmp_path)
+    assert version.returncode == 0 and version.stdout.strip() == f"mxconv {__version__}"
+    helped = run_mxconv(["convert", "--help"], tmp_path)
+    text = " ".join(helped.stdout.split())
+    assert helped.returncode == 0 and "pip install 'mxconv[ray]'" in text
+    assert "--dry-run print the plan" in text and "<bool>" not in text
+    bad = run_mxconv(["convert", "a", "b", "--workers", "0"], tmp_path)
+    assert bad.returncode == 2 and "╭" not in bad.stderr and "Invalid value for '--workers'" in bad.stderr

@@ -11,8 +11,8 @@ import pytest
 
 import converter
 from converter.errors import MxconvError
-from converter.files import INDEX_FILE, PROVENANCE_FILE, STATE_DIR
-from converter.verify.inspect import format_inspect, inspect_checkpoint
+from converter.files import CONFIG_FILE, INDEX_FILE, PROVENANCE_FILE, STATE_DIR
+from converter.verify.inspect import exit_status, format_inspect, inspect_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +21,19 @@ def converted(tiny_sources, tmp_path_factory):
     dst = root / "mxfp8"
     converter.convert(tiny_sources["bf16"], dst, max_shard_size="1MB", quiet=True)
     return dst
+
+
+def interrupted_copy(converted, dst, shards_written: int):
+    """A copy of `converted` as a conversion interrupted after `shards_written` shards: what
+    mxconv writes after the shards (index, config.json, side files, mxconv.json) not there yet."""
+    shutil.copytree(converted, dst)
+    shards = sorted(set(json.loads((dst / INDEX_FILE).read_text())["weight_map"].values()))
+    for name in shards[shards_written:] + [INDEX_FILE, CONFIG_FILE, PROVENANCE_FILE]:
+        (dst / name).unlink()
+    for path in dst.iterdir():
+        if path.is_file() and not path.name.endswith(".safetensors"):
+            path.unlink()  # the side files (tokenizer, ...) are copied after the shards too
+    return len(shards)
 
 
 @pytest.mark.parametrize("precision, expected", [("bf16", "bf16"), ("fp8", "fp8"), ("fp8_ue8m0", "fp8_ue8m0"),
@@ -36,12 +49,17 @@ def test_sources(tiny_sources, precision, expected):
     assert info["conversion"] == {"by_mxconv": False, "complete": None, "status": "not an mxconv output"}
     assert info["problems"] == []
     by_dtype = info["tensors"]["by_dtype"]
+    assert exit_status(info) == 0
     if precision == "bf16":
+        assert info["loads_in"] == "any BF16 loader (not quantized)"
         assert info["quantization"] is None and info["high_precision_linears"] == []
         assert by_dtype == {"BF16": {"count": 96, "bytes": by_dtype["BF16"]["bytes"]},
                             "F32": {"count": 3, "bytes": 48}}
     else:
         assert info["quantization"]["quant_method"] == "fp8"
+        # what loads the FP8 release: block FP8 loaders, not the MXFP8 sentence of mxconv's outputs
+        assert "load it as block FP8, not as MXFP8" in info["loads_in"] and "mxfp8;" not in info["loads_in"]
+        assert "loads in                the DeepSeek FP8 release format" in format_inspect(info)
         assert by_dtype["F8_E4M3"]["count"] == 64 + 4  # kv_b_proj is FP8 in the release format
         # what the FP8 release keeps in BF16: lm_head, routers, MTP eh_proj and shared_head.head
         kept = info["high_precision_linears"]
@@ -78,7 +96,30 @@ def test_interrupted_conversion(converted, tmp_path):
     assert (copy / STATE_DIR).is_dir()
     info = inspect_checkpoint(copy)
     assert info["conversion"]["by_mxconv"] and info["conversion"]["complete"] is False
+    assert info["conversion"]["status"] == ("incomplete: interrupted mxconv conversion: 4 of 4 shards written, no "
+                                            "mxconv.json; rerun the same `mxconv convert` command to resume it")
     assert "incomplete" in format_inspect(info)
+    assert exit_status(info) == 1
+
+
+@pytest.mark.parametrize("written", [0, 2])
+def test_conversion_interrupted_before_its_config(converted, tmp_path, written):
+    """An interrupted DST has no config.json or index yet: inspect says how far it got and how to
+    resume it, instead of `not a checkpoint`, and does not call the missing files problems."""
+    planned = interrupted_copy(converted, tmp_path / "dst", written)
+    info = inspect_checkpoint(tmp_path / "dst")
+    json.dumps(info)
+    assert info["conversion"] == {"by_mxconv": True, "complete": False, "status": (
+        f"incomplete: interrupted mxconv conversion: {written} of {planned} shards written, no mxconv.json; "
+        "rerun the same `mxconv convert` command to resume it")}
+    assert info["problems"] == [] and info["config_read"] is False
+    assert info["size"]["files"] == written and (info["tensors"]["count"] > 0) == (written > 0)
+    assert info["precision"] == ("mxfp8" if written else "unknown")
+    table = format_inspect(info)
+    assert f"conversion              incomplete: interrupted mxconv conversion: {written} of {planned}" in table
+    assert "loads in                unknown (no readable config.json)" in table
+    assert "None" not in table and "BF16 loader" not in table, table
+    assert exit_status(info) == 1
 
 
 def test_damaged_conversion(converted, tmp_path):
@@ -90,6 +131,18 @@ def test_damaged_conversion(converted, tmp_path):
     assert info["conversion"]["complete"] is False
     assert any("truncated" in p for p in info["problems"])
     assert "damaged" in format_inspect(info)
+    assert exit_status(info) == 1
+
+
+def test_source_with_problems_exits_1(tiny_sources, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_sources["bf16"], src)
+    assert exit_status(inspect_checkpoint(src)) == 0
+    shard = sorted(src.glob("*.safetensors"))[-1]
+    os.truncate(shard, shard.stat().st_size - 10)
+    info = inspect_checkpoint(src)
+    assert info["conversion"]["complete"] is None and any("truncated" in p for p in info["problems"])
+    assert exit_status(info) == 1
 
 
 def test_trtllm_layout(tiny_sources, tmp_path):
@@ -121,3 +174,27 @@ def test_cli_inspect(converted, tmp_path):
     assert as_json.exit_code == 0 and json.loads(as_json.output) == inspect_checkpoint(converted)
     missing = runner.invoke(app, ["inspect", str(tmp_path / "nope")])
     assert missing.exit_code == 1 and missing.output.startswith("mxconv: error:") and "Traceback" not in missing.output
+    interrupted_copy(converted, tmp_path / "interrupted", 2)
+    table = runner.invoke(app, ["inspect", str(tmp_path / "interrupted")])
+    assert "mxconv: error" not in table.output and "interrupted mxconv conversion: 2 of 4" in table.output
+
+
+def test_cli_inspect_exit_status(converted, tmp_path):
+    """A report that lists problems or an unfinished conversion exits 1 (still printed in full),
+    so that scripts can tell; a clean one 0."""
+    from typer.testing import CliRunner
+
+    from converter.cli import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["inspect", str(converted)]).exit_code == 0
+    interrupted_copy(converted, tmp_path / "interrupted", 2)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(converted, damaged)
+    shard = sorted(damaged.glob("*.safetensors"))[0]
+    os.truncate(shard, shard.stat().st_size - 10)
+    for path, shown in ((tmp_path / "interrupted", "interrupted mxconv conversion"), (damaged, "(truncated")):
+        for extra in ([], ["--json"]):
+            result = runner.invoke(app, ["inspect", str(path), *extra])
+            assert result.exit_code == 1 and shown in result.output, result.output
+            assert "mxconv: error" not in result.output

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import converter
 from converter.errors import VerifyError
-from converter.files import INDEX_FILE, PROVENANCE_FILE, VERIFY_REPORT_FILE
+from converter.files import CONFIG_FILE, INDEX_FILE, PROVENANCE_FILE, VERIFY_REPORT_FILE
 from converter.numerics.dispatch import quantize_mxfp8
 from converter.numerics.reference import ScaleRule
 from converter.numerics.trtllm_layout import unpack_w13
@@ -319,6 +319,51 @@ def test_index_names_a_missing_file(corrupt):
     report = verify()
     messages = [f.message for f in named(report, "coverage", Q_B)]
     assert any("model-00009-of-00009.safetensors, which does not exist" in m for m in messages)
+
+
+@pytest.mark.parametrize("written", [0, 2])
+def test_interrupted_conversion_is_not_checked(corrupt, written):
+    """An interrupted DST (shards only, no index, config.json or mxconv.json yet): a check that
+    had nothing it could check says NOT CHECKED, never PASS, and the verification fails."""
+    _, dst, verify = corrupt
+    shards = sorted(set(json.loads((dst / INDEX_FILE).read_text())["weight_map"].values()))
+    for name in shards[written:] + [INDEX_FILE, CONFIG_FILE, PROVENANCE_FILE]:
+        (dst / name).unlink()
+    report = verify(html_path=dst.parent / "report.html")
+    first = failures(report, "coverage")[0].message
+    assert first.startswith(f"interrupted mxconv conversion: {written} of {len(shards)} shards written, no "
+                            "mxconv.json; rerun the same `mxconv convert` command to resume it"), first
+    text = format_summary(report)
+    checks = json.loads((dst / VERIFY_REPORT_FILE).read_text())["checks"]
+    if written == 0:
+        for check in ("bytes", "numerics"):
+            assert report.result(check) == "NOT CHECKED" and report.check_passed(check) is None
+            assert f"{check:<10} NOT CHECKED" in text and f"{check:<10} PASS" not in text, text
+            assert checks[check]["passed"] is None and checks[check]["checked"] is False
+        assert "none of the 64 MXFP8 weights measurable in DST" in text
+        assert (dst.parent / "report.html").read_text().count(">NOT CHECKED</span>") == 2
+    else:  # what is there is checked, and says how much of it there is
+        assert report.result("bytes") == report.result("numerics") == "PASS"
+        assert f"{len(report.tensors)} of 64 MXFP8 weights" in text and 0 < len(report.tensors) < 64
+    assert text.rstrip().splitlines()[-1].startswith(f"FAILED: {2 if written else 0} of 4 checks passed")
+
+
+def test_wrong_source_is_named(corrupt, tiny_sources, tmp_path):
+    """SRC other than the recorded source: one line names the source DST was converted from, a
+    failure when SRC's shards differ from the recorded ones, a note when they match (a copy)."""
+    src, dst, _ = corrupt  # a copy of the conversion, not corrupted
+    recorded = json.loads((dst / PROVENANCE_FILE).read_text())["source"]["path"]
+    line = f"DST was converted from {recorded}, not from {tiny_sources['fp8']}"
+    wrong = verify_checkpoint(tiny_sources["fp8"], dst, quiet=True)
+    assert not wrong.passed
+    assert failures(wrong, "coverage")[0].message.startswith(line + ", and the source shards differ")
+    assert sum(line in f.message for f in wrong.failures) == 1 and not any(line in n for n in wrong.notes)
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    moved = verify_checkpoint(copy, dst, quiet=True)
+    assert moved.passed, format_summary(moved)
+    assert [n for n in moved.notes if n.startswith(f"DST was converted from {recorded}, not from {copy}; ")]
+    assert not any("DST was converted from" in n for n in verify_checkpoint(src, dst, quiet=True).notes)
 
 
 def test_missing_provenance_is_a_failure_not_a_crash(corrupt):

@@ -3,7 +3,8 @@
 Facts from the consumers' own loading code, run on CPU by tests/test_sglang_loader.py
 (SGLang 0.5.23, transformers 5.x): the skip list every SGLang version reads right, and the one
 sentence that `inspect`, the conversion summary and the model card give about who loads a
-checkpoint. Pure functions of names and config dicts.
+checkpoint (for FP8 release sources, what the consumers' documentation says: mxconv's tests load
+only its own outputs). Pure functions of names and config dicts.
 """
 
 from __future__ import annotations
@@ -52,15 +53,31 @@ PRESHUFFLED_LOADERS = ("NOT SGLang: SGLang shuffles canonical experts itself whe
                        "wrong weights); nor transformers or vLLM. Only a loader that hands the experts to "
                        "FlashInfer's TRT-LLM MXFP8 MoE kernel as they are (converter.models.trtllm_moe) "
                        "can use it; `mxconv unshuffle` gives the canonical checkpoint SGLang loads")
+FP8_BLOCK_LOADERS = ("SGLang, vLLM and transformers (fine-grained FP8) load it as block FP8, not as MXFP8 (so their "
+                     "documentation says; mxconv's tests load only its own outputs); `mxconv convert` makes the "
+                     "MXFP8 checkpoint")
+FLOAT8_WEIGHTS = ("mxfp8", "fp8", "fp8_ue8m0")  # what `mxconv inspect` calls checkpoints with float8 weights
 
 
-def who_loads(quantization_config: dict | None) -> str:
-    """One sentence: which consumers load a checkpoint with this quantization_config."""
+def who_loads(quantization_config: dict | None, precision: str | None = None) -> str:
+    """One sentence: which consumers load a checkpoint with this quantization_config. `precision`
+    (`mxconv inspect`'s name for what the weights are) tells a BF16 checkpoint from one whose
+    float8 weights have no quantization_config."""
     qc = quantization_config if isinstance(quantization_config, dict) else {}
-    if not qc:
-        return "any BF16 loader (not quantized)"
     if qc.get("moe_weight_layout"):
         return PRESHUFFLED_LOADERS
-    if qc.get("quant_algo") == "MXFP8":
-        return VLLM_LOADERS
-    return CANONICAL_LOADERS
+    if not qc:
+        if precision in FLOAT8_WEIGHTS:
+            return f"unknown: {precision} weights but no quantization_config saying how to read them"
+        if precision in ("fp16", "fp32"):
+            return f"any loader of unquantized {precision.upper()} weights (not quantized)"
+        return "any BF16 loader (not quantized)"
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "mxfp8":
+        return VLLM_LOADERS if qc.get("quant_algo") == "MXFP8" else CANONICAL_LOADERS
+    block = qc.get("weight_block_size")
+    if method == "fp8" and isinstance(block, (list, tuple)) and list(block) == [128, 128]:
+        fmt = ", UE8M0 scales" if str(qc.get("scale_fmt", "")).lower() == "ue8m0" else ""
+        return f"the DeepSeek FP8 release format (quant_method fp8, 128x128 blocks{fmt}): " + FP8_BLOCK_LOADERS
+    what = f"quant_method {qc.get('quant_method')!r}" + (f", weight_block_size {block!r}" if block is not None else "")
+    return f"unknown quantization ({what}): mxconv cannot say which consumers load it"

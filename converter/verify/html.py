@@ -125,8 +125,10 @@ def svg_chart(title: str, y_label: str, x_labels: list[str], series: list[tuple[
     return "\n".join(out) + f'<div class="legend">{legend}</div>'
 
 
-def _badge(ok: bool | None) -> str:
+def _badge(ok: bool | None, not_checked: bool = False) -> str:
     cls, text = ("skip", "not run") if ok is None else ("pass", "PASS") if ok else ("fail", "FAIL")
+    if ok is None and not_checked:
+        cls, text = "fail", "NOT CHECKED"
     return f'<span class="badge {cls}">{text}</span>'
 
 
@@ -159,7 +161,8 @@ def render_html(report: VerifyReport) -> str:
     parts.append(f'<div class="cards">{cells}</div>')
     parts.append("<h2>Checks</h2><table><tr><th>check</th><th>result</th><th>failures</th><th>details</th></tr>")
     for c in CHECKS:
-        parts.append(f"<tr><td>{c}</td><td>{_badge(report.check_passed(c))}</td><td class=\"num\">"
+        badge = _badge(report.check_passed(c), report.result(c) == "NOT CHECKED")
+        parts.append(f"<tr><td>{c}</td><td>{badge}</td><td class=\"num\">"
                      f"{len(report.failures_of(c))}</td><td>{escape(check_detail(report, c))}</td></tr>")
     parts.append("</table>")
     parts.append(_failures_table(report))

@@ -1,8 +1,10 @@
 """`mxconv inspect PATH`: what a checkpoint is, from its config, index and shard headers alone
 (no tensor data is read, so it takes a moment even for 671B): architecture, precision and
 quantization format, model family (families/*.yaml), MoE layout, tensor counts and sizes, modules
-kept in high precision, MTP, and, for mxconv outputs, whether the conversion is complete and
-verified."""
+kept in high precision, MTP, who loads it, and, for mxconv outputs, whether the conversion is
+complete (an interrupted one is described as such, with how far it got) and verified.
+`exit_status` is the command's exit status: 1 when the report lists problems or an unfinished
+conversion, so that scripts can tell."""
 
 from __future__ import annotations
 
@@ -11,17 +13,19 @@ from collections import Counter
 from pathlib import Path
 
 from converter.errors import MxconvError
-from converter.files import PROVENANCE_FILE, STATE_DIR, VERIFY_REPORT_FILE
+from converter.files import CONFIG_FILE, PROVENANCE_FILE, STATE_DIR, VERIFY_REPORT_FILE
 from converter.models.family import family_or_none
 from converter.numerics.reference import MX_BLOCK
 from converter.plan.planner import natural_key
 from converter.run.consumers import per_layer_entries, who_loads
+from converter.run.output import incomplete_reason
 from converter.sources.checkpoint import scale_name
 from converter.units import format_size
 from converter.verify.checks import HIGH_PRECISION_DTYPES, Failure, read_destination, read_json
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 _SHOWN_MODULES = 6
+_NO_CONFIG = f"unknown (no readable {CONFIG_FILE})"
 
 
 def _precision(tensors: dict, qc: dict | None) -> str:
@@ -55,12 +59,12 @@ def _moe(tensors: dict, config: dict, qc: dict | None, family) -> dict:
 
 def _conversion(root: Path, problems: list[str]) -> dict:
     prov, why = read_json(root / PROVENANCE_FILE)
-    in_progress = (root / STATE_DIR).is_dir()
     if prov is None:
-        if in_progress:
-            return {"by_mxconv": True, "complete": False,
-                    "status": f"incomplete: {PROVENANCE_FILE} is {why} (interrupted or still running; rerun "
-                              "`mxconv convert` to resume)"}
+        if (root / STATE_DIR).is_dir():  # an mxconv run that has not written its completion marker
+            reason = incomplete_reason(root) or f"{PROVENANCE_FILE} is {why}"
+            if "rerun" not in reason:
+                reason += "; rerun the same `mxconv convert` command to resume it"
+            return {"by_mxconv": True, "complete": False, "status": f"incomplete: {reason}"}
         return {"by_mxconv": False, "complete": None, "status": "not an mxconv output"
                 + (f" ({PROVENANCE_FILE} is {why})" if why != "missing" else "")}
     source = prov.get("source") if isinstance(prov.get("source"), dict) else {}
@@ -81,8 +85,12 @@ def inspect_checkpoint(path: str | Path) -> dict:
         raise MxconvError("not a directory", file=root)
     failures: list[Failure] = []
     dest = read_destination(root, failures)
-    if dest.config is None and not dest.tensors and not dest.unreadable:
-        raise MxconvError("not a checkpoint: no readable config.json and no safetensors weights", file=root)
+    unfinished = (root / STATE_DIR).is_dir() and not (root / PROVENANCE_FILE).exists()
+    if dest.config is None and not dest.tensors and not dest.unreadable and not unfinished:
+        raise MxconvError(f"not a checkpoint: no readable {CONFIG_FILE} and no safetensors weights", file=root)
+    if unfinished:  # mxconv writes the index and config.json last: missing, they are the interruption itself
+        failures = [f for f in failures if not (f.file == str(root) and f.tensor is None)
+                    and not (f.file == str(root / CONFIG_FILE) and f.message.endswith(" is missing"))]
     config = dest.config or {}
     qc = config.get("quantization_config") if isinstance(config.get("quantization_config"), dict) else None
     tensors = dest.tensors
@@ -95,6 +103,10 @@ def inspect_checkpoint(path: str | Path) -> dict:
     num_layers = int(config.get("num_hidden_layers") or 0)
     mtp_layers = {int(m.group(1)) for n in tensors if (m := _LAYER_RE.match(n)) and int(m.group(1)) >= num_layers}
     precision = _precision(tensors, qc)
+    if dest.config is None:
+        loads_in = _NO_CONFIG
+    else:
+        loads_in = who_loads(qc, precision) if precision != "unknown" else "unknown"
     kept = []
     if precision not in ("bf16", "fp16", "fp32", "unknown"):
         kept = sorted({n[: -len(".weight")] for n, i in tensors.items() if n.endswith(".weight") and len(i.shape) == 2
@@ -104,12 +116,13 @@ def inspect_checkpoint(path: str | Path) -> dict:
     family = family_or_none(config)
     return {
         "path": str(root),
+        "config_read": dest.config is not None,
         "architecture": archs[0] if archs else None,
         "model_type": config.get("model_type"),
         "family": family.name if family else None,
         "hidden_layers": num_layers or None,
         "mtp": {"layers_in_config": family.n_mtp(config) if family else config.get("num_nextn_predict_layers", 0),
-                "present": bool(mtp_layers)},
+                "present": bool(mtp_layers) if num_layers else None},
         "precision": precision,
         "quantization": ({k: qc.get(k) for k in ("quant_method", "fmt", "weight_block_size", "scale_fmt",
                                                  "activation_scheme") if k in qc} if qc else None),
@@ -120,7 +133,7 @@ def inspect_checkpoint(path: str | Path) -> dict:
                  "index_total_size": dest.index_total_size},
         "high_precision_linears": kept,
         "modules_to_not_convert": qc.get("modules_to_not_convert") if qc else None,
-        "loads_in": who_loads(qc) if precision != "unknown" else "unknown",
+        "loads_in": loads_in,
         "conversion": _conversion(root, problems),
         "verified": None if verify is None else verify.get("passed") is True,
         "problems": problems,
@@ -140,23 +153,32 @@ def format_inspect(info: dict) -> str:
     moe = info["moe"]
     conv = info["conversion"]
     size = info["size"]
-    rows = [
-        ("path", info["path"]),
-        ("architecture", f"{info['architecture']} ({info['model_type']}), {info['hidden_layers']} decoder layers"),
-        ("family", f"{info['family']}" if info["family"] else "unknown to mxconv"),
-        ("MTP layer", ("present" if info["mtp"]["present"] else "absent")
-         + f" (num_nextn_predict_layers {info['mtp']['layers_in_config']})"),
-        ("precision", info["precision"]),
-        ("quantization", "none" if not q else ", ".join(f"{k} {v}" for k, v in q.items())),
-        ("MoE", f"{moe['layout']}; {moe['routed_experts']} routed + {moe['shared_experts']} shared experts in "
-                f"{moe['moe_layers']} layers" if moe["layout"] != "none" else "none"),
-        ("tensors", f"{info['tensors']['count']}: " + ", ".join(
-            f"{d} {v['count']} ({format_size(v['bytes'])})" for d, v in info["tensors"]["by_dtype"].items())),
+    precision = info["precision"]
+    mtp = {None: "unknown", True: "present", False: "absent"}[info["mtp"]["present"]]
+    rows = [("path", info["path"])]
+    if info["config_read"]:
+        rows += [
+            ("architecture", f"{info['architecture']} ({info['model_type']}), {info['hidden_layers']} decoder layers"),
+            ("family", f"{info['family']}" if info["family"] else "unknown to mxconv"),
+            ("MTP layer", mtp + f" (num_nextn_predict_layers {info['mtp']['layers_in_config']})"),
+            ("precision", precision),
+            ("quantization", "none" if not q else ", ".join(f"{k} {v}" for k, v in q.items())),
+            ("MoE", f"{moe['layout']}; {moe['routed_experts']} routed + {moe['shared_experts']} shared experts in "
+                    f"{moe['moe_layers']} layers" if moe["layout"] != "none" else "none"),
+        ]
+    else:  # what the tensors alone say
+        rows += [(CONFIG_FILE, "none readable: architecture, family, MTP and quantization unknown"),
+                 ("precision", precision),
+                 ("MoE", f"{moe['layout']} in {moe['moe_layers']} layers" if moe["layout"] != "none" else "none")]
+    rows += [
+        ("tensors", f"{info['tensors']['count']}" + "".join(
+            f"{', ' if i else ': '}{d} {v['count']} ({format_size(v['bytes'])})"
+            for i, (d, v) in enumerate(info["tensors"]["by_dtype"].items()))),
         ("size", f"{format_size(size['tensor_bytes'])} of tensors in {size['files']} file(s)"
                  + ("" if size["index_total_size"] in (None, size["tensor_bytes"])
                     else f"; index total_size says {size['index_total_size']}")),
-        ("kept in high precision", _modules(info["high_precision_linears"]) if info["precision"] not in
-         ("bf16", "fp16", "fp32", "unknown") else "everything (not quantized)"),
+        ("kept in high precision", "unknown" if precision == "unknown" else "everything (not quantized)"
+         if precision in ("bf16", "fp16", "fp32") else _modules(info["high_precision_linears"])),
     ]
     listed = info["modules_to_not_convert"]
     if listed is not None:
@@ -173,7 +195,8 @@ def format_inspect(info: dict) -> str:
             rows.append(("converted from", f"{src.get('base_model') or src.get('path')} ({src.get('format')}, "
                                            f"mapping {src.get('mapping')}) with recipe {conv['recipe']}, "
                                            f"mxconv {conv.get('mxconv_version')}"))
-        rows.append(("verified", {None: "no (run `mxconv verify SRC DST`)", True: "passed",
+        unverified = "no (run `mxconv verify SRC DST`)" if conv["complete"] is not False else "no"
+        rows.append(("verified", {None: unverified, True: "passed",
                                   False: "FAILED (see mxconv_verify.json)"}[info["verified"]]))
     else:
         rows.append(("conversion", conv["status"]))
@@ -184,3 +207,9 @@ def format_inspect(info: dict) -> str:
     if len(info["problems"]) > 20:
         lines.append(f"  ... and {len(info['problems']) - 20} more (--json shows all)")
     return "\n".join(lines)
+
+
+def exit_status(info: dict) -> int:
+    """`mxconv inspect`'s exit status for `info`: 1 when it lists problems or an unfinished (or
+    damaged) mxconv conversion, else 0; the report is printed either way."""
+    return 1 if info["problems"] or info["conversion"]["complete"] is False else 0

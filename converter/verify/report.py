@@ -38,6 +38,8 @@ class VerifyReport:
     thresholds: Thresholds
     failures: list[Failure] = field(default_factory=list)
     ran: set[str] = field(default_factory=lambda: {COVERAGE, CONFIG, BYTES, NUMERICS})
+    # checks that ran but found nothing in DST they could check (an interrupted conversion): never PASS
+    unchecked: set[str] = field(default_factory=set)
     details: dict[str, dict] = field(default_factory=lambda: {c: {} for c in CHECKS})
     tensors: list[TensorNumerics] = field(default_factory=list)
     layers: list[LayerSummary] = field(default_factory=list)
@@ -50,14 +52,23 @@ class VerifyReport:
     report_files: list[str] = field(default_factory=list)
 
     def check_passed(self, check: str) -> bool | None:
-        """None when the check did not run."""
+        """None when the check did not run, or ran without a failure but had nothing to check."""
         if check not in self.ran:
             return None
-        return not any(f.check == check for f in self.failures)
+        if any(f.check == check for f in self.failures):
+            return False
+        return None if check in self.unchecked else True
 
     @property
     def passed(self) -> bool:
-        return all(self.check_passed(c) is not False for c in CHECKS)
+        return all(self.check_passed(c) is not False for c in CHECKS) and not self.unchecked
+
+    def result(self, check: str) -> str:
+        """PASS, FAIL, NOT CHECKED (ran, nothing to check) or skip (did not run)."""
+        ok = self.check_passed(check)
+        if ok is None:
+            return "NOT CHECKED" if check in self.ran else "skip"
+        return "PASS" if ok else "FAIL"
 
     def failures_of(self, check: str) -> list[Failure]:
         return [f for f in self.failures if f.check == check]
@@ -74,6 +85,7 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         checks = {c: {"passed": self.check_passed(c), "ran": c in self.ran,
+                      "checked": c in self.ran and c not in self.unchecked,
                       "failures": [f.to_dict() for f in self.failures_of(c)], **self.details.get(c, {})}
                   for c in CHECKS}
         return _json_safe({
@@ -131,10 +143,12 @@ def check_detail(report: VerifyReport, check: str) -> str:
             f", {d['jobs_skipped']} not checkable" if d.get("jobs_skipped") else "")
     if check == NUMERICS:
         s = report.summary()
+        expected = d.get("expected", s["tensors"])
         if not s["tensors"]:
-            return "no MXFP8 weights"
+            return f"none of the {expected} MXFP8 weights measurable in DST" if expected else "no MXFP8 weights"
         exact = f", {s['exact_tensors']} exact" if s["exact_tensors"] else ""
-        return (f"{s['tensors']} MXFP8 weights: SQNR min {_fmt(s['min_sqnr_db'], 1)} dB, mean "
+        of = f" of {expected}" if expected != s["tensors"] else ""
+        return (f"{s['tensors']}{of} MXFP8 weights: SQNR min {_fmt(s['min_sqnr_db'], 1)} dB, mean "
                 f"{_fmt(s['mean_sqnr_db'], 1)} dB{exact}; max error {s['max_block_rel_err']:.4f} of block amax")
     if check == LOGITS:
         if LOGITS not in report.ran:
@@ -151,11 +165,9 @@ def format_summary(report: VerifyReport) -> str:
     """The terminal summary: a table of checks, one of layers, then the failures."""
     lines = [f"mxconv verify {report.src} -> {report.dst}",
              f"recipe {report.recipe}, source {report.source_format}, mapping {report.mapping}", "",
-             f"{'check':<10} {'result':<7} {'failures':>8}  details"]
+             f"{'check':<10} {'result':<11} {'failures':>8}  details"]
     for c in CHECKS:
-        ok = report.check_passed(c)
-        result = "skip" if ok is None else "PASS" if ok else "FAIL"
-        lines.append(f"{c:<10} {result:<7} {len(report.failures_of(c)):>8}  {check_detail(report, c)}")
+        lines.append(f"{c:<10} {report.result(c):<11} {len(report.failures_of(c)):>8}  {check_detail(report, c)}")
     if report.layers:
         lines += ["", f"{'layer':<10} {'tensors':>7} {'min SQNR':>9} {'mean SQNR':>9} {'max err/amax':>12} "
                       f"{'clipped':>8} {'fails':>5}"]

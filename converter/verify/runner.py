@@ -10,7 +10,10 @@ its tensor instead of stopping at the first:
 4. numerics: each MXFP8 weight's error against the source values, with thresholds;
 5. logits (opt-in): source and dequantized DST compared as transformers models.
 A check that fails is data in the report, not an exception; VerifyError means verify could not
-run at all. The JSON report always goes to DST/mxconv_verify.json.
+run at all. A check that found nothing in DST it could check (an interrupted conversion) says
+NOT CHECKED, never PASS, and fails the verification. When SRC is not the source DST's provenance
+records, one coverage line says so (a note when SRC's shards match the recorded ones: a copy).
+The JSON report always goes to DST/mxconv_verify.json.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from converter.errors import MxconvError, VerifyError
-from converter.files import CONFIG_FILE, PROVENANCE_FILE, VERIFY_REPORT_FILE
+from converter.files import CONFIG_FILE, PROVENANCE_FILE, STATE_DIR, VERIFY_REPORT_FILE
 from converter.models.family import family_or_none
 from converter.plan.recipe import Recipe, load_recipe, recipe_from_dict
 from converter.run.devices import resolve_devices
+from converter.run.output import incomplete_reason
 from converter.run.pipeline import DEFAULT_RECIPE
 from converter.run.writer import write_bytes_atomic
 from converter.sources.dcp import is_dcp
@@ -51,9 +55,12 @@ def _expected_recipe(dst: Path, prov: dict | None, why: str | None, report: Veri
     path = dst / PROVENANCE_FILE
     fallback = "checking against the family's default recipe"
     if prov is None:
-        report.failures.append(Failure(COVERAGE, None, f"{PROVENANCE_FILE} is {why}: the conversion is incomplete "
-                                                       f"(mxconv writes it last) or not made by mxconv; {fallback}",
-                                       str(path)))
+        if (dst / STATE_DIR).is_dir() and why == "missing":  # an mxconv run that did not finish
+            message = f"{incomplete_reason(dst)}; {fallback}"
+        else:
+            message = (f"{PROVENANCE_FILE} is {why}: the conversion is incomplete (mxconv writes it last) or not "
+                       f"made by mxconv; {fallback}")
+        report.failures.append(Failure(COVERAGE, None, message, str(path)))
         return _default_recipe(dst), "auto"
     if prov.get("complete") is not True:
         report.failures.append(Failure(COVERAGE, None, f"{PROVENANCE_FILE} does not say complete: true", str(path)))
@@ -68,6 +75,22 @@ def _expected_recipe(dst: Path, prov: dict | None, why: str | None, report: Veri
                                               "created": prov.get("created"),
                                               "mxconv_version": prov.get("mxconv_version")}
     return recipe, mapping if isinstance(mapping, str) and mapping else "auto"
+
+
+def _check_recorded_source(report: VerifyReport, prov: dict, src: Path, shards_differ: bool) -> None:
+    """One coverage line when SRC is not the source DST was converted from: a failure if SRC's
+    shards also differ from the recorded ones (likely the wrong SRC), else a note (a copy)."""
+    source = prov.get("source") if isinstance(prov.get("source"), dict) else {}
+    recorded = source.get("path")
+    if not isinstance(recorded, str) or not recorded or Path(recorded).resolve() == src.resolve():
+        return
+    if shards_differ:
+        report.failures.append(Failure(COVERAGE, None, f"DST was converted from {recorded}, not from {src}, and "
+                                                       "the source shards differ (below): is SRC the right source?",
+                                       str(src)))
+    else:
+        report.notes.append(f"DST was converted from {recorded}, not from {src}; SRC's shards have the recorded "
+                            "names and sizes (a copy?), so DST is checked against SRC")
 
 
 def _default_recipe(dst: Path) -> Recipe:
@@ -109,7 +132,9 @@ def verify_checkpoint(src: str | Path, dst: str | Path, *, device: str = "cpu", 
         raise VerifyError(f"cannot plan the expected conversion from the source: {e}") from None
     report.recipe, report.source_format, report.mapping = recipe.name, plan.source_format.value, mapping_name
     if prov:
-        for fname, why in source_sizes_changed(prov, ckpt):
+        changed = source_sizes_changed(prov, ckpt)
+        _check_recorded_source(report, prov, src, bool(changed))
+        for fname, why in changed:
             report.failures.append(Failure(COVERAGE, None, f"source shard {fname} {why}", str(src / fname)))
         recorded = (prov.get("source") or {}).get("format") if isinstance(prov.get("source"), dict) else None
         if recorded and recorded != plan.source_format.value:
@@ -124,7 +149,11 @@ def verify_checkpoint(src: str | Path, dst: str | Path, *, device: str = "cpu", 
                                                                 bar.update)
     report.failures += failures
     report.details[BYTES].update({"jobs_checked": checked, "jobs_skipped": skipped})
-    report.details[NUMERICS]["tensors"] = len(report.tensors)
+    report.details[NUMERICS].update({"tensors": len(report.tensors), "expected": plan.counts.get("mxfp8", 0)})
+    if not checked and skipped:
+        report.unchecked.add(BYTES)
+    if not report.tensors and plan.counts.get("mxfp8", 0):
+        report.unchecked.add(NUMERICS)
     if skipped:
         report.notes.append(f"{skipped} output group(s) not byte-checked: missing or malformed in DST "
                             "(see coverage)")
