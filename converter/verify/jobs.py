@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from converter.libc import libc
 from converter.numerics.dispatch import dequantize_fp8_block, dequantize_mxfp8
 from converter.numerics.reference import E4M3_MAX, MX_BLOCK, e8m0_to_float
 from converter.plan.planner import (
@@ -179,7 +180,7 @@ def first_difference(expected: torch.Tensor, actual: torch.Tensor) -> str | None
     if e.dtype != a.dtype or e.numel() != a.numel():
         return f"stored as {a.dtype} x{a.numel()}, expected {e.dtype} x{e.numel()}"
     eb, ab = e.view(torch.uint8), a.view(torch.uint8)
-    if torch.equal(eb, ab):
+    if _same_bytes(eb, ab):
         return None
     diff = (eb != ab).reshape(e.numel(), -1).any(dim=1)
     count, first = int(diff.sum()), int(diff.nonzero()[0])
@@ -189,6 +190,17 @@ def first_difference(expected: torch.Tensor, actual: torch.Tensor) -> str | None
         rest //= dim
     return (f"{count} of {e.numel()} elements differ; first at {list(reversed(index))}: "
             f"expected {_show(e[first])}, found {_show(a[first])}")
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal contiguous uint8 tensors of one size: memcmp on the CPU (torch.equal compares element
+    by element, a tenth of the speed: a tenth of verify's time went there), torch.equal elsewhere."""
+    if a.device.type == b.device.type == "cpu" and a.numel():
+        try:
+            return libc().memcmp(a.data_ptr(), b.data_ptr(), a.numel()) == 0
+        except (OSError, AttributeError):
+            pass
+    return torch.equal(a, b)
 
 
 def _show(v: torch.Tensor) -> str:
