@@ -18,7 +18,8 @@ def parse_size(text: str | int) -> int:
     m = _SIZE_RE.match(str(text))
     unit = m.group(2).upper() if m else None
     if not m or unit not in _UNITS:
-        raise MxconvError(f"cannot read size {text!r}; write it like 5GB, 500MB or 4GiB")
+        bare = f" ({text!r} could mean either: {m.group(1)}{unit}B or {m.group(1)}{unit}iB)" if unit in tuple("KMGT") else ""
+        raise MxconvError(f"cannot read size {text!r}; write it like 5GB, 500MB or 4GiB{bare}")
     value = int(float(m.group(1)) * _UNITS[unit])
     if value <= 0:
         raise MxconvError(f"size must be positive, got {text!r}")

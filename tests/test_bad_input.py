@@ -302,3 +302,15 @@ def test_a_missing_source_is_said_to_be_missing(case, tmp_path):
     src, dst, logs = case()
     assert_clean_error(convert(tmp_path / "nope", dst, logs), f"file {tmp_path / 'nope'}: source does not exist")
     assert_clean_error(convert(src / "config.json", dst, logs), "source is not a directory")
+
+
+def test_shard_sizes_are_read_as_written_and_a_bare_unit_is_refused():
+    """5GB is decimal (Hugging Face's max_shard_size), 4GiB binary; a bare 5G could be either."""
+    from converter.errors import MxconvError
+    from converter.units import parse_size
+
+    assert (parse_size("5GB"), parse_size("500MB"), parse_size("4GiB")) == (5 * 10**9, 500 * 10**6, 4 * 2**30)
+    with pytest.raises(MxconvError, match=r"'5G' could mean either: 5GB or 5GiB"):
+        parse_size("5G")
+    with pytest.raises(MxconvError, match="cannot read size 'lots'"):
+        parse_size("lots")
