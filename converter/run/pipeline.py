@@ -169,6 +169,11 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
     if state.sources.stale_shards and state.sources.changed:
         result.source_notes.append(f"{len(state.sources.stale_shards)} of {len(plan.shards)} output shard(s) "
                                    "were made from changed source files: redone")
+    damaged = [s.name for s in plan.shards if s.name not in state.done_shards
+               and s.name not in state.sources.stale_shards and (dst / s.name).is_file()]
+    if damaged and not state.clear:
+        result.source_notes.append(f"output shard(s) {', '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''} "
+                                   "not as planned (truncated or changed since written): redone")
     if state.complete:
         result.already_complete = True
         result.skipped_shards = len(plan.shards)
