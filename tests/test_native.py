@@ -4,6 +4,7 @@ references, byte for byte, and the build: cached, optional, never required."""
 from __future__ import annotations
 
 import ctypes
+import math
 import subprocess
 import sys
 
@@ -304,3 +305,34 @@ def test_an_unwritable_cache_falls_back_to_a_temp_folder(fresh, monkeypatch, tmp
     monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     assert native.load() is not None
     assert len(list((tmp_path / "tmp").glob("mxconv-*/mxfp8-*.so"))) == 1
+
+
+def test_verify_error_stats_in_one_pass_match_the_torch_code(lib):
+    """mx_stats.c against verify's torch code (given the same values as float32): counts and
+    maxima equal, SQNR equal to far below what any threshold looks at (the kernel sums in double,
+    the torch code each chunk in float32). Gaussian blocks, blocks clipped by FLOOR, all-zero
+    blocks, non-zero blocks stored as zeros, subnormal blocks, NaN/Inf in the source."""
+    from converter.verify.jobs import error_stats
+
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(96, 256, generator=g) * torch.exp2(torch.randint(-20, 20, (96, 1), generator=g).float()))
+    x[3] = 0.0  # an all-zero row of blocks
+    x[4, :32] = -0.0  # a block of -0 (codes 0x80): stored as zeros too
+    x[5, :32] = 2.0**-130  # a subnormal block
+    x = x.to(torch.bfloat16)
+    for rule in ("rceil", "floor"):
+        q, s = quantize_mxfp8(x, rule)
+        q.view(torch.uint8)[7, 64:96] = 0  # a non-zero block stored as zeros: lost
+        fast, slow = error_stats(x, q, s), error_stats(x.float(), q, s)
+        assert kernels.error_stats_bf16(x, q, s, 464.0) is not None  # the kernel took the first
+        assert abs(fast.pop("sqnr_db") - slow.pop("sqnr_db")) < 1e-4 and fast == slow
+        assert fast["lost_blocks"] >= 1 and fast["zero_blocks"] >= 9 and (rule == "rceil") == (
+            fast["saturated_fraction"] == 0)
+    y = x.clone()
+    y[9, 3], y[10, 40] = float("nan"), float("-inf")
+    q, s = quantize_mxfp8(torch.where(torch.isfinite(y), y, 0), "rceil")
+    fast, slow = error_stats(y, q, s), error_stats(y.float(), q, s)
+    assert fast["nonfinite_source"] == slow["nonfinite_source"] == 2
+    assert abs(fast.pop("sqnr_db") - slow.pop("sqnr_db")) < 1e-4 and fast == slow
+    q.view(torch.uint8)[2, 2] = 0x7F  # a NaN code stored: the error is NaN, as verify judges it
+    assert all(math.isnan(error_stats(x, q, s)[k]) for k in ("sqnr_db", "max_abs_err", "max_block_rel_err"))

@@ -32,6 +32,8 @@ Inf, scales outside that range): the caller then runs the reference path, which 
 
 from __future__ import annotations
 
+import ctypes
+
 import threading
 
 import torch
@@ -294,3 +296,19 @@ def requantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, rule: str, out
     if bool((scales == _NONFINITE).any()):
         return None
     return q, scales
+
+
+def error_stats_bf16(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, clip: float) -> tuple | None:
+    """(sum x^2, sum err^2, max block |err|, max block |err| / amax, clipped, zero blocks, lost
+    blocks, non-finite x) of MXFP8 (q, s) against BF16 x [N, K] in one compiled pass
+    (`mx_stats.c`); None where there is no compiled kernel or the input is another kind."""
+    lib = _native(x.device)
+    n, k = x.shape if x.dim() == 2 else (0, 0)
+    if (lib is None or x.dtype != torch.bfloat16 or x.dim() != 2 or k % _BLOCK or q.shape != x.shape
+            or q.element_size() != 1 or s.dtype != torch.uint8 or s.numel() != n * (k // _BLOCK)
+            or q.device != x.device or s.device != x.device):
+        return None
+    x, q, s = x.contiguous(), q.contiguous(), s.contiguous()
+    sums, counts = (ctypes.c_double * 4)(), (ctypes.c_int64 * 4)()
+    lib.mx_error_stats_bf16(x.data_ptr(), n, k, q.data_ptr(), s.data_ptr(), clip, sums, counts)
+    return (*sums, *counts)

@@ -1,5 +1,5 @@
-"""The compiled CPU kernels (`converter/numerics/mxfp8.c`, `fp8_block.c`, `mxfp8.h`): built once per
-machine with the system C compiler into one library, cached, loaded with ctypes.
+"""The compiled CPU kernels (`converter/numerics/mxfp8.c`, `fp8_block.c`, `mx_stats.c`, `mxfp8.h`):
+built once per machine with the system C compiler into one library, cached, loaded with ctypes.
 
 Why compiled code: on a CPU the conversion must keep pace with copying the files, and torch's
 element-wise operations cannot: each is a pass over memory, and its float -> e4m3 cast is scalar.
@@ -25,7 +25,7 @@ import threading
 import warnings
 from pathlib import Path
 
-SOURCES = (Path(__file__).with_name("mxfp8.c"), Path(__file__).with_name("fp8_block.c"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("mxfp8.c", "fp8_block.c", "mx_stats.c"))
 HEADER = Path(__file__).with_name("mxfp8.h")
 # -ffp-contract=off: no fused multiply-add (it would skip a rounding the reference does);
 # -march=native: the cache key holds the CPU's feature flags, so a shared cache stays correct.
@@ -120,6 +120,8 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mx_quantize_bf16.argtypes = [p, i64, i64, p, p, i, p, p]
     lib.mx_requantize_fp8.argtypes = [p, i64, i64, p, i64, p, p, i, p, p]
     lib.mx_dequantize_fp8.argtypes = [p, i64, i64, p, i64, p]
+    lib.mx_error_stats_bf16.argtypes = [p, i64, i64, p, p, ctypes.c_float, p, p]
+    lib.mx_error_stats_bf16.restype = None
     lib.mx_quantize_bf16.restype = lib.mx_requantize_fp8.restype = lib.mx_dequantize_fp8.restype = i
     return lib
 

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from converter.libc import libc
+from converter.numerics import kernels
 from converter.numerics.dispatch import dequantize_fp8_block, dequantize_mxfp8
 from converter.numerics.reference import E4M3_MAX, MX_BLOCK, e8m0_to_float
 from converter.plan.planner import (
@@ -111,9 +112,14 @@ def layer_and_module(name: str) -> tuple[int | None, str]:
 
 
 def error_stats(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, chunk_elems: int = 1 << 20) -> dict:
-    """Error of MXFP8 (q, s) against x [N, K] (any float dtype); pure, runs on x's device, in row
-    chunks of about 1M elements: their temporaries (4 MB each) are reused from the allocator's
-    heap, where 64 MB ones were fresh mappings, page-faulted every time (most of verify's time)."""
+    """Error of MXFP8 (q, s) against x [N, K] (any float dtype); pure, runs on x's device. BF16 on
+    a CPU goes through the compiled kernel (one pass; sums in double), anything else through
+    torch in row chunks of about 1M elements: their temporaries (4 MB each) are reused from the
+    allocator's heap, where 64 MB ones were fresh mappings, page-faulted every time."""
+    fast = kernels.error_stats_bf16(x, q, s, CLIP_LIMIT)
+    if fast is not None:
+        signal, noise, max_abs, max_rel, clipped, zero_blocks, lost, nonfinite = fast
+        return _stats(signal, noise, max_abs, max_rel, clipped, zero_blocks, lost, nonfinite, x.numel())
     rows = max(1, chunk_elems // max(x.shape[-1], 1))
     signal = noise = 0.0
     max_abs = max_rel = 0.0
@@ -142,6 +148,10 @@ def error_stats(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, chunk_elems: 
         zero = (qc.view(torch.uint8).reshape(-1, MX_BLOCK) & 0x7F).amax(1) == 0  # 0x80 is -0
         zero_blocks += int(zero.sum())
         lost += int((zero & (amax > 0)).sum())
+    return _stats(signal, noise, max_abs, max_rel, clipped, zero_blocks, lost, nonfinite, x.numel())
+
+
+def _stats(signal, noise, max_abs, max_rel, clipped, zero_blocks, lost, nonfinite, numel) -> dict:
     if math.isnan(noise) or math.isnan(signal):
         sqnr = math.nan
     elif noise == 0:
@@ -149,7 +159,7 @@ def error_stats(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, chunk_elems: 
     else:
         sqnr = 10 * math.log10(signal / noise) if signal > 0 else -math.inf
     return {"sqnr_db": sqnr, "max_abs_err": max_abs, "max_block_rel_err": max_rel,
-            "saturated_fraction": clipped / max(x.numel(), 1), "zero_blocks": zero_blocks, "lost_blocks": lost,
+            "saturated_fraction": clipped / max(numel, 1), "zero_blocks": zero_blocks, "lost_blocks": lost,
             "nonfinite_source": nonfinite}
 
 
