@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,15 @@ class Recipe:
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    """fnmatchcase against any of the patterns, as one regular expression (a DeepSeek V3 plan asks
+    this of 92,000 tensors: one fnmatch per pattern made planning 0.3 s slower, 3.5 s in all)."""
+    either = _either(patterns)
+    return either is not None and either.match(name) is not None
+
+
+@functools.lru_cache(maxsize=256)
+def _either(patterns: tuple[str, ...]) -> re.Pattern | None:
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)) if patterns else None
 
 
 def builtin_recipes() -> list[str]:
