@@ -3,6 +3,7 @@ print one clear line and exit non-zero instead of a traceback."""
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -19,8 +20,8 @@ class MxconvError(Exception):
 
     def describe(self) -> str:
         where = []
-        if self.file:  # a folder is named as one (a destination, a source checkpoint)
-            where.append(f"{'directory' if Path(self.file).is_dir() else 'file'} {self.file}")
+        if self.file:  # a folder is named as one (a destination, a source checkpoint); never raises
+            where.append(f"{'directory' if os.path.isdir(self.file) else 'file'} {self.file}")
         if self.tensor:
             where.append(f"tensor {self.tensor}")
         prefix = f"{', '.join(where)}: " if where else ""

@@ -314,3 +314,9 @@ def test_shard_sizes_are_read_as_written_and_a_bare_unit_is_refused():
         parse_size("5G")
     with pytest.raises(MxconvError, match="cannot read size 'lots'"):
         parse_size("lots")
+
+
+def test_a_path_too_long_for_the_file_system_is_still_a_one_line_error(case, tmp_path):
+    """Naming the file in the message must not itself fail (a stat of it raises ENAMETOOLONG)."""
+    src, dst, logs = case("fp8")
+    assert_clean_error(convert(src, dst, logs, "--recipe", str(tmp_path / ("a" * 300 + ".yaml"))), "cannot read recipe")

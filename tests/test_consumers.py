@@ -186,7 +186,7 @@ def test_scale_name_is_validated():
     from converter.errors import RecipeError
     from converter.plan.recipe import load_recipe
 
-    with pytest.raises(RecipeError, match="--scale-name: must be one of"):  # names the flag (recipe.py)
+    with pytest.raises(RecipeError, match="scale_name must be one of"):  # no such flag: the recipe key
         load_recipe("deepseek_v3_mxfp8").with_options(scale_name="scale")
     with pytest.raises(RecipeError, match="moe_layout trtllm keeps scale_name"):
         load_recipe("deepseek_v3_mxfp8_trtllm").with_options(scale_name="weight_scale")

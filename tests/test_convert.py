@@ -270,3 +270,19 @@ def test_cli_help_and_version_say_what_they_mean(tmp_path):
     assert "--dry-run print the plan" in text and "<bool>" not in text
     bad = run_mxconv(["convert", "a", "b", "--workers", "0"], tmp_path)
     assert bad.returncode == 2 and "╭" not in bad.stderr and "Invalid value for '--workers'" in bad.stderr
+
+
+def test_the_dry_run_job_table_says_when_a_pattern_skips_layers():
+    """(layers a-b) only for every layer from a to b; otherwise how many layers lie in that span."""
+    from types import SimpleNamespace as NS
+
+    from converter.run.summary import _job_table
+
+    def job(name):
+        return NS(action="copy", outputs=[NS(name=name)])
+
+    plan = NS(shards=[NS(jobs=[job("model.layers.1.a.weight"), job("model.layers.5.a.weight"),
+                               job("model.layers.2.b.weight"), job("model.layers.3.b.weight")])])
+    rows = _job_table(plan)
+    assert rows[0].endswith("2 x model.layers.#.a.weight  (2 layers in 1-5)")
+    assert rows[1].endswith("2 x model.layers.#.b.weight  (layers 2-3)")

@@ -257,7 +257,8 @@ def partial_run(src: Path, dst: Path, monkeypatch, **kwargs) -> None:
 
 
 @pytest.mark.parametrize("change, what", [
-    ({"max_shard_size": "2MB"}, r"\(changed: the output tensors, the shard sizes \(--max-shard-size\)\)"),
+    ({"max_shard_size": "2MB"}, r"\(changed: the output layout \(which tensor goes in which shard\), the shard sizes "
+                                r"\(--max-shard-size\)\)"),
     ({"scale_rule": "floor"}, r"\(changed: recipe\)"),
     ({"recipe": "deepseek_v3_mxfp8_trtllm"}, "recipe"),
 ])

@@ -56,7 +56,7 @@ class Recipe:
         try:
             return _validated(dataclasses.replace(self, **changes), self.source)
         except RecipeError as e:  # a bad value given on the command line: name the flag, not the recipe file
-            flag = next((k for k in changes if e.message.startswith(k + " ")), None)
+            flag = next((k for k in changes if k in _FLAGS and e.message.startswith(k + " ")), None)
             if flag is None:
                 raise
             raise RecipeError(f"--{flag.replace('_', '-')}: {e.message.removeprefix(flag + ' ')}") from None
@@ -73,6 +73,9 @@ class Recipe:
             if num_hidden_layers - self.keep_last_layers <= layer < num_hidden_layers:
                 return False
         return True
+
+
+_FLAGS = ("scale_rule", "scale_zero_blocks")  # recipe keys `mxconv convert` sets from a flag of the same name
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:

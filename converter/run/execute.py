@@ -30,6 +30,7 @@ from __future__ import annotations
 import gc
 import os
 import queue
+import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,6 +117,21 @@ def _mapping(window: int, writers: int) -> bool | None:
     if env is not None:
         return False if env == "0" else None
     return None if window == 1 and writers >= 4 else False
+
+
+@contextmanager
+def _interrupts_held():
+    """SIGINT held pending (not lost) while the pipeline's threads start, so that a Ctrl-C never
+    lands inside a `Thread.start()` whose thread then runs on unjoined; it is taken as soon as
+    they have all started. The threads inherit the mask: the main thread takes every Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _despite_interrupts(step: Callable[[], None], cancel: Callable[[BaseException], None]
@@ -293,11 +309,9 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
                   for n, d in enumerate(devices)]
     consumers = [threading.Thread(target=writer, name=f"mxconv-write-{n}", daemon=True) for n in range(readers)]
     consumers.append(threading.Thread(target=finisher, name="mxconv-finish", daemon=True))
-    started: list[threading.Thread] = []
-
     def join(group: list[threading.Thread]) -> None:
         for t in group:
-            if t in started:
+            if t.ident is not None:  # started (a Ctrl-C may have come before start() returned)
                 t.join()
 
     def stop_writers() -> None:
@@ -314,12 +328,14 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
 
     with intra_op_threads(devices), _collector_frozen():
         try:  # started inside: Ctrl-C while they start must still stop them and remove their files
-            for t in producers + consumers:
-                t.start()
-                started.append(t)
+            with _interrupts_held():
+                for t in producers + consumers:
+                    t.start()
             join(producers)
         except BaseException as e:  # KeyboardInterrupt in the main thread: stop the others first
             fail(e)
+            for _ in devices:  # workers whose readers never started (a start that failed) stop too
+                ready.put(None)
             _despite_interrupts(lambda: join(producers), fail)
             raise
         finally:

@@ -45,7 +45,7 @@ class DestinationState:
 
     done_shards: set[str]
     complete: bool
-    clear: bool = False  # --overwrite: DST holds something else, which is removed first
+    clear: bool = False  # --overwrite: DST holds another mxconv run, which is removed first
     resumed: bool = False  # DST holds an interrupted (or damaged) run of this same conversion
     leftovers: list[Path] = field(default_factory=list)  # temporary files of an interrupted run
     reclaimable: int = 0  # bytes freed before writing starts (leftovers, or everything when clearing)
@@ -54,8 +54,8 @@ class DestinationState:
 
 def inspect_destination(dst: Path, fingerprint: dict, plan: ConversionPlan, overwrite: bool,
                         src_root: Path | None = None, src_files: list[Path] | None = None) -> DestinationState:
-    """Read-only: is DST fresh, a resumable or finished run of this conversion, or something
-    else (refused unless `overwrite`)? A finished shard counts as done only if every source file
+    """Read-only: is DST fresh, a resumable or finished run of this conversion, another mxconv
+    run (refused unless `overwrite`), or something else (always refused)? A finished shard counts as done only if every source file
     it was made from is unchanged (`freshness.check_sources`, which may hash `src_files`); that
     check fills in `fingerprint`'s sha256 of the files found unchanged."""
     dst = Path(dst)
@@ -170,7 +170,7 @@ def _refusal(dst: Path, previous: dict | None, fingerprint: dict) -> str:
 
 
 # fingerprint keys (freshness.plan_fingerprint) in a user's words
-_WHAT_CHANGED = {"layout_sha256": "the output tensors", "shards": "the shard sizes (--max-shard-size)",
+_WHAT_CHANGED = {"layout_sha256": "the output layout (which tensor goes in which shard)", "shards": "the shard sizes (--max-shard-size)",
                  "source_config_sha256": "the source's config.json", "mxconv_version": "the mxconv version"}
 
 

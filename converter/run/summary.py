@@ -37,7 +37,11 @@ def _job_table(plan: ConversionPlan) -> list[str]:
                 group[1].add(int(first.group()))
     lines = []
     for (what, pattern), (count, layers) in groups.items():
-        span = f"  (layers {min(layers)}-{max(layers)})" if len(layers) > 1 else "".join(f"  (layer {n})" for n in layers)
+        if len(layers) > 1:
+            gaps = len(layers) < max(layers) - min(layers) + 1
+            span = f"  ({len(layers) if gaps else 'layers'} {'layers in ' if gaps else ''}{min(layers)}-{max(layers)})"
+        else:
+            span = "".join(f"  (layer {n})" for n in layers)
         lines.append(f"    {what:<20} {count:>6} x {pattern}{span}")
     return lines
 
