@@ -70,10 +70,8 @@ def requantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, rule: Sc
 def _tile_scales(scale_inv: torch.Tensor) -> torch.Tensor | None:
     """The float32 tile scales the reference multiplies by (float32 as stored; UE8M0 exponent bytes
     as 2^(e - 127)), or None for a dtype the reference itself rejects."""
-    if scale_inv.dtype == torch.float32:
-        return scale_inv
-    if scale_inv.dtype in (torch.uint8, getattr(torch, "float8_e8m0fnu", None)):
-        return reference.e8m0_to_float(reference.ue8m0_exponents(scale_inv))
+    if scale_inv.dtype in (torch.float32, torch.uint8, getattr(torch, "float8_e8m0fnu", None)):
+        return reference.tile_scales_f32(scale_inv)
     return None
 
 

@@ -192,9 +192,14 @@ def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, out: tor
     BF16 [N, K] buffer the result may be written into.
     """
     n, k = weight.shape
-    s = scale_inv if scale_inv.dtype == torch.float32 else e8m0_to_float(ue8m0_exponents(scale_inv))
-    prod = weight.to(torch.float32) * _expand_tiles(s, n, k)
+    prod = weight.to(torch.float32) * _expand_tiles(tile_scales_f32(scale_inv), n, k)
     return prod.to(torch.bfloat16)
+
+
+def tile_scales_f32(scale_inv: torch.Tensor) -> torch.Tensor:
+    """The float32 tile scales an FP8 weight is multiplied by: float32 as stored, UE8M0 exponent
+    bytes (uint8 / float8_e8m0fnu) as 2^(e - 127)."""
+    return scale_inv if scale_inv.dtype == torch.float32 else e8m0_to_float(ue8m0_exponents(scale_inv))
 
 
 def requantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, rule: ScaleRule | str = ScaleRule.RCEIL,
