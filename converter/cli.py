@@ -75,6 +75,9 @@ def convert(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     workers: Optional[int] = typer.Option(None, min=1, help="jobs computed in parallel (default: one per CPU "
                                                             "core; with --device cuda, two per GPU)"),
+    processes: Optional[int] = typer.Option(None, min=1, help="processes that share the workers, each with its "
+                                                              "own shards (default: one per 4 workers with 8 or "
+                                                              "more, at most 8); the bytes do not depend on it"),
     max_shard_size: str = typer.Option("5GB", help="largest output shard, in bytes: 5GB, 500MB, 4GiB"),
     requantize: bool = typer.Option(False, "--requantize",
                                     help="UE8M0 FP8 sources: dequantize and requantize with the recipe's scale "
@@ -104,6 +107,10 @@ def convert(
         from converter.sources.hashing import start_early
 
         start_early(src)
+    if not dry_run and ray is None:  # their torch imports overlap ours and the planning
+        from converter.run.processes import process_count, warm_up
+
+        warm_up(processes or process_count(device, workers), device, workers)
     with _interruptible(_RERUN):
         _import_quietly()
         from converter.run.pipeline import convert as run_convert
@@ -114,7 +121,7 @@ def convert(
                                  max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run, quiet=quiet,
                                  requantize=True if requantize else None, scale_rule=scale_rule,
                                  allow_nonfinite=True if allow_nonfinite else None, scale_zero_blocks=scale_zero_blocks,
-                                 config=config, ray=ray, hash_sources=not no_source_hash)
+                                 config=config, ray=ray, hash_sources=not no_source_hash, processes=processes)
             if dry_run:
                 typer.echo(describe_plan(result.source, result.plan, result.mapping, verbose=True))
                 typer.echo("dry run: nothing written")

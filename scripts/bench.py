@@ -41,21 +41,47 @@ except ImportError:
 
 # Peak RSS is measured per run with wait4(). A child forked from this process would report this
 # process's RSS (torch and all) as its own high-water mark, so every run is started by a small
-# launcher process forked now, before torch is imported.
+# launcher process forked now, before torch is imported. wait4() gives the largest process's peak,
+# not the sum over mxconv's conversion processes (run/processes.py), so the launcher also samples
+# the whole process tree's RSS every 10 ms and reports the larger of the two (pages shared between
+# the processes, torch's libraries among them, count once per process: an upper bound).
 _LAUNCHER = r"""
-import json, os, subprocess, sys, tempfile, time
+import json, os, subprocess, sys, tempfile, threading, time
+
+def tree_rss(pid):
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            pass
+    return total
+
+def sample(pid, peak, done):
+    while not done.wait(0.01):
+        peak[0] = max(peak[0], tree_rss(pid))
+
 for line in sys.stdin:
     job = json.loads(line)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(job["argv"], stdout=out, stderr=err, env=job["env"], cwd=job["cwd"])
+        peak, done = [0], threading.Event()
+        sampler = threading.Thread(target=sample, args=(proc.pid, peak, done))
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
+        done.set()
+        sampler.join()
         if job["sync"]:
             subprocess.run(["sync"], check=True)
         wall = time.perf_counter() - start
         out.seek(0); err.seek(0)
         print(json.dumps({"wall_s": round(wall, 3), "returncode": os.waitstatus_to_exitcode(status),
-                          "peak_rss_bytes": usage.ru_maxrss * 1024, "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+                          "peak_rss_bytes": max(usage.ru_maxrss * 1024, peak[0]), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
                           "stdout": out.read().decode(errors="replace")[-2000:],
                           "stderr": err.read().decode(errors="replace")[-4000:]}), flush=True)
 """

@@ -175,12 +175,13 @@ def test_pickle_only_checkpoint_is_refused_without_unpickling(tmp_path):
     assert not os.path.exists(marker)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [1, 2, "2 --processes 2"])
 def test_nan_in_a_weight_is_an_error_naming_file_tensor_and_block(case, workers):
-    """Raised in a worker thread when workers > 1: the same one clean line."""
+    """Raised in a worker thread when workers > 1, or in one of several conversion processes
+    (the other one stops and removes its unfinished shard): the same one clean line."""
     src, dst, logs = case()
     edit_tensors(src, put_nan(EXPERT_W, row=5, col=70))
-    line = assert_clean_error(convert(src, dst, logs, "--workers", str(workers), "--max-shard-size", "300KB"),
+    line = assert_clean_error(convert(src, dst, logs, "--workers", *str(workers).split(), "--max-shard-size", "300KB"),
                               file_of(src, EXPERT_W).name, EXPERT_W, "block (5, 2)", "--allow-nonfinite")
     assert "NaN/Inf" in line
     assert not (dst / "mxconv.json").exists()
@@ -194,12 +195,15 @@ def test_nan_in_lossless_ue8m0_relayout_is_an_error(case):
     assert_clean_error(convert(src, dst, logs), file_of(src, EXPERT_W).name, EXPERT_W, "NaN in block (1, 1)")
 
 
-def test_allow_nonfinite_converts_with_one_warning_per_tensor(case):
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_allow_nonfinite_converts_with_one_warning_per_tensor(case, processes):
+    """Several conversion processes pass their warnings on to the one the user sees."""
     src, dst, logs = case()
     other = "model.layers.0.mlp.down_proj.weight"
     edit_tensors(src, put_nan(EXPERT_W, row=5, col=70))
     edit_tensors(src, put_nan(other, row=0, col=0, value=float("inf")))
-    result = convert(src, dst, logs, "--allow-nonfinite", "--workers", "2")
+    result = convert(src, dst, logs, "--allow-nonfinite", "--workers", "2", "--processes", processes,
+                     "--max-shard-size", "300KB")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.strip()]

@@ -35,9 +35,12 @@ def reference(src, tmp_path_factory):
     return reference_conversion(src, tmp_path_factory.mktemp("reference"), SHARD)
 
 
-def test_sigint_during_convert_says_so_exits_130_and_the_rerun_resumes(src, reference, tmp_path):
+@pytest.mark.parametrize("processes", ["1", "3"])
+def test_sigint_during_convert_says_so_exits_130_and_the_rerun_resumes(src, reference, tmp_path, processes):
+    """With several conversion processes, Ctrl-C reaches the parent only (they run in their own
+    session, as they would from a terminal); it passes it on and waits for them to clean up."""
     planned = finished_shards(reference)
-    argv = ["convert", src, None, "--max-shard-size", SHARD]  # progress bars on
+    argv = ["convert", src, None, "--max-shard-size", SHARD, "--processes", processes]  # progress bars on
     for attempt in range(10):  # the tiny conversion may finish before the signal lands: try again
         dst, logs = tmp_path / f"dst-{attempt}", tmp_path / "logs"
         argv[2] = dst

@@ -13,6 +13,13 @@ import torch
 from converter.errors import MxconvError
 
 
+def cores() -> int:
+    """Cores this process may use: its CPU affinity, or the share MXCONV_CORE_SHARE gives one of
+    several conversion processes (`processes.py`), for its reader, writer and torch threads."""
+    share = os.environ.get("MXCONV_CORE_SHARE")
+    return max(1, int(share)) if share else len(os.sched_getaffinity(0))
+
+
 def cpu_helpers() -> int:
     """CPU workers beside the GPU workers of `--device cuda`: the cores but two (which launch the
     GPU work), where there are at least 8; MXCONV_CPU_HELPERS sets the count (0: GPUs only).
@@ -58,7 +65,7 @@ def intra_op_threads(devices: list[torch.device]):
     # the reader and writer threads count too: a copy into a mapped shard is a torch op, and 16
     # writer threads each fanning out to 16 OpenMP threads would bury the cores
     busy = max(sum(d.type == "cpu" for d in devices), io_threads(devices))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // busy // 2))
+    torch.set_num_threads(max(1, cores() // busy // 2))
     try:
         yield
     finally:
@@ -71,7 +78,7 @@ def io_threads(devices: list[torch.device]) -> int:
     moving bytes, and a few GPU workers keep the GPU busy."""
     if all(d.type == "cpu" for d in devices):
         return len(devices)
-    return max(len(devices), len(os.sched_getaffinity(0)))
+    return max(len(devices), cores())
 
 
 def pinned(devices: list[torch.device]) -> bool:

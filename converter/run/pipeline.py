@@ -26,6 +26,8 @@ from converter.run.freshness import changed_during_run, plan_fingerprint
 from converter.run.output import copy_side_files, prepare_destination, record_manifest
 from converter.run.provenance import output_config, write_index_and_config, write_provenance
 from converter.run.preflight import check_source_tensors, preflight_destination
+from converter.run.processes import process_count
+from converter.run.processes import run as run_processes
 from converter.sources.checkpoint import SourceCheckpoint
 from converter.sources.hashing import SourceHasher
 from converter.sources.hub_digests import recorded_sha256s
@@ -112,11 +114,12 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe | N
             mapping: str = "auto", device: str = "cpu", workers: int | None = None, max_shard_size: str | int = "5GB",
             overwrite: bool = False, dry_run: bool = False, quiet: bool = False, requantize: bool | None = None,
             scale_rule: str | None = None, allow_nonfinite: bool | None = None, hash_sources: bool = True,
-            scale_zero_blocks: str | None = None, config: str | Path | None = None, ray: str | None = None
-            ) -> ConversionResult:
+            scale_zero_blocks: str | None = None, config: str | Path | None = None, ray: str | None = None,
+            processes: int | None = None) -> ConversionResult:
     """Convert the checkpoint in `src` into `dst`; what `mxconv convert` does. `config`: the
     Hugging Face directory that supplies config.json and side files to a PyTorch DCP source. `ray`:
-    write the shards on a Ray cluster ("auto", "local", or an address; see run/cluster.py)."""
+    write the shards on a Ray cluster ("auto", "local", or an address; see run/cluster.py).
+    `processes`: conversion processes on this machine (None: see run/processes.py)."""
     if workers is not None and workers < 1:
         raise MxconvError(f"--workers must be at least 1, got {workers}")
     src, dst = Path(src), Path(dst)
@@ -144,16 +147,18 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str | Path | Recipe | N
     opener = functools.partial(open_view, str(src), mapping_name if mapping == "auto" else mapping, **extra)
     return write_checkpoint(result, view, output_config(ckpt.config, plan, moe_layout), device=device,
                             workers=workers, overwrite=overwrite, quiet=quiet, hash_sources=hash_sources,
-                            options=options, ray=ray, opener=opener)
+                            options=options, ray=ray, opener=opener, processes=processes)
 
 
 def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict, *, device: str,
                      workers: int | None, overwrite: bool, quiet: bool, hash_sources: bool, options: dict,
-                     origin: dict | None = None, ray: str | None = None, opener=None) -> ConversionResult:
+                     origin: dict | None = None, ray: str | None = None, opener=None,
+                     processes: int | None = None) -> ConversionResult:
     """Execute a plan into result.dst: shards (resumable), side files, index and config, then the
     provenance file that marks the checkpoint complete. Shared by convert and unshuffle. With
     `ray`, the shards are written by the nodes of a Ray cluster, each opening the source with
-    `opener()` (a picklable callable that returns the canonical view)."""
+    `opener()` (a picklable callable that returns the canonical view); without it, by `processes`
+    processes of this machine that open it so (None: `run.processes.process_count`)."""
     ckpt, plan, dst = result.source, result.plan, result.dst
     if ray is None:
         devices = resolve_devices(device, workers)
@@ -197,9 +202,17 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
                                                         hash_sources=hash_sources, quiet=quiet)
                 options = dict(options, ray=ray)
             else:
+                if opener is None:
+                    processes = 1
+                elif processes is None:
+                    processes = process_count(device, workers)
                 with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
                           desc="convert", dynamic_ncols=True) as bar:
-                    execute(todo, view, dst, plan.recipe, devices, bar.update, reading=hasher.release)
+                    if min(processes, len(todo), len(devices)) > 1:
+                        run_processes(todo, processes, {"opener": opener, "dst": str(dst), "recipe": plan.recipe},
+                                      devices, bar.update, hasher.release)
+                    else:
+                        execute(todo, view, dst, plan.recipe, devices, bar.update, reading=hasher.release)
         except BaseException as e:
             _record_hashes_so_far(dst, fingerprint, ckpt.files, hasher)
             if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):

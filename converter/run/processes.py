@@ -1,0 +1,192 @@
+"""One machine's conversion spread over several processes, each running the one-machine executor
+(`execute.py`) on its share of the shards (`process_child.py` is the other side).
+
+Why processes: one process's threads share one GIL. Every torch or C call a pipeline thread
+makes releases it, and taking it back costs a context switch; at 16 workers (48 pipeline
+threads) a process made about 137 of them per 16 MB piece and kept only 8 of 16 cores busy
+(16-core H200 VM, BF16 source, no hash: 7.5-8.3 GB/s), while 4 processes of 4 workers each
+converted about 12 GB/s on the same cores. So a run with 8 or more CPU workers (or `--device
+cuda`, whose CPU helpers take the cores) gets one process per 4 workers, at most 8; MXCONV_PROCESSES
+or `processes=` sets the count (1: one process, as before). The bytes do not depend on it.
+
+The shards go to the processes in turn (shard i to process i mod P): all of them move through the
+source together, as one process's readers do, so the source hasher still reads each file about
+when the conversion does and an interrupted run leaves about a prefix of finished shards. Each
+process finishes its shards in plan order; a rerun redoes whatever is not finished, as always.
+The devices are dealt out the same way (workers i, i + P, ...), and each process gets an equal
+share of the cores for its reader and writer threads.
+
+The parent shows one progress bar, hashes the source files as the processes report reading them,
+and re-issues their warnings. The first error stops the others (they remove their unfinished
+shards) and is raised as the process raised it; Ctrl-C is passed on and waited for; a process
+that dies is reported as such. A parent killed outright closes its end of the socket pairs, and
+its processes stop on their own.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import os
+import signal
+import subprocess
+import sys
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Callable
+
+from converter.errors import MxconvError
+
+WORKERS_PER_PROCESS = 4  # 4 x 4 beat 2 x 8 and 1 x 16 on the 16-core H200 VM
+MAX_PROCESSES = 8  # each costs about a torch import's memory (see the README's peak RSS)
+_MIN_CORES = 8
+
+
+def process_count(device: str, workers: int | None) -> int:
+    """Conversion processes for these options on this machine (before the plan: the shard count
+    may lower it later). MXCONV_PROCESSES sets it (read here only)."""
+    env = os.environ.get("MXCONV_PROCESSES")
+    if env:
+        return max(1, int(env))
+    cores = len(os.sched_getaffinity(0))
+    if device.startswith("cpu"):
+        cpu = workers or cores
+    elif os.environ.get("MXCONV_CPU_HELPERS", "").strip() == "0":
+        return 1  # GPUs alone: the host only copies
+    else:
+        cpu = cores
+    if cpu < _MIN_CORES:
+        return 1
+    return min(MAX_PROCESSES, cpu // WORKERS_PER_PROCESS)
+
+
+class _Child:
+    def __init__(self, warm: tuple = ()):
+        ours, theirs = Pipe()
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+        self.proc = subprocess.Popen([sys.executable, "-m", "converter.run.process_child", str(theirs.fileno()),
+                                      *map(str, warm)],
+                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env,
+                                     start_new_session=True)
+        theirs.close()
+        self.conn: Connection = ours
+        self.outcome: tuple | None = None
+
+    def tell(self, message) -> None:
+        try:
+            self.conn.send(message)
+        except OSError:  # it is gone; its exit is reported where the parent waits for it
+            pass
+
+    def dismiss(self) -> None:
+        """No job for it: it exits once its imports are done (not waited for)."""
+        self.tell(None)
+        self.conn.close()
+
+
+_warm: list[_Child] = []
+
+
+def warm_up(count: int, device: str = "cpu", workers: int | None = None) -> None:
+    """Start `count` processes now, so that their imports overlap the caller's own start-up and
+    planning; `run` takes them. With `--device cuda`, each also creates the CUDA contexts of the
+    GPUs it is likely to be dealt (that took about a second). Unused ones are dismissed at exit."""
+    while count > 1 and len(_warm) < count:
+        _warm.append(_Child((device, workers or 0, count, len(_warm))))
+
+
+@atexit.register
+def _dismiss_warm() -> None:
+    while _warm:
+        _warm.pop().dismiss()
+
+
+def _take(count: int) -> list[_Child]:
+    children = [c for c in _warm[:count] if c.proc.poll() is None]
+    for c in _warm[count:]:
+        c.dismiss()
+    _warm.clear()
+    return children + [_Child() for _ in range(count - len(children))]
+
+
+def _error(outcome: tuple, pid: int) -> BaseException:
+    kind = outcome[0]
+    if kind == "error":
+        _, module, name, message, file, tensor = outcome
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            cls = MxconvError
+        if not (isinstance(cls, type) and issubclass(cls, MxconvError)):
+            cls = MxconvError
+        return cls(message, file=file, tensor=tensor)
+    if kind == "crash":
+        return RuntimeError(f"conversion process {pid} failed:\n{outcome[1]}")
+    return KeyboardInterrupt()
+
+
+def _died(child: _Child) -> MxconvError:
+    code = child.proc.wait()
+    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    return MxconvError(f"conversion process {child.proc.pid} {how} before it finished its shards (out of memory?); "
+                       "rerun the same command to resume")
+
+
+def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[int], None],
+        reading: Callable[[Path], None]) -> None:
+    """Write `shards` with `count` processes (at most one per shard). `job`: what every process
+    gets besides its shards and devices (opener, dst, recipe); `devices`: the run's workers
+    (torch devices), dealt out in turn. Returns when every process has finished; raises the first
+    error (or KeyboardInterrupt) after all of them have stopped."""
+    count = max(1, min(count, len(shards), len(devices)))
+    cores = max(1, len(os.sched_getaffinity(0)) // count)
+    children = _take(count)
+    live = {c.conn: c for c in children}
+    first: BaseException | None = None
+
+    def stop_all() -> None:
+        for c in live.values():
+            c.tell("stop")
+
+    try:
+        for i, c in enumerate(children):
+            c.tell(dict(job, shards=shards[i::count], devices=[str(d) for d in devices[i::count]], cores=cores))
+        while live:
+            try:
+                ready = wait(list(live))
+                for conn in ready:
+                    c = live[conn]
+                    try:
+                        message = conn.recv()
+                    except (EOFError, OSError):
+                        message = None
+                    if message is None or message[0] in ("done", "interrupted", "error", "crash"):
+                        del live[conn]
+                        conn.close()
+                        failure = _died(c) if message is None else (None if message[0] == "done" else
+                                                                     _error(message, c.proc.pid))
+                        c.proc.wait()
+                        if failure is not None and first is None:
+                            first = failure
+                            stop_all()
+                    elif message[0] == "progress":
+                        progress(message[1])
+                    elif message[0] == "reading":
+                        reading(Path(message[1]))
+                    elif message[0] == "warning":
+                        import warnings
+
+                        warnings.warn(message[1], stacklevel=1)
+            except KeyboardInterrupt as e:  # passed on; wait for them to remove their unfinished shards
+                first = first or e
+                stop_all()
+    finally:
+        for c in children:  # only after an error in this loop itself: never leave one running
+            if c.proc.poll() is None:
+                c.tell("stop")
+                c.conn.close()
+                c.proc.wait()
+    if first is not None:
+        raise first

@@ -1,0 +1,187 @@
+"""One machine's conversion in several processes (run/processes.py): the same bytes as one
+process, on every source kind; how many processes a machine gets; a process that dies, and a
+parent that dies, leave what an interrupted run leaves, and the same command resumes.
+(Errors, warnings and Ctrl-C with several processes: test_bad_input.py, test_interrupt.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from cli_process import MxconvProcess, reference_conversion, run_mxconv
+from test_reliability import assert_same_tree, finished_shards, leftovers
+
+from converter.files import MANIFEST_FILE, PROVENANCE_FILE, STATE_DIR
+from converter.run import processes
+from converter.run.pipeline import convert
+
+SHARD = "100KB"  # the tiny FP8 checkpoint becomes about 40 output shards
+
+
+def test_process_count_follows_the_workers_and_the_environment(monkeypatch):
+    monkeypatch.delenv("MXCONV_PROCESSES", raising=False)
+    monkeypatch.delenv("MXCONV_CPU_HELPERS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert [processes.process_count("cpu", w) for w in (None, 2, 4, 7, 8, 16, 64)] == [4, 1, 1, 1, 2, 4, 8]
+    assert processes.process_count("cuda", None) == 4  # the CPU helpers take the cores
+    monkeypatch.setenv("MXCONV_CPU_HELPERS", "0")
+    assert processes.process_count("cuda", None) == 1  # GPUs alone: the host only copies
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert processes.process_count("cpu", None) == 1 and processes.process_count("cpu", 16) == 4
+    monkeypatch.setenv("MXCONV_PROCESSES", "3")
+    assert processes.process_count("cpu", 2) == 3
+
+
+@pytest.mark.parametrize("kind", ["fp8", "bf16", "fp8_ue8m0", "megatron"])
+def test_several_processes_write_the_bytes_one_does(tiny_sources, dcp_sources, tmp_path, kind):
+    """Every file byte for byte (mxconv.json but its time; the manifest but the source files'
+    inodes): shards, index, config, and the source sha256s, which the parent hashed as the
+    processes reported reading the files."""
+    if kind == "megatron":
+        src, options = dcp_sources["megatron"], {"config": dcp_sources["hf"]}
+    else:
+        src, options = tiny_sources[kind], {}
+    one = convert(src, tmp_path / "one", max_shard_size=SHARD, quiet=True, processes=1, workers=3, **options)
+    many = convert(src, tmp_path / "many", max_shard_size=SHARD, quiet=True, processes=3, workers=3, **options)
+    assert len(one.plan.shards) >= 6
+    assert_same_tree(tmp_path / "many", tmp_path / "one")
+    assert many.input_converted == one.input_converted
+
+
+def test_each_process_gets_its_share_of_shards_and_devices(monkeypatch):
+    """Shard i and device i go to process i mod P, and P is at most the shards left; Ctrl-C is
+    passed on to each."""
+    sent = []
+
+    class Stop(Exception):
+        pass
+
+    def wait(conns, raised=[KeyboardInterrupt(), Stop()]):  # Ctrl-C, then out of the loop
+        raise raised.pop(0) if raised else Stop()
+
+    monkeypatch.setattr(processes._Child, "tell", lambda self, message: sent.append(message))
+    monkeypatch.setattr(processes, "wait", wait)
+    monkeypatch.setattr(processes, "_take", lambda n: [_Fake() for _ in range(n)])
+    with pytest.raises(Stop):
+        processes.run(list("abcde"), 3, {"dst": "d"}, ["cuda:0", "cpu", "cpu", "cpu"], print, print)
+    jobs = [m for m in sent if isinstance(m, dict)]
+    assert [j["shards"] for j in jobs] == [["a", "d"], ["b", "e"], ["c"]]
+    assert [j["devices"] for j in jobs] == [["cuda:0", "cpu"], ["cpu"], ["cpu"]]
+    assert sent.count("stop") == 3
+    sent.clear()
+    with pytest.raises(Stop):
+        processes.run(list("ab"), 8, {"dst": "d"}, ["cpu"] * 16, print, print)
+    assert len([m for m in sent if isinstance(m, dict)]) == 2
+
+
+class _Fake:
+    """A conversion process that never starts (for the dealing above)."""
+
+    class proc:
+        pid = 0
+
+        @staticmethod
+        def poll():
+            return 0
+
+    def __init__(self):
+        self.conn = object()
+
+    def tell(self, message):
+        processes._Child.tell(self, message)
+
+
+@pytest.fixture(scope="module")
+def src(tiny_sources):
+    return tiny_sources["fp8"]
+
+
+@pytest.fixture(scope="module")
+def reference(src, tmp_path_factory):
+    return reference_conversion(src, tmp_path_factory.mktemp("reference"), SHARD)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _started(dst: Path, proc: MxconvProcess, shards: int = 1) -> bool:
+    deadline = time.monotonic() + 60
+    while proc.alive() and time.monotonic() < deadline:
+        if (dst / STATE_DIR / MANIFEST_FILE).exists() and finished_shards(dst) >= shards:
+            return True
+        time.sleep(0.0005)
+    return False
+
+
+def test_a_conversion_process_that_dies_is_named_and_the_rerun_resumes(src, reference, tmp_path):
+    """Killed outright (the kernel's OOM killer does that), it cannot clean up: the run says which
+    process died, exits non-zero, stops the others; the rerun removes what it left and resumes."""
+    argv = ["convert", src, None, "--max-shard-size", SHARD, "--processes", "2", "-q"]
+    for attempt in range(10):  # the tiny conversion may finish before the kill lands: try again
+        dst = argv[2] = tmp_path / f"dst-{attempt}"
+        proc, victims = MxconvProcess(argv, tmp_path / "logs"), []
+        if _started(dst, proc) and (victims := [c for c in _children(proc.proc.pid) if _is_converter(c)]):
+            os.kill(victims[0], signal.SIGKILL)
+        result = proc.wait()
+        if not (dst / PROVENANCE_FILE).exists():
+            break
+    else:
+        pytest.fail("the conversion finished before the kill every time")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"mxconv: error: conversion process {victims[0]} was killed by SIGKILL")
+    assert lines[0].endswith("rerun the same command to resume")
+    assert not (dst / PROVENANCE_FILE).exists()
+    again = run_mxconv(argv, tmp_path / "logs")
+    assert again.returncode == 0, again.stderr
+    assert not leftovers(dst)
+    assert_same_tree(dst, reference)
+
+
+def _is_converter(pid: int) -> bool:
+    try:
+        return b"converter.run.process_child" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_a_killed_parent_stops_its_processes_and_the_rerun_resumes(src, reference, tmp_path):
+    """SIGKILL to mxconv itself: its conversion processes see their socket close, remove their
+    unfinished shards and exit instead of writing on unwatched."""
+    argv = ["convert", src, None, "--max-shard-size", SHARD, "--processes", "2", "-q"]
+    for attempt in range(10):
+        dst = argv[2] = tmp_path / f"dst-{attempt}"
+        proc = MxconvProcess(argv, tmp_path / "logs")
+        children = []
+        if _started(dst, proc):
+            children = [c for c in _children(proc.proc.pid) if _is_converter(c)]
+            proc.kill()
+        proc.wait()
+        if children and not (dst / PROVENANCE_FILE).exists():
+            break
+    else:
+        pytest.fail("the conversion finished before the kill every time")
+    deadline = time.monotonic() + 30
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(_alive(c) for c in children)
+    assert not leftovers(dst)  # they removed their temporary shards
+    assert finished_shards(dst) < finished_shards(reference)
+    again = run_mxconv(argv, tmp_path / "logs")
+    assert again.returncode == 0, again.stderr
+    assert_same_tree(dst, reference)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
