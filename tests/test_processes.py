@@ -11,15 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_process import MxconvProcess, reference_conversion, run_mxconv
+from cli_process import MxconvProcess, run_mxconv
+from test_interrupt import SHARD, reference, src  # noqa: F401  (the FP8 source, its conversion)
 from test_reliability import assert_same_tree, finished_shards, leftovers
 
 from converter.files import MANIFEST_FILE, PROVENANCE_FILE, STATE_DIR
 from converter.run import processes
 from converter.run.pipeline import convert
-
-SHARD = "100KB"  # the tiny FP8 checkpoint becomes about 40 output shards
-
 
 def test_process_count_follows_the_workers_and_the_environment(monkeypatch):
     monkeypatch.delenv("MXCONV_PROCESSES", raising=False)
@@ -92,16 +90,6 @@ class _Fake:
 
     def tell(self, message):
         processes._Child.tell(self, message)
-
-
-@pytest.fixture(scope="module")
-def src(tiny_sources):
-    return tiny_sources["fp8"]
-
-
-@pytest.fixture(scope="module")
-def reference(src, tmp_path_factory):
-    return reference_conversion(src, tmp_path_factory.mktemp("reference"), SHARD)
 
 
 def _children(pid: int) -> list[int]:

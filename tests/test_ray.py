@@ -127,6 +127,16 @@ def test_cluster_conversion_is_byte_identical(cluster, tiny_sources, plain, tmp_
     assert json.loads((tmp_path / "dst" / PROVENANCE_FILE).read_text())["options"]["ray"] == "auto"
 
 
+def test_nodes_convert_with_several_processes(cluster, tiny_sources, tmp_path):
+    """Each node's task spreads its shards over conversion processes of that node, as one
+    machine does (run/processes.py); temporary files carry the node's id."""
+    src = tiny_sources["fp8"]
+    convert(src, tmp_path / "one", max_shard_size="150KB", quiet=True, processes=1)
+    result = convert(src, tmp_path / "dst", max_shard_size="150KB", quiet=True, ray="auto", workers=2, processes=2)
+    assert result.cluster["processes"] == 2 and result.cluster["ran_on"] == 2
+    same_conversion(tmp_path / "dst", tmp_path / "one")
+
+
 def test_command_line_through_a_ray_client_address(cluster, tiny_sources, plain, tmp_path):
     src = tiny_sources["fp8"]
     want = plain("fp8-deepseek_v3_mxfp8", src, recipe="deepseek_v3_mxfp8")

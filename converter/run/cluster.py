@@ -250,9 +250,10 @@ def _task_result(ray, ref, where: str) -> dict:
 
 
 def run_on_cluster(ray, todo: list[ShardPlan], view, ckpt: SourceCheckpoint, opener, fingerprint: dict, dst: Path,
-                   recipe, *, device: str, workers: int | None, hash_sources: bool, quiet: bool
-                   ) -> tuple[dict[str, str], dict]:
-    """Write `todo` into DST on the cluster; returns the source hashes and what the cluster did."""
+                   recipe, *, device: str, workers: int | None, hash_sources: bool, quiet: bool,
+                   processes: int | None = None) -> tuple[dict[str, str], dict]:
+    """Write `todo` into DST on the cluster; returns the source hashes and what the cluster did.
+    `processes`: conversion processes per node (None: what `processes.process_count` says there)."""
     dst = Path(dst)
     nodes = _usable(ray, device)
     if not nodes:
@@ -264,7 +265,8 @@ def run_on_cluster(ray, todo: list[ShardPlan], view, ckpt: SourceCheckpoint, ope
         nodes = check_nodes(ray, nodes, spec, str(dst), token)
         groups = make_groups(todo, GROUPS_PER_NODE * len(nodes)) if todo else []
         owned, rest = hash_owners(groups, view, ckpt) if hash_sources else ([[] for _ in groups], [])
-        hashes, info = _dispatch(ray, nodes, groups, owned, rest, spec, token, str(dst), recipe, device, workers, quiet)
+        hashes, info = _dispatch(ray, nodes, groups, owned, rest, spec, token, str(dst), recipe, device,
+                                 (workers, processes), quiet)
         missing = [s.name for s in todo if not shard_is_done(dst / s.name, s)]
         if missing:  # cannot happen with one shared DST; never finish without them
             raise OutputError(f"the nodes reported {len(missing)} shard(s) written that this machine does not see in "
@@ -276,7 +278,7 @@ def run_on_cluster(ray, todo: list[ShardPlan], view, ckpt: SourceCheckpoint, ope
             path.unlink(missing_ok=True)
 
 
-def _dispatch(ray, nodes, groups, owned, rest, spec, token, dst, recipe, device, workers, quiet):
+def _dispatch(ray, nodes, groups, owned, rest, spec, token, dst, recipe, device, per_node, quiet):
     resources = {"num_cpus": 1}
     if device.startswith("cuda"):  # the GPUs of a node (the fewest any node has)
         resources["num_gpus"] = int(min(n["Resources"]["GPU"] for n in nodes.values()))
@@ -295,7 +297,8 @@ def _dispatch(ray, nodes, groups, owned, rest, spec, token, dst, recipe, device,
     seen = dict(nodes)  # every node ever used, for messages
     checking: dict = {}  # check ref -> id of a node that joined during the run
     hashes: dict[str, str] = {}
-    info = {"nodes": len(nodes), "tasks": len(groups), "moved": 0, "lost_nodes": [], "ran_on": set()}
+    info = {"nodes": len(nodes), "tasks": len(groups), "moved": 0, "lost_nodes": [], "ran_on": set(),
+            "processes": 1}
     polled = idle_since = time.monotonic()
     try:
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
@@ -309,7 +312,7 @@ def _dispatch(ray, nodes, groups, owned, rest, spec, token, dst, recipe, device,
                     nid = min(load, key=load.get)
                     k = pending.pop(0)
                     ref = task.options(scheduling_strategy=_pinned(ray, nid, True), **resources).remote(
-                        spec, dst, token, groups[k], recipe, device, workers, owned[k], board, f"group-{k}")
+                        spec, dst, token, groups[k], recipe, device, *per_node, owned[k], board, f"group-{k}")
                     running[ref] = (k, nid)
                     load[nid] += 1
                 if pending and not nodes and not running and time.monotonic() - idle_since > _NO_NODE_GRACE:
@@ -331,6 +334,7 @@ def _dispatch(ray, nodes, groups, owned, rest, spec, token, dst, recipe, device,
                     result = _task_result(ray, ref, _label(seen[nid]))
                     hashes.update(result["hashes"])
                     info["ran_on"].add(result["node"])
+                    info["processes"] = max(info["processes"], result["processes"])
                     if result["node"] != nid:  # Ray ran it again elsewhere: its worker or node was lost
                         info["moved"] += 1
                         _lost(seen[nid], info, f"its task ran again on node {result['node'][:8]}")

@@ -151,10 +151,11 @@ class _Reporter:
 
 
 def run_group(spec: SourceSpec, dst: str, token: Token, shards: list, recipe, device: str, workers: int | None,
-              hash_files: list[str], board, key: str) -> dict:
+              processes: int | None, hash_files: list[str], board, key: str) -> dict:
     """Write `shards` (ShardPlans of the driver's plan) into DST, skipping those already finished
     there (a retry after a lost node, or a finished attempt of a node that was declared dead),
-    and hash the source files this task owns. Returns what the driver records."""
+    with `processes` conversion processes on this node (None: as many as `process_count` says
+    here), and hash the source files this task owns. Returns what the driver records."""
     node_id, host = _node()
     try:
         seen = token.path(dst).read_text()
@@ -164,25 +165,32 @@ def run_group(spec: SourceSpec, dst: str, token: Token, shards: list, recipe, de
         raise OutputError(f"node {node_id[:8]} ({host}) does not see the destination the driver writes (no "
                           f"{token.name} in its state directory): every node needs SRC and DST at the same paths",
                           file=dst)
+    from converter.run import processes as local
     from converter.run.devices import resolve_devices
     from converter.run.execute import execute
     from converter.run.output import shard_is_done
     from converter.sources.hashing import SourceHasher
 
-    view = open_view(spec)
     todo = [s for s in shards if not shard_is_done(Path(dst) / s.name, s)]
     written = {s.name for s in todo}
     skipped = sum(j.input_bytes for s in shards if s.name not in written for j in s.jobs)
     reporter = _Reporter(board, key, skipped)
     hasher = SourceHasher([Path(spec.root) / rel for rel in hash_files]).start()
+    devices = resolve_devices(device, workers)
+    count = min(processes or local.process_count(device, workers), len(todo), len(devices))
     try:
-        execute(todo, view, Path(dst), recipe, resolve_devices(device, workers), reporter.add,
-                reading=hasher.release, partial_tag=f".{node_id[:8]}-{os.getpid()}")
+        if count > 1:  # their temporary files: .{node}.p{pid}
+            local.run(todo, count, {"opener": spec.opener, "dst": dst, "recipe": recipe, "partial_tag": f".{node_id[:8]}"},
+                      devices, reporter.add, hasher.release)
+        else:
+            execute(todo, open_view(spec), Path(dst), recipe, devices, reporter.add, reading=hasher.release,
+                    partial_tag=f".{node_id[:8]}-{os.getpid()}")
     except MxconvError as e:
         raise type(e)(f"{e.message} (on node {node_id[:8]}, {host})", file=e.file, tensor=e.tensor) from None
     finally:
         reporter.send()
-    return {"node": node_id, "host": host, "hashes": hasher.result(), "written": sorted(written)}
+    return {"node": node_id, "host": host, "hashes": hasher.result(), "written": sorted(written),
+            "processes": count}
 
 
 def hash_files(root: str, names: list[str]) -> dict[str, str]:

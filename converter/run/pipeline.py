@@ -199,7 +199,7 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
             if ray is not None:  # the nodes hash the source files they read
                 hashes, result.cluster = run_on_cluster(ray_api, todo, view, ckpt, opener, fingerprint, dst,
                                                         plan.recipe, device=device, workers=workers,
-                                                        hash_sources=hash_sources, quiet=quiet)
+                                                        hash_sources=hash_sources, quiet=quiet, processes=processes)
                 options = dict(options, ray=ray)
             else:
                 if opener is None:

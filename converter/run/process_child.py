@@ -76,7 +76,8 @@ def _run(job: dict, sender: _Sender) -> None:
     view = job["opener"]()
     devices = [torch.device(d) for d in job["devices"]]
     execute(job["shards"], view, Path(job["dst"]), job["recipe"], devices, sender.progress,
-            reading=lambda path: sender.send("reading", str(path)), partial_tag=f".p{os.getpid()}")
+            reading=lambda path: sender.send("reading", str(path)),
+            partial_tag=f"{job.get('partial_tag', '')}.p{os.getpid()}")
 
 
 def _warm_gpus(device: str, workers: int, count: int, index: int) -> None:
