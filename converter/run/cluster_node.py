@@ -176,9 +176,9 @@ def run_group(spec: SourceSpec, dst: str, token: Token, shards: list, recipe, de
     skipped = sum(j.input_bytes for s in shards if s.name not in written for j in s.jobs)
     reporter = _Reporter(board, key, skipped)
     hasher = SourceHasher([Path(spec.root) / rel for rel in hash_files]).start()
-    devices = resolve_devices(device, workers)
-    count = min(processes or local.process_count(device, workers), len(todo), len(devices))
     try:
+        devices = resolve_devices(device, workers)
+        count = min(processes or local.process_count(device, workers), len(todo), len(devices))
         if count > 1:  # their temporary files: .{node}.p{pid}
             local.run(todo, count, {"opener": spec.opener, "dst": dst, "recipe": recipe, "partial_tag": f".{node_id[:8]}"},
                       devices, reporter.add, hasher.release)
