@@ -18,7 +18,10 @@ write(2), and only a run that writes one shard at a time with at least 4 writers
 (MXCONV_MAPPED_WRITES=1 maps always, 0 never: read here only; see ShardWriter).
 
 torch ops, file reads and writes and sha256 all release the GIL, so on a 2-core machine the
-readers, the workers, the writers and the source hasher keep both cores busy. Shards are finished
+readers, the workers, the writers and the source hasher keep both cores busy. Taking it back
+costs a context switch, though, and at 16 workers those hand-offs left half the cores idle: with
+8 or more workers, several processes each run this executor on their share of the shards
+(`processes.py`). Shards are finished
 (fsync + atomic rename) strictly in plan order, so an interrupted run leaves a prefix of finished
 shards, as a sequential one would (the shards open at that moment are redone by a rerun). With
 --device cuda each GPU worker owns a stream on its GPU, copies in and out on it, and waits only

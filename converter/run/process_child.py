@@ -101,16 +101,21 @@ def main(fd: int, warm: list[str]) -> int:
     sender = _Sender(conn)
     try:
         import converter.run.execute  # noqa: F401  (torch, the pipeline: before the job comes)
-        from converter.numerics import native
-
         from converter.errors import MxconvError
+        from converter.numerics import native
 
         native.load()
         if warm and warm[0].startswith("cuda"):
             _warm_gpus(warm[0], *map(int, warm[1:]))
+    except Exception:  # a broken installation: the parent reads this once it has sent the job
+        sender.send("crash", traceback.format_exc())
+        return 1
+    try:
         job = conn.recv()
-    except (EOFError, KeyboardInterrupt):  # dismissed (no work for it), or the parent is gone
+    except EOFError:  # dismissed (no work for it), or the parent is gone
         return 0
+    except Exception:  # a job cut short by a Ctrl-C in the parent as it sent it: nothing started
+        return 1
     if job is None:
         return 0
     warnings.showwarning = lambda message, category, *a, **k: sender.send("warning", category(str(message)))
@@ -130,8 +135,17 @@ def main(fd: int, warm: list[str]) -> int:
     return 0
 
 
+def _exit(code: int) -> None:
+    """Without the interpreter's teardown: with torch loaded it took 0.3 s or more, and the parent
+    waits for this process to end before its own run ends."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     try:
-        sys.exit(main(int(sys.argv[1]), sys.argv[2:]))
+        code = main(int(sys.argv[1]), sys.argv[2:])
     except (BrokenPipeError, EOFError, OSError):  # the parent went away while we reported
-        sys.exit(1)
+        code = 1
+    _exit(code)
