@@ -43,8 +43,9 @@ except ImportError:
 # process's RSS (torch and all) as its own high-water mark, so every run is started by a small
 # launcher process forked now, before torch is imported. wait4() gives the largest process's peak,
 # not the sum over mxconv's conversion processes (run/processes.py), so the launcher also samples
-# the whole process tree's RSS every 10 ms and reports the larger of the two (pages shared between
-# the processes, torch's libraries among them, count once per process: an upper bound).
+# the process tree every 10 ms and reports the larger of the two: every process's anonymous and
+# shared-memory pages, and the file pages (torch's libraries, mostly) of mxconv's own process once,
+# since its conversion processes map the same files.
 _LAUNCHER = r"""
 import json, os, subprocess, sys, tempfile, threading, time
 
@@ -53,11 +54,13 @@ def tree_rss(pid):
     while todo:
         p = todo.pop()
         try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                todo += [int(c) for c in f.read().split()]
-        except (OSError, ValueError):
+            with open(f"/proc/{p}/status") as f:
+                kb = {k: int(v.split()[0]) for k, v in (l.split(":", 1) for l in f) if k.startswith("Rss")}
+            total += 1024 * (kb["RssAnon"] + kb["RssShmem"] + (kb["RssFile"] if p == pid else 0))
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError, KeyError):
             pass
     return total
 

@@ -31,6 +31,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -72,7 +73,6 @@ class _Child:
                                      start_new_session=True)
         theirs.close()
         self.conn: Connection = ours
-        self.outcome: tuple | None = None
 
     def tell(self, message) -> None:
         try:
@@ -176,8 +176,6 @@ def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[
                     elif message[0] == "reading":
                         reading(Path(message[1]))
                     elif message[0] == "warning":
-                        import warnings
-
                         warnings.warn(message[1], stacklevel=1)
             except KeyboardInterrupt as e:  # passed on; wait for them to remove their unfinished shards
                 first = first or e
