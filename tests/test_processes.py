@@ -50,8 +50,8 @@ def test_several_processes_write_the_bytes_one_does(tiny_sources, dcp_sources, t
 
 
 def test_each_process_gets_its_share_of_shards_and_devices(monkeypatch):
-    """Shard i and device i go to process i mod P, and P is at most the shards left; Ctrl-C is
-    passed on to each."""
+    """Shard i goes to process i mod P, P is at most the shards left, and Ctrl-C is passed on to
+    each."""
     sent = []
 
     class Stop(Exception):
@@ -69,6 +69,11 @@ def test_each_process_gets_its_share_of_shards_and_devices(monkeypatch):
     assert [j["shards"] for j in jobs] == [["a", "d"], ["b", "e"], ["c"]]
     assert [j["devices"] for j in jobs] == [["cuda:0", "cpu"], ["cpu"], ["cpu"]]
     assert sent.count("stop") == 3
+    # each GPU's workers in one process (one CUDA context per GPU), CPU workers where fewest are
+    assert processes.deal(["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cpu", "cpu", "cpu"], 3) == [
+        ["cuda:0", "cuda:0", "cpu"], ["cuda:1", "cuda:1"], ["cpu", "cpu"]]
+    assert processes.deal(["cuda:0"] * 2 + ["cpu"] * 6, 4) == [["cuda:0", "cuda:0"], ["cpu"] * 2, ["cpu"] * 2,
+                                                               ["cpu"] * 2]
     sent.clear()
     with pytest.raises(Stop):
         processes.run(list("ab"), 8, {"dst": "d"}, ["cpu"] * 16, print, print)

@@ -86,9 +86,10 @@ def _warm_gpus(device: str, workers: int, count: int, index: int) -> None:
     import torch
 
     from converter.run.devices import resolve_devices
+    from converter.run.processes import deal
 
     try:
-        for d in dict.fromkeys(resolve_devices(device, workers or None)[index::count]):
+        for d in dict.fromkeys(deal(resolve_devices(device, workers or None), count)[index]):
             if d.type == "cuda":
                 torch.empty(1, device=d)
     except Exception:

@@ -13,8 +13,8 @@ The shards go to the processes in turn (shard i to process i mod P): all of them
 source together, as one process's readers do, so the source hasher still reads each file about
 when the conversion does and an interrupted run leaves about a prefix of finished shards. Each
 process finishes its shards in plan order; a rerun redoes whatever is not finished, as always.
-The devices are dealt out the same way (workers i, i + P, ...), and each process gets an equal
-share of the cores for its reader and writer threads.
+The workers are dealt out so that each GPU's stay in one process (`deal`), and each process gets
+an equal share of the cores for its reader and writer threads.
 
 The parent shows one progress bar, hashes the source files as the processes report reading them,
 and re-issues their warnings. The first error stops the others (they remove their unfinished
@@ -111,6 +111,20 @@ def _take(count: int) -> list[_Child]:
     return children + [_Child() for _ in range(count - len(children))]
 
 
+def deal(devices: list, count: int) -> list[list]:
+    """The run's workers (torch devices or their names) as `count` processes get them: the GPU
+    workers of GPU i all in process i mod count (one CUDA context per GPU: contexts of several
+    processes on one GPU take turns), then each CPU worker to a process with the fewest workers."""
+    parts: list[list] = [[] for _ in range(count)]
+    for d in devices:
+        if str(d).startswith("cuda"):
+            parts[int(str(d).partition(":")[2] or 0) % count].append(d)
+    for d in devices:
+        if not str(d).startswith("cuda"):
+            min(parts, key=len).append(d)
+    return parts
+
+
 def _error(outcome: tuple, pid: int) -> BaseException:
     kind = outcome[0]
     if kind == "error":
@@ -138,7 +152,7 @@ def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[
         reading: Callable[[Path], None]) -> None:
     """Write `shards` with `count` processes (at most one per shard). `job`: what every process
     gets besides its shards and devices (opener, dst, recipe); `devices`: the run's workers
-    (torch devices), dealt out in turn. Returns when every process has finished; raises the first
+    (torch devices), dealt out by `deal`. Returns when every process has finished; raises the first
     error (or KeyboardInterrupt) after all of them have stopped."""
     count = max(1, min(count, len(shards), len(devices)))
     cores = max(1, len(os.sched_getaffinity(0)) // count)
@@ -151,8 +165,8 @@ def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[
             c.tell("stop")
 
     try:
-        for i, c in enumerate(children):
-            c.tell(dict(job, shards=shards[i::count], devices=[str(d) for d in devices[i::count]], cores=cores))
+        for i, (c, mine) in enumerate(zip(children, deal(devices, count))):
+            c.tell(dict(job, shards=shards[i::count], devices=[str(d) for d in mine], cores=cores))
         while live:
             try:
                 ready = wait(list(live))
