@@ -84,11 +84,14 @@ def test_packed_experts_follow_the_spec_layout(conversions, kind):
             assert torch.equal(spec_unswizzle(out[p + "w2_weight_scale_inv"]), canon[p + "down_proj.weight_scale_inv"][rows2])
 
 
-@pytest.mark.parametrize("kind", ["bf16", "fp8_ue8m0"])
-def test_unshuffle_restores_the_canonical_checkpoint(conversions, tmp_path, kind):
+@pytest.mark.parametrize("kind, processes", [("bf16", "1"), ("fp8_ue8m0", "1"), ("bf16", "3")])
+def test_unshuffle_restores_the_canonical_checkpoint(conversions, tmp_path, kind, processes, monkeypatch):
+    """(In 3 conversion processes too: the packed source opens again in each of them.)"""
+    monkeypatch.setenv("MXCONV_PROCESSES", processes)
     canonical, shuffled = conversions[kind]
     restored = tmp_path / "restored"
-    unshuffle(shuffled, restored, quiet=True)
+    result = unshuffle(shuffled, restored, quiet=True, max_shard_size="300KB")
+    assert len(result.plan.shards) >= 3
     a, b = load_all(canonical), load_all(restored)
     assert a.keys() == b.keys()
     assert all(same_bytes(a[n], b[n]) for n in a)
