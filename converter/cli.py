@@ -110,18 +110,25 @@ def convert(
     if not dry_run and ray is None:  # their torch imports overlap ours and the planning
         from converter.run.processes import process_count, warm_up
 
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as _import_quietly says, for them too
         warm_up(processes or process_count(device, workers), device, workers)
     with _interruptible(_RERUN):
         _import_quietly()
         from converter.run.pipeline import convert as run_convert
         from converter.run.summary import describe_plan, describe_result
 
+        from converter.run.processes import dismiss_warm
+
         try:
-            result = run_convert(src, dst, recipe=recipe, mapping=mapping, device=device, workers=workers,
-                                 max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run, quiet=quiet,
-                                 requantize=True if requantize else None, scale_rule=scale_rule,
-                                 allow_nonfinite=True if allow_nonfinite else None, scale_zero_blocks=scale_zero_blocks,
-                                 config=config, ray=ray, hash_sources=not no_source_hash, processes=processes)
+            try:
+                result = run_convert(src, dst, recipe=recipe, mapping=mapping, device=device, workers=workers,
+                                     max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run, quiet=quiet,
+                                     requantize=True if requantize else None, scale_rule=scale_rule,
+                                     allow_nonfinite=True if allow_nonfinite else None,
+                                     scale_zero_blocks=scale_zero_blocks, config=config, ray=ray,
+                                     hash_sources=not no_source_hash, processes=processes)
+            finally:  # warm processes no run took (already complete, an error): not idle through --verify
+                dismiss_warm()
             if dry_run:
                 typer.echo(describe_plan(result.source, result.plan, result.mapping, verbose=True))
                 typer.echo("dry run: nothing written")

@@ -57,9 +57,8 @@ def tree_rss(pid):
             with open(f"/proc/{p}/status") as f:
                 kb = {k: int(v.split()[0]) for k, v in (l.split(":", 1) for l in f) if k.startswith("Rss")}
             total += 1024 * (kb["RssAnon"] + kb["RssShmem"] + (kb["RssFile"] if p == pid else 0))
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
+            with open(f"/proc/{p}/task/{p}/children") as f:  # mxconv starts processes from its main thread
+                todo += [int(c) for c in f.read().split()]
         except (OSError, ValueError, KeyError):
             pass
     return total

@@ -44,7 +44,7 @@ def test_several_processes_write_the_bytes_one_does(tiny_sources, dcp_sources, t
         src, options = tiny_sources[kind], {}
     one = convert(src, tmp_path / "one", max_shard_size=SHARD, quiet=True, processes=1, workers=3, **options)
     many = convert(src, tmp_path / "many", max_shard_size=SHARD, quiet=True, processes=3, workers=3, **options)
-    assert len(one.plan.shards) >= 6
+    assert len(one.plan.shards) >= 6 and (one.processes, many.processes) == (1, 3)
     assert_same_tree(tmp_path / "many", tmp_path / "one")
     assert many.input_converted == one.input_converted
 
@@ -78,6 +78,10 @@ def test_each_process_gets_its_share_of_shards_and_devices(monkeypatch):
     with pytest.raises(Stop):
         processes.run(list("ab"), 8, {"dst": "d"}, ["cpu"] * 16, print, print)
     assert len([m for m in sent if isinstance(m, dict)]) == 2
+    sent.clear()  # one GPU's workers alone: one process, not one with nothing to run
+    with pytest.raises(Stop):
+        processes.run(list("abcd"), 4, {"dst": "d"}, ["cuda:0", "cuda:0"], print, print)
+    assert [m["devices"] for m in sent if isinstance(m, dict)] == [["cuda:0", "cuda:0"]]
 
 
 class _Fake:

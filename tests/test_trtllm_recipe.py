@@ -90,8 +90,8 @@ def test_unshuffle_restores_the_canonical_checkpoint(conversions, tmp_path, kind
     monkeypatch.setenv("MXCONV_PROCESSES", processes)
     canonical, shuffled = conversions[kind]
     restored = tmp_path / "restored"
-    result = unshuffle(shuffled, restored, quiet=True, max_shard_size="300KB")
-    assert len(result.plan.shards) >= 3
+    result = unshuffle(shuffled, restored, quiet=True, max_shard_size="300KB", workers=3)
+    assert len(result.plan.shards) >= 3 and result.processes == int(processes)
     a, b = load_all(canonical), load_all(restored)
     assert a.keys() == b.keys()
     assert all(same_bytes(a[n], b[n]) for n in a)

@@ -180,7 +180,7 @@ def run_group(spec: SourceSpec, dst: str, token: Token, shards: list, recipe, de
         devices = resolve_devices(device, workers)
         count = min(processes or local.process_count(device, workers), len(todo), len(devices))
         if count > 1:  # their temporary files: .{node}.p{pid}
-            local.run(todo, count, {"opener": spec.opener, "dst": dst, "recipe": recipe, "partial_tag": f".{node_id[:8]}"},
+            count = local.run(todo, count, {"opener": spec.opener, "dst": dst, "recipe": recipe, "partial_tag": f".{node_id[:8]}"},
                       devices, reporter.add, hasher.release)
         else:
             execute(todo, open_view(spec), Path(dst), recipe, devices, reporter.add, reading=hasher.release,

@@ -26,7 +26,7 @@ from converter.run.freshness import changed_during_run, plan_fingerprint
 from converter.run.output import copy_side_files, prepare_destination, record_manifest
 from converter.run.provenance import output_config, write_index_and_config, write_provenance
 from converter.run.preflight import check_source_tensors, preflight_destination
-from converter.run.processes import process_count
+from converter.run.processes import dismiss_warm, process_count
 from converter.run.processes import run as run_processes
 from converter.sources.checkpoint import SourceCheckpoint
 from converter.sources.hashing import SourceHasher
@@ -50,6 +50,7 @@ class ConversionResult:
     copied_files: list[str] = field(default_factory=list)
     source_notes: list[str] = field(default_factory=list)  # source files found changed, or unchanged by sha256
     cluster: dict | None = None  # --ray: nodes, tasks, tasks moved off lost nodes
+    processes: int = 1  # conversion processes that wrote the shards on this machine (run/processes.py)
 
 
 def open_source(src: str | Path, mapping: str = "auto", config: str | Path | None = None
@@ -209,9 +210,11 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
                 with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
                           desc="convert", dynamic_ncols=True) as bar:
                     if min(processes, len(todo), len(devices)) > 1:
-                        run_processes(todo, processes, {"opener": opener, "dst": str(dst), "recipe": plan.recipe},
-                                      devices, bar.update, hasher.release)
+                        result.processes = run_processes(todo, processes, {"opener": opener, "dst": str(dst),
+                                                                           "recipe": plan.recipe},
+                                                         devices, bar.update, hasher.release)
                     else:
+                        dismiss_warm()  # started by the CLI for nothing: let them go now, not at exit
                         execute(todo, view, dst, plan.recipe, devices, bar.update, reading=hasher.release)
         except BaseException as e:
             _record_hashes_so_far(dst, fingerprint, ckpt.files, hasher)

@@ -1,7 +1,8 @@
-"""One conversion process of a run that `processes.py` spreads over several (its parent's side).
+"""One conversion process of a run that `processes.py` spreads over several (this is its side).
 
-Started as `python -m converter.run.process_child FD [DEVICE WORKERS COUNT INDEX]` in its own process group (a terminal's
-Ctrl-C reaches the parent only, which passes it on), with FD one end of a socket pair to the
+Started by `processes.py` as `python -c` with the parent's sys.path, running `entry` with FD
+[DEVICE WORKERS COUNT INDEX], in its own session (a terminal's Ctrl-C reaches the parent only,
+which passes it on), FD being one end of a socket pair to the
 parent. It imports torch and loads the compiled kernels at once (a parent that started it early
 overlaps that with its own start-up), then waits for one job: a list of the plan's shards, how to
 open the source, the recipe and this process's devices. It runs the one-machine executor on them
@@ -113,27 +114,41 @@ def main(fd: int, warm: list[str]) -> int:
         return 1
     try:
         job = conn.recv()
-    except EOFError:  # dismissed (no work for it), or the parent is gone
+    except (EOFError, OSError):  # dismissed (no work for it), the parent gone, or a job cut short
         return 0
-    except Exception:  # a job cut short by a Ctrl-C in the parent as it sent it: nothing started
+    except Exception:  # it does not unpickle here (a class the parent defined in its __main__...)
+        sender.send("crash", traceback.format_exc())
         return 1
     if job is None:
         return 0
     warnings.showwarning = lambda message, category, *a, **k: sender.send("warning", category(str(message)))
-    try:  # Ctrl-C can come from here on (the watcher's SIGINT): even inside Thread.start()
-        threading.Thread(target=_watch, args=(conn,), name="mxconv-watch", daemon=True).start()
-        _run(job, sender)
-        outcome = ("done",)
+    try:
+        try:  # Ctrl-C comes from here on (the watcher's SIGINT), up to the finally
+            _start_watcher(conn)
+            _run(job, sender)
+            outcome = ("done",)
+        finally:  # none after this: a Ctrl-C inside the outcome's message would cut the stream
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     except KeyboardInterrupt:
         outcome = ("interrupted",)
     except MxconvError as e:
         outcome = ("error", type(e).__module__, type(e).__qualname__, e.message, e.file, e.tensor)
     except BaseException:
         outcome = ("crash", traceback.format_exc())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # no Ctrl-C inside a message: it would cut the stream
     sender.flush()
     sender.send(*outcome)
     return 0
+
+
+def _start_watcher(conn: Connection) -> None:
+    """The watcher thread, started with SIGINT blocked (threads inherit the mask): the SIGINT it
+    sends is then taken by the main thread alone, and stays pending while `execute` holds it
+    blocked to start its threads."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        threading.Thread(target=_watch, args=(conn,), name="mxconv-watch", daemon=True).start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _exit(code: int) -> None:
@@ -144,9 +159,12 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
+def entry(argv: list[str]) -> None:
+    """`processes.py` starts `python -c` with its own sys.path, then this."""
     try:
-        code = main(int(sys.argv[1]), sys.argv[2:])
+        code = main(int(argv[0]), argv[1:])
     except (BrokenPipeError, EOFError, OSError):  # the parent went away while we reported
         code = 1
+    except KeyboardInterrupt:  # a stop before the job's outcome was settled: the parent was told nothing
+        code = 130
     _exit(code)

@@ -65,12 +65,12 @@ def process_count(device: str, workers: int | None) -> int:
 class _Child:
     def __init__(self, warm: tuple = ()):
         ours, theirs = Pipe()
-        package_root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-        self.proc = subprocess.Popen([sys.executable, "-m", "converter.run.process_child", str(theirs.fileno()),
-                                      *map(str, warm)],
-                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env,
-                                     start_new_session=True)
+        # this process's sys.path, not `python -m`'s (which puts the working directory first: a
+        # `converter/` folder there would be imported instead of this package)
+        boot = (f"import sys; sys.path[:] = {sys.path!r}; "
+                "from converter.run.process_child import entry; entry(sys.argv[1:])")
+        self.proc = subprocess.Popen([sys.executable, "-c", boot, str(theirs.fileno()), *map(str, warm)],
+                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
         theirs.close()
         self.conn: Connection = ours
 
@@ -98,7 +98,9 @@ def warm_up(count: int, device: str = "cpu", workers: int | None = None) -> None
 
 
 @atexit.register
-def _dismiss_warm() -> None:
+def dismiss_warm() -> None:
+    """Let the processes `warm_up` started and no run took go (a run that stays in one process,
+    a conversion already complete, an error): they exit once their imports are done."""
     while _warm:
         _warm.pop().dismiss()
 
@@ -136,25 +138,31 @@ def _error(outcome: tuple, pid: int) -> BaseException:
         if not (isinstance(cls, type) and issubclass(cls, MxconvError)):
             cls = MxconvError
         return cls(message, file=file, tensor=tensor)
-    if kind == "crash":
-        return RuntimeError(f"conversion process {pid} failed:\n{outcome[1]}")
+    if kind == "crash":  # a bug: one line, the process's traceback with MXCONV_DEBUG=1 (as the CLI's own)
+        lines = outcome[1].strip().splitlines()
+        return RuntimeError(f"conversion process {pid} failed: "
+                            + (outcome[1] if os.environ.get("MXCONV_DEBUG") else lines[-1] if lines else "?"))
     return KeyboardInterrupt()
 
 
 def _died(child: _Child) -> MxconvError:
     code = child.proc.wait()
-    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    try:
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    except ValueError:  # a signal without a name (SIGRTMIN + n)
+        how = f"was killed by signal {-code}"
     return MxconvError(f"conversion process {child.proc.pid} {how} before it finished its shards (out of memory?); "
                        "rerun the same command to resume")
 
 
 def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[int], None],
-        reading: Callable[[Path], None]) -> None:
-    """Write `shards` with `count` processes (at most one per shard). `job`: what every process
-    gets besides its shards and devices (opener, dst, recipe); `devices`: the run's workers
-    (torch devices), dealt out by `deal`. Returns when every process has finished; raises the first
-    error (or KeyboardInterrupt) after all of them have stopped."""
-    count = max(1, min(count, len(shards), len(devices)))
+        reading: Callable[[Path], None]) -> int:
+    """Write `shards` with `count` processes (at most one per shard, and only as many as `deal`
+    gives workers to). `job`: what every process gets besides its shards and devices (opener, dst,
+    recipe); `devices`: the run's workers (torch devices). Returns the number of processes once
+    every one has finished; raises the first error (or KeyboardInterrupt) after all have stopped."""
+    parts = [p for p in deal(devices, max(1, min(count, len(shards), len(devices)))) if p]
+    count = len(parts)  # one GPU's workers alone, say: fewer processes than asked
     cores = max(1, len(os.sched_getaffinity(0)) // count)
     children = _take(count)
     live = {c.conn: c for c in children}
@@ -165,7 +173,7 @@ def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[
             c.tell("stop")
 
     try:
-        for i, (c, mine) in enumerate(zip(children, deal(devices, count))):
+        for i, (c, mine) in enumerate(zip(children, parts)):
             c.tell(dict(job, shards=shards[i::count], devices=[str(d) for d in mine], cores=cores))
         while live:
             try:
@@ -202,3 +210,4 @@ def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[
                 c.proc.wait()
     if first is not None:
         raise first
+    return count
