@@ -18,6 +18,7 @@ from test_reliability import assert_same_tree, finished_shards, leftovers
 from converter.files import MANIFEST_FILE, PROVENANCE_FILE, STATE_DIR
 from converter.run import processes
 from converter.run.pipeline import convert
+from converter.run.summary import describe_result
 
 def test_process_count_follows_the_workers_and_the_environment(monkeypatch):
     monkeypatch.delenv("MXCONV_PROCESSES", raising=False)
@@ -45,6 +46,7 @@ def test_several_processes_write_the_bytes_one_does(tiny_sources, dcp_sources, t
     one = convert(src, tmp_path / "one", max_shard_size=SHARD, quiet=True, processes=1, workers=3, **options)
     many = convert(src, tmp_path / "many", max_shard_size=SHARD, quiet=True, processes=3, workers=3, **options)
     assert len(one.plan.shards) >= 6 and (one.processes, many.processes) == (1, 3)
+    assert "of input), in 3 processes\n" in describe_result(many) and "of input)\n" in describe_result(one)
     assert_same_tree(tmp_path / "many", tmp_path / "one")
     assert many.input_converted == one.input_converted
 

@@ -88,6 +88,8 @@ def describe_result(result: ConversionResult) -> str:
     rate = format_size(converted / result.seconds) + "/s" if result.seconds else "-"
     resumed = (f", resumed ({result.skipped_shards} shard(s) already done, {format_size(converted)} of input "
                "converted now)") if result.skipped_shards else ""
+    if result.processes > 1:
+        resumed += f", in {result.processes} processes"
     if result.cluster:
         c = result.cluster
         moved = f", {c['moved']} moved off {len(c['lost_nodes'])} lost node(s)" if c["lost_nodes"] else ""
