@@ -6,6 +6,8 @@ the source hasher uses it before torch is imported."""
 from __future__ import annotations
 
 import ctypes
+import mmap
+import os
 
 _lib: ctypes.CDLL | None = None
 
@@ -25,3 +27,32 @@ def libc() -> ctypes.CDLL:
         lib.memcmp.argtypes = [p, p, size]
         _lib = lib
     return _lib
+
+
+MADV_POPULATE_READ = 22  # Linux 5.14: map a range's pages in one call (no fault per page)
+_LOW_BIT = bytes(i & 1 for i in range(256))
+
+
+def resident(address: int, length: int) -> bool:
+    """Whether every page of the mapped range [address, address + length) is in memory (mincore(2);
+    bit 0 of each byte of its answer). False where that cannot be told. For a mapped file, the
+    answer is the truth only to whoever may write the file (see mincore_tells)."""
+    try:
+        c = libc()
+        start = address - address % mmap.PAGESIZE
+        pages = (address + length - start + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        if c.mincore(start, address + length - start, vec) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    return bytes(vec).translate(_LOW_BIT).count(0) == 0
+
+
+def mincore_tells(path: os.PathLike, st: os.stat_result) -> bool:
+    """Whether mincore(2) reports this file's real residency to us: since Linux 5.2 it does only
+    for the file's owner, for whoever may write it, and for a capable user (root); to anyone
+    else it reports every page as resident (a side channel it closes that way)."""
+    euid = os.geteuid()
+    effective = os.access in os.supports_effective_ids
+    return euid == 0 or st.st_uid == euid or os.access(path, os.W_OK, effective_ids=effective)

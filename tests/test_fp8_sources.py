@@ -176,11 +176,21 @@ def test_config_and_tensor_mismatches_name_the_tensor(tiny_sources, tmp_path, ca
 
 
 def test_each_source_tensor_is_read_once_and_alone(tiny_sources, tmp_path, monkeypatch):
-    """Partners in other shards are fetched by offset: no whole-shard loads, no repeated reads."""
+    """Partners in other shards are fetched by offset: no whole-shard loads, no repeated reads
+    (a read, or a mapping of the bytes from the page cache, once per tensor)."""
     import converter.sources.checkpoint as ckpt_module
 
-    reads = []
-    real = ckpt_module.read_tensor
-    monkeypatch.setattr(ckpt_module, "read_tensor", lambda info, **kw: reads.append(info.name) or real(info, **kw))
+    reads, mapped = [], []
+    real_read, real_map = ckpt_module.read_tensor, ckpt_module.map_tensor
+    monkeypatch.setattr(ckpt_module, "read_tensor", lambda info, **kw: reads.append(info.name) or real_read(info, **kw))
+
+    def map_tensor(info):
+        t = real_map(info)
+        if t is not None:
+            mapped.append(info.name)
+        return t
+
+    monkeypatch.setattr(ckpt_module, "map_tensor", map_tensor)
     converter.convert(tiny_sources["fp8"], tmp_path / "o", quiet=True)
-    assert sorted(reads) == sorted(SourceCheckpoint.open(tiny_sources["fp8"]).tensors)
+    assert sorted(reads + mapped) == sorted(SourceCheckpoint.open(tiny_sources["fp8"]).tensors)
+    assert mapped  # the source was just written: in the page cache, so the numerics' inputs are mapped

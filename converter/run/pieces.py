@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import os
 import threading
 from collections.abc import Iterator
 
@@ -146,10 +147,17 @@ def _sub_rows(shape: tuple[int, ...], rows: tuple[int, int]) -> tuple[int, ...]:
     return (rows[1] - rows[0], *shape[1:])
 
 
+def mapping_reads(pool: BufferPool) -> bool:
+    """Whether a piece's numerics inputs may be mapped from the page cache (`checkpoint.map_tensor`)
+    rather than read into pooled buffers: not where the buffers are pinned (GPU workers alone copy
+    from pinned memory asynchronously), nor with MXCONV_MAPPED_READS=0."""
+    return not pool.pin and os.environ.get("MXCONV_MAPPED_READS", "1") != "0"
+
+
 def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWriter, bufs: list
          ) -> dict[str, torch.Tensor]:
-    """A piece's source tensors (their rows, or the matching scale tile rows) in pooled buffers.
-    A copied tensor is written as read: it is read straight into its place in a mapped output
+    """A piece's source tensors (their rows, or the matching scale tile rows) in pooled buffers,
+    or, for the numerics, mapped where their bytes are all in the page cache. A copied tensor is written as read: it is read straight into its place in a mapped output
     shard, or else into a buffer with the phase of that place (for O_DIRECT)."""
     job = piece.job
     if view.derivations is not None:  # renamed, split or fused: the mapping materializes them
@@ -171,7 +179,11 @@ def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWrite
             out = writer.region(job.outputs[0].name, r0, piece.rows[1] - r0 if piece.rows else None)
             if out is None or out.numel() != info.nbytes:
                 out = pool.take(info.nbytes, writer.phase(job.outputs[0].name, r0), bufs)
-        else:
+        else:  # numerics read their inputs straight from the page cache where they are there
+            mapped = checkpoint.map_tensor(info) if mapping_reads(pool) else None
+            if mapped is not None:
+                inputs[name] = mapped
+                continue
             out = pool.take(info.nbytes, 0, bufs)
         # through the checkpoint module, where every source read goes (and tests watch them)
         inputs[name] = checkpoint.read_tensor(info, out=out)

@@ -18,6 +18,7 @@ from converter.models.family import Family
 from converter.files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from converter.numerics.reference import fp8_block_scale_shape
 from converter.sources.safetensors import TensorInfo, read_header
+from converter.sources.safetensors import map_tensor as _map_safetensors
 from converter.sources.safetensors import read_tensor as _read_safetensors
 
 SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv
@@ -166,6 +167,12 @@ def read_tensor(info: TensorInfo, pin: bool = False, out: torch.Tensor | None = 
     knows how to read itself (a DCP tensor assembled from its chunks)."""
     read = getattr(info, "read", None)
     return _read_safetensors(info, pin=pin, out=out) if read is None else read(pin=pin, out=out)
+
+
+def map_tensor(info: TensorInfo) -> torch.Tensor | None:
+    """A safetensors tensor's bytes mapped from the page cache where they all lie there (see
+    `safetensors.map_tensor`), else None: the caller reads them (`read_tensor`)."""
+    return _map_safetensors(info) if getattr(info, "read", None) is None else None
 
 
 def _weight_file(root: Path, fname: str, index_path: Path) -> Path:

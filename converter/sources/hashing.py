@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from converter.files import INDEX_FILE, SINGLE_FILE  # files.py imports nothing: still light
-from converter.libc import libc
+from converter.libc import libc, mincore_tells, resident
 from converter.sources.hub_digests import recorded_sha256s
 
 _CHUNK = 16 * 1024 * 1024
@@ -43,18 +43,6 @@ def _stamp(path: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-_LOW_BIT = bytes(i & 1 for i in range(256))
-
-
-def _mincore_tells(path: Path, st: os.stat_result) -> bool:
-    """Whether mincore(2) reports this file's real residency to us: since Linux 5.2 it does only
-    for the file's owner, for whoever may write it, and for a capable user (root); to anyone
-    else it reports every page as resident (a side channel it closes that way)."""
-    euid = os.geteuid()
-    effective = os.access in os.supports_effective_ids
-    return euid == 0 or st.st_uid == euid or os.access(path, os.W_OK, effective_ids=effective)
-
-
 def cached(path: Path) -> bool:
     """Whether every page of the file is in the page cache (mincore(2) over a mapping of it);
     False where that cannot be told (mincore's answer would not be the truth, or it failed)."""
@@ -63,7 +51,7 @@ def cached(path: Path) -> bool:
         with open(path, "rb", buffering=0) as f:
             st = os.fstat(f.fileno())
             size = st.st_size
-            if not _mincore_tells(Path(path), st):
+            if not mincore_tells(Path(path), st):
                 return False
             if not size:
                 return True
@@ -71,11 +59,7 @@ def cached(path: Path) -> bool:
             if address in (None, ctypes.c_void_p(-1).value):
                 return False
             try:
-                pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-                vec = (ctypes.c_ubyte * pages)()
-                if c.mincore(address, size, vec) != 0:
-                    return False
-                return bytes(vec).translate(_LOW_BIT).count(0) == 0  # bit 0: the page is resident
+                return resident(address, size)
             finally:
                 c.munmap(address, size)
     except (OSError, AttributeError):

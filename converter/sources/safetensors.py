@@ -4,20 +4,24 @@ header of a shard planned before any data exists (`PlannedTensor`, `build_header
 
 We parse headers ourselves (instead of safetensors.safe_open) to name the file and tensor in
 every error, to detect truncation before a long run starts, and to read exactly one tensor's
-bytes with a positioned read into a preallocated buffer (one copy, GIL released).
+bytes with a positioned read into a preallocated buffer (one copy, GIL released), or to map them
+where they are already in the page cache (no copy: `map_tensor`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from converter.errors import SourceError
+from converter.libc import MADV_POPULATE_READ, libc, mincore_tells, resident
 
 DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
@@ -161,6 +165,50 @@ def read_tensor(info: TensorInfo, pin: bool = False, out: torch.Tensor | None = 
     finally:
         os.close(fd)
     return buf.view(info.torch_dtype).reshape(info.shape)
+
+
+_tells: dict[tuple[str, int, int], bool] = {}  # (file, size, mtime) -> whether mincore tells us the truth
+_tells_lock = threading.Lock()
+
+
+def map_tensor(info: TensorInfo) -> torch.Tensor | None:
+    """The tensor's bytes where they lie in the page cache, mapped (copy-on-write) instead of
+    copied into a buffer, or None: not all of them resident (or that cannot be told), the file
+    shorter than the header says, or no mapping to be had. The caller then reads them.
+
+    Why: a read copies every byte once more than the numerics need (on a 2-core EPYC VM the copy
+    was 14 % of a conversion's CPU, mapping the same pages 2 %). Only resident bytes are mapped:
+    pages that must come from the disk arrive faster through one large read than through faults.
+    The mapping lives as long as any tensor made from it (torch holds the mmap object); it is
+    private and writable, so no consumer of the tensor can change the file."""
+    if not info.nbytes or info.start % info.torch_dtype.itemsize:  # a view of another dtype needs alignment
+        return None
+    at = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    try:
+        with open(info.file, "rb", buffering=0) as f:
+            st = os.fstat(f.fileno())
+            if st.st_size < info.end:  # mapped past the end, the bytes would raise SIGBUS, not an error
+                return None
+            key = (str(info.file), st.st_size, st.st_mtime_ns)
+            with _tells_lock:
+                tells = _tells.get(key)
+            if tells is None:
+                tells = mincore_tells(info.file, st)
+                with _tells_lock:
+                    _tells[key] = tells
+            if not tells:
+                return None
+            m = mmap.mmap(f.fileno(), info.end - at, offset=at, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
+        return None
+    whole = torch.frombuffer(m, dtype=torch.uint8)
+    if not resident(whole.data_ptr(), whole.numel()):
+        return None
+    try:  # its pages mapped in one call, not one fault each (older kernels: EINVAL, the faults then)
+        libc().madvise(whole.data_ptr(), whole.numel(), MADV_POPULATE_READ)
+    except (OSError, AttributeError):
+        pass
+    return whole[info.start - at:].view(info.torch_dtype).reshape(info.shape)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,153 @@
+"""Numerics inputs mapped from the page cache instead of read into buffers
+(`safetensors.map_tensor`, `pieces.load`): the same bytes, only where all of them are resident,
+never a crash on a short file, never a write into the source, no mapping left behind."""
+
+from __future__ import annotations
+
+import gc
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+import converter
+from converter.errors import SourceError
+from converter.run.pieces import BufferPool, mapping_reads
+from converter.sources import safetensors as st
+from converter.sources.safetensors import map_tensor, read_header, read_tensor
+
+
+def _write(path: Path, entries: list[tuple[str, str, list[int], bytes]]) -> Path:
+    """A safetensors file laid out by hand: tensors back to back in the order given (so a tensor
+    may start at an offset its dtype's size does not divide)."""
+    header, data = {}, b""
+    for name, dtype, shape, raw in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    path.write_bytes(struct.pack("<Q", len(head)) + head + data)
+    return path
+
+
+@pytest.fixture
+def shard(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(512, 1024, generator=g).to(torch.bfloat16)  # 1 MB: spans many pages
+    scales = torch.rand(4, 8, generator=g)
+    return _write(tmp_path / "a.safetensors", [
+        ("big", "BF16", [512, 1024], big.view(torch.uint8).numpy().tobytes()),
+        ("scales", "F32", [4, 8], scales.numpy().tobytes()),
+        ("odd", "U8", [3], b"\x01\x02\x03"),
+        ("after_odd", "BF16", [2], torch.tensor([1.5, -2.0], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()),
+    ])
+
+
+def _maps_at(address: int) -> bool:
+    return any(int(line.split("-")[0], 16) <= address < int(line.split("-")[1].split()[0], 16)
+               for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+def test_mapped_bytes_are_the_read_bytes(shard):
+    infos, _ = read_header(shard)
+    for name in ("big", "scales"):
+        mapped = map_tensor(infos[name])
+        assert mapped is not None, f"{name}: just written, so in the page cache, yet not mapped"
+        read = read_tensor(infos[name])
+        assert mapped.dtype == read.dtype and mapped.shape == read.shape
+        assert torch.equal(mapped.view(torch.uint8), read.view(torch.uint8))
+
+
+def test_a_tensor_at_an_offset_its_dtype_does_not_divide_is_read_instead(shard):
+    infos, _ = read_header(shard)
+    assert infos["after_odd"].start % 2 == 1
+    assert map_tensor(infos["after_odd"]) is None
+    assert read_tensor(infos["after_odd"]).tolist() == [1.5, -2.0]
+
+
+def test_a_file_cut_short_after_planning_is_not_mapped(shard):
+    """Mapped past the end of the file, the bytes would kill the process with SIGBUS; the read
+    instead names the file and tensor."""
+    infos, _ = read_header(shard)
+    os.truncate(shard, infos["big"].end - 4096)
+    assert map_tensor(infos["big"]) is None
+    with pytest.raises(SourceError, match="truncated"):
+        read_tensor(infos["big"])
+
+
+def test_bytes_not_in_the_page_cache_are_read_not_mapped(shard):
+    infos, _ = read_header(shard)
+    with open(shard, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    with open(shard, "rb") as f:
+        whole = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+    if st.resident(whole.data_ptr(), whole.numel()):
+        pytest.skip("this file system keeps the pages despite POSIX_FADV_DONTNEED (tmpfs)")
+    del whole
+    assert map_tensor(infos["big"]) is None
+    assert torch.equal(read_tensor(infos["big"]).view(torch.uint8).flatten()[:8],
+                       torch.frombuffer(bytearray(shard.read_bytes()[infos["big"].start:][:8]), dtype=torch.uint8))
+
+
+def test_where_mincore_would_not_tell_the_truth_nothing_is_mapped(shard, monkeypatch):
+    """mincore(2) reports every page resident to whoever may not write the file: then read."""
+    infos, _ = read_header(shard)
+    monkeypatch.setattr(st, "mincore_tells", lambda path, stat: False)
+    monkeypatch.setattr(st, "_tells", {})
+    assert map_tensor(infos["big"]) is None
+
+
+def test_writing_into_a_mapped_tensor_never_reaches_the_file(shard):
+    before = shard.read_bytes()
+    infos, _ = read_header(shard)
+    mapped = map_tensor(infos["big"])
+    mapped.view(torch.uint8).fill_(0)
+    del mapped
+    gc.collect()
+    assert shard.read_bytes() == before
+
+
+def test_the_mapping_lives_exactly_as_long_as_its_tensors(shard):
+    infos, _ = read_header(shard)
+    mapped = map_tensor(infos["big"])
+    expect = read_tensor(infos["big"])
+    row = mapped[7]  # a view: the mapping must outlive the tensor it was cut from
+    address = row.data_ptr()
+    del mapped
+    gc.collect()
+    assert _maps_at(address) and torch.equal(row.view(torch.uint8), expect[7].view(torch.uint8))
+    del row
+    gc.collect()
+    assert not _maps_at(address)
+
+
+def test_pinned_buffers_and_the_switch_turn_mapping_off(monkeypatch):
+    assert mapping_reads(BufferPool(pin=False, limit=0))
+    assert not mapping_reads(BufferPool(pin=True, limit=0))  # GPU workers alone: async copies from pinned memory
+    monkeypatch.setenv("MXCONV_MAPPED_READS", "0")
+    assert not mapping_reads(BufferPool(pin=False, limit=0))
+
+
+@pytest.mark.parametrize("precision", ["fp8", "bf16", "fp8_ue8m0"])
+def test_conversions_with_and_without_mapped_reads_write_the_same_bytes(tiny_sources, tmp_path, monkeypatch,
+                                                                       precision):
+    calls = []
+    import converter.sources.checkpoint as ckpt_module
+
+    real = ckpt_module.map_tensor
+    monkeypatch.setattr(ckpt_module, "map_tensor", lambda info: calls.append(info.name) or real(info))
+    converter.convert(tiny_sources[precision], tmp_path / "mapped", quiet=True, max_shard_size="300KB")
+    assert calls
+    monkeypatch.setenv("MXCONV_MAPPED_READS", "0")
+    calls.clear()
+    converter.convert(tiny_sources[precision], tmp_path / "read", quiet=True, max_shard_size="300KB")
+    assert not calls
+    shards = sorted(f.name for f in (tmp_path / "read").glob("*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(f.name for f in (tmp_path / "mapped").glob("*.safetensors"))
+    for name in shards:
+        assert (tmp_path / "mapped" / name).read_bytes() == (tmp_path / "read" / name).read_bytes(), name
