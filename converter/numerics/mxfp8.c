@@ -261,11 +261,15 @@ static inline uint32_t block_max4(const uint8_t *restrict in) {
 }
 
 /* What one 128x128 tile of the band being converted needs: p[c] = bf16 bits of
-   fl32(value(c) * |s|), the sign of s, and for each block exponent seen so far the index of its
-   byte table (0xFF: not built yet; at most 127 tables, one per distinct p value). */
+   fl32(value(c) * |s|), the sign of s, for each block exponent seen so far the index of its byte
+   table (0xFF: not built yet; at most 127 tables, one per distinct p value), and for each largest
+   code seen so far its table's index and its block exponent (by_code[c] 0xFF: not seen yet).
+   A block's table is then one load away from its largest code, not three (p, exp, slot), which
+   kept the block loop waiting on that chain of loads. */
 typedef struct {
     uint16_t p[128];
     uint8_t slot[256];
+    uint8_t by_code[128], exp_of_code[128];
     uint8_t sign;
     uint8_t built;
 } tile_state;
@@ -305,6 +309,7 @@ int mx_requantize_fp8(const uint8_t *restrict w, int64_t n, int64_t k, const flo
                 state[t].p[c] = bf16_bits(e4m3_value(c) * abs_scale);
             state[t].p[0x7F] = 0x7F80u; /* never looked up: a NaN code stops the call first */
             memset(state[t].slot, 0xFF, sizeof state[t].slot);
+            memset(state[t].by_code, 0xFF, sizeof state[t].by_code);
             state[t].sign = signbit(scale) ? 0x80u : 0u;
             state[t].built = 0;
         }
@@ -322,28 +327,32 @@ int mx_requantize_fp8(const uint8_t *restrict w, int64_t n, int64_t k, const flo
                     for (int j = 0; j < count; j++)
                         codes |= (uint32_t)block_max(wr + (b + j) * BLOCK) << (8 * j);
                 }
+                tile_state *ts = &state[b * BLOCK / TILE]; /* b % 4 == 0: the group lies in one tile */
+                uint8_t(*tile_tables)[128] = tables[b * BLOCK / TILE];
                 for (int j = 0; j < count; j++) {
                     int64_t blk = b + j;
-                    tile_state *ts = &state[blk * BLOCK / TILE];
                     uint8_t code = (uint8_t)(codes >> (8 * j));
                     if (code == 0x7F) { /* a NaN code */
                         status = MX_FALLBACK;
                         break;
                     }
-                    uint16_t amax = ts->p[code];
-                    uint8_t e = exp[amax & 0x7FFFu];
-                    if (amax >= 0x7F80u || e == NONFINITE_EXP) {
-                        status = MX_FALLBACK;
-                        break;
+                    uint8_t slot = ts->by_code[code];
+                    if (slot == 0xFF) { /* the first block of this tile and band with this largest code */
+                        uint16_t amax = ts->p[code];
+                        uint8_t e = exp[amax & 0x7FFFu];
+                        if (amax >= 0x7F80u || e == NONFINITE_EXP) {
+                            status = MX_FALLBACK;
+                            break;
+                        }
+                        if (ts->slot[e] == 0xFF) {
+                            ts->slot[e] = ts->built++;
+                            build_table(ts->p, mult[amax], ts->sign, clamp, tile_tables[ts->slot[e]]);
+                        }
+                        slot = ts->by_code[code] = ts->slot[e];
+                        ts->exp_of_code[code] = e;
                     }
-                    sr[blk] = e;
-                    int fresh = ts->slot[e] == 0xFF;
-                    if (fresh)
-                        ts->slot[e] = ts->built++;
-                    uint8_t *table = tables[blk * BLOCK / TILE][ts->slot[e]];
-                    if (fresh)
-                        build_table(ts->p, mult[amax], ts->sign, clamp, table);
-                    lookup_block(table, wr + blk * BLOCK, qr + blk * BLOCK);
+                    sr[blk] = ts->exp_of_code[code];
+                    lookup_block(tile_tables[slot], wr + blk * BLOCK, qr + blk * BLOCK);
                 }
             }
         }
