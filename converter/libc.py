@@ -1,7 +1,8 @@
 """The C library through ctypes, for the calls Python lacks or makes while holding the GIL:
 madvise (Python's mmap.madvise holds the GIL), mincore (not in Python), the mmap/munmap by
-address that mincore needs, and memcmp (10x torch.equal on bytes, for verify). Free of torch:
-the source hasher uses it before torch is imported."""
+address that mincore needs, and memcmp (10x torch.equal on bytes, for verify); and, on top of
+mincore, whether a mapped range is all in memory and whether the kernel tells us so for a file.
+Free of torch: the source hasher uses it before torch is imported."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import pytest
 from cli_process import MxconvProcess, reference_conversion, run_mxconv
 from test_reliability import assert_same_tree, finished_shards, leftovers
 
+import converter.run.execute
 import converter.run.pipeline
 from converter.files import (
     MANIFEST_FILE,
@@ -122,16 +123,16 @@ def test_ctrl_c_in_an_atomic_write_leaves_no_temporary_file(tmp_path):
 
 def test_interrupted_library_call_is_still_a_keyboard_interrupt(src, tmp_path, monkeypatch):
     """`convert()` raises Interrupted, a KeyboardInterrupt carrying the CLI's message."""
-    import converter.run.pipeline
+    import converter.run.execute
     from converter.errors import Interrupted
 
-    real = converter.run.pipeline.execute
+    real = converter.run.execute.execute
 
     def two_shards(todo, *args, **kwargs):
         real(todo[:2], *args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(converter.run.pipeline, "execute", two_shards)
+    monkeypatch.setattr(converter.run.execute, "execute", two_shards)
     with pytest.raises(Interrupted) as err:
         converter.run.pipeline.convert(src, tmp_path / "dst", max_shard_size=SHARD, quiet=True)
     assert isinstance(err.value, KeyboardInterrupt)
@@ -147,7 +148,7 @@ def test_ctrl_c_at_the_edges_of_the_pipeline_leaves_no_temporary_shard(src, tmp_
     import types
 
     import converter.run.execute as execute
-    import converter.run.pipeline
+    import converter.run.execute
     from converter.errors import Interrupted
 
     dst = tmp_path / "dst"

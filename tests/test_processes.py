@@ -86,6 +86,72 @@ def test_each_process_gets_its_share_of_shards_and_devices(monkeypatch):
     assert [m["devices"] for m in sent if isinstance(m, dict)] == [["cuda:0", "cuda:0"]]
 
 
+def _gone(child, within: float = 30.0) -> bool:
+    deadline = time.monotonic() + within
+    while child.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return child.proc.poll() is not None
+
+
+def test_kept_processes_take_the_next_run_then_leave(tiny_sources, tmp_path):
+    """`keep` (a Ray node's tasks): a run that succeeded leaves its processes waiting; the next
+    run takes them (no start-up) and writes the same bytes; one kept too long is not taken, and
+    leaves by itself; after a failure none is kept."""
+    import functools
+
+    import torch
+
+    from converter.run.pipeline import open_view, plan_conversion
+
+    src = tiny_sources["fp8"]
+    _, _, mapping, plan = plan_conversion(src, max_shard_size=SHARD)
+    job = {"opener": functools.partial(open_view, str(src), mapping), "recipe": plan.recipe}
+    cpus = [torch.device("cpu")] * 4
+
+    def run(name: str, keep: float) -> list:
+        (tmp_path / name).mkdir()
+        processes.run(plan.shards, 2, dict(job, dst=str(tmp_path / name)), cpus, lambda n: None, lambda p: None,
+                      keep=keep)
+        return [c for c, _ in processes._kept]
+
+    try:
+        first = run("first", keep=60)
+        assert len(first) == 2 and all(c.proc.poll() is None for c in first)
+        again = run("again", keep=0)
+        assert processes.reused == 2 and again == [] and all(_gone(c) for c in first)
+        for shard in plan.shards:
+            assert (tmp_path / "first" / shard.name).read_bytes() == (tmp_path / "again" / shard.name).read_bytes()
+        one = convert(src, tmp_path / "one", max_shard_size=SHARD, quiet=True, processes=1)
+        assert all((tmp_path / "one" / s.name).read_bytes() == (tmp_path / "first" / s.name).read_bytes()
+                   for s in one.plan.shards)
+        brief = run("brief", keep=1)  # within _KEEP_MARGIN of its end already: never taken
+        assert len(brief) == 2 and all(_gone(c) for c in brief)  # they leave when their wait ends
+        after = run("after", keep=60)
+        assert processes.reused == 0 and len(after) == 2
+        (tmp_path / "blocked").write_text("a file where the output folder should be")
+        with pytest.raises(Exception):
+            processes.run(plan.shards, 2, dict(job, dst=str(tmp_path / "blocked")), cpus, lambda n: None,
+                          lambda p: None, keep=60)
+        assert processes.reused == 2 and processes._kept == []  # taken, failed, not kept
+        assert all(_gone(c) for c in after)
+    finally:
+        processes.dismiss_warm()
+
+
+def test_a_stop_that_comes_before_the_job_starts_stops_it():
+    """A "stop" read by a process's watcher after the job but before the job started (Ctrl-C
+    right after the jobs went out) stops that job as it starts, once."""
+    from converter.run.process_child import _Inbox
+
+    inbox = _Inbox()
+    inbox.interrupt()
+    with pytest.raises(KeyboardInterrupt):
+        inbox.set_running(True)
+    inbox.set_running(False)
+    inbox.set_running(True)  # the next job runs
+    inbox.set_running(False)
+
+
 class _Fake:
     """A conversion process that never starts (for the dealing above)."""
 

@@ -129,11 +129,13 @@ def test_cluster_conversion_is_byte_identical(cluster, tiny_sources, plain, tmp_
 
 def test_nodes_convert_with_several_processes(cluster, tiny_sources, tmp_path):
     """Each node's task spreads its shards over conversion processes of that node, as one
-    machine does (run/processes.py); temporary files carry the node's id."""
+    machine does (run/processes.py); temporary files carry the node's id. A node's next task
+    takes the processes its last one kept, when Ray runs it in the same worker."""
     src = tiny_sources["fp8"]
     convert(src, tmp_path / "one", max_shard_size="150KB", quiet=True, processes=1)
     result = convert(src, tmp_path / "dst", max_shard_size="150KB", quiet=True, ray="auto", workers=2, processes=2)
     assert result.cluster["processes"] == 2 and result.cluster["ran_on"] == 2
+    assert result.cluster["tasks"] > 2 and result.cluster["reused_processes"] > 0
     same_conversion(tmp_path / "dst", tmp_path / "one")
 
 

@@ -200,12 +200,12 @@ def test_damaged_finished_destination_is_unmarked_then_repaired(src, small_refer
     shards[0].write_bytes(bytes(data))
     (dst / VERIFY_REPORT_FILE).write_text('{"passed": true}')  # from `mxconv verify` before the damage
 
-    import converter.run.pipeline
+    import converter.run.execute
 
     def crash(*args, **kwargs):
         raise OutputError("simulated crash during the repair")
 
-    monkeypatch.setattr(converter.run.pipeline, "execute", crash)
+    monkeypatch.setattr(converter.run.execute, "execute", crash)
     with pytest.raises(OutputError, match="simulated"):
         convert(src, dst, max_shard_size="1MB", quiet=True)
     # while being repaired the DST does not look complete
@@ -242,15 +242,15 @@ def test_side_files_skip_weights_and_pickle_indexes(src, tmp_path):
 
 def partial_run(src: Path, dst: Path, monkeypatch, **kwargs) -> None:
     """A conversion that stops after its first shard (as if killed there)."""
-    import converter.run.pipeline
+    import converter.run.execute
 
-    real = converter.run.pipeline.execute
+    real = converter.run.execute.execute
 
     def first_shard_only(todo, *args, **kwargs):
         real(todo[:1], *args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(converter.run.pipeline, "execute", first_shard_only)
+    monkeypatch.setattr(converter.run.execute, "execute", first_shard_only)
     with pytest.raises(KeyboardInterrupt):
         convert(src, dst, quiet=True, **kwargs)
     monkeypatch.undo()

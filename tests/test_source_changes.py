@@ -148,15 +148,15 @@ def test_sha256_from_mxconv_json_when_the_manifest_has_none(converted):
 
 def interrupted_run(source: Path, dst: Path, monkeypatch, shards: int) -> None:
     """A conversion that stops after its first `shards` shards (as if interrupted there)."""
-    import converter.run.pipeline
+    import converter.run.execute
 
-    real = converter.run.pipeline.execute
+    real = converter.run.execute.execute
 
     def first_shards_only(todo, *args, **kwargs):
         real(todo[:shards], *args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(converter.run.pipeline, "execute", first_shards_only)
+    monkeypatch.setattr(converter.run.execute, "execute", first_shards_only)
     with pytest.raises(KeyboardInterrupt):
         convert(source, dst, max_shard_size=SHARD, quiet=True)
     monkeypatch.undo()
@@ -205,19 +205,19 @@ def test_resume_from_a_copy_keeps_the_shards_whose_sources_were_hashed(src, tmp_
 
 
 def test_source_written_during_the_run_is_refused_at_the_end(src, tmp_path, monkeypatch):
-    import converter.run.pipeline
+    import converter.run.execute
     from converter.errors import SourceError
 
     source = copy_source(src, tmp_path / "src")
     dst = tmp_path / "dst"
-    real = converter.run.pipeline.execute
+    real = converter.run.execute.execute
     name = "model-00002-of-00003.safetensors"
 
     def edit_meanwhile(todo, *args, **kwargs):
         real(todo, *args, **kwargs)
         edit_in_place(source / name, tensor_in(source, name))
 
-    monkeypatch.setattr(converter.run.pipeline, "execute", edit_meanwhile)
+    monkeypatch.setattr(converter.run.execute, "execute", edit_meanwhile)
     with pytest.raises(SourceError, match=f"{name}: changed while it was being converted"):
         convert(source, dst, max_shard_size=SHARD, quiet=True)
     assert not (dst / PROVENANCE_FILE).exists()

@@ -298,7 +298,7 @@ def _dispatch(ray, nodes, groups, owned, rest, spec, token, dst, recipe, device,
     checking: dict = {}  # check ref -> id of a node that joined during the run
     hashes: dict[str, str] = {}
     info = {"nodes": len(nodes), "tasks": len(groups), "moved": 0, "lost_nodes": [], "ran_on": set(),
-            "processes": 1}
+            "processes": 1, "reused_processes": 0}
     polled = idle_since = time.monotonic()
     try:
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
@@ -335,6 +335,7 @@ def _dispatch(ray, nodes, groups, owned, rest, spec, token, dst, recipe, device,
                     hashes.update(result["hashes"])
                     info["ran_on"].add(result["node"])
                     info["processes"] = max(info["processes"], result["processes"])
+                    info["reused_processes"] += result["reused_processes"]  # kept from the node's last task
                     if result["node"] != nid:  # Ray ran it again elsewhere: its worker or node was lost
                         info["moved"] += 1
                         _lost(seen[nid], info, f"its task ran again on node {result['node'][:8]}")

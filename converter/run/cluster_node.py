@@ -25,6 +25,9 @@ from converter.files import STATE_DIR
 from converter.version import __version__
 
 _REPORT_EVERY = 0.25  # seconds between progress reports of a task
+# A task's conversion processes wait this long for the node's next task, which then skips their
+# start-up (a torch import each, CUDA contexts: about 2 s, against 4 or more tasks per node).
+KEEP_PROCESSES = 60.0
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,6 @@ def run_group(spec: SourceSpec, dst: str, token: Token, shards: list, recipe, de
                           file=dst)
     from converter.run import processes as local
     from converter.run.devices import resolve_devices
-    from converter.run.execute import execute
     from converter.run.output import shard_is_done
     from converter.sources.hashing import SourceHasher
 
@@ -176,21 +178,21 @@ def run_group(spec: SourceSpec, dst: str, token: Token, shards: list, recipe, de
     skipped = sum(j.input_bytes for s in shards if s.name not in written for j in s.jobs)
     reporter = _Reporter(board, key, skipped)
     hasher = SourceHasher([Path(spec.root) / rel for rel in hash_files]).start()
+    count = reused = 0
     try:
         devices = resolve_devices(device, workers)
-        count = min(processes or local.process_count(device, workers), len(todo), len(devices))
-        if count > 1:  # their temporary files: .{node}.p{pid}
-            count = local.run(todo, count, {"opener": spec.opener, "dst": dst, "recipe": recipe, "partial_tag": f".{node_id[:8]}"},
-                      devices, reporter.add, hasher.release)
-        else:
-            execute(todo, open_view(spec), Path(dst), recipe, devices, reporter.add, reading=hasher.release,
-                    partial_tag=f".{node_id[:8]}-{os.getpid()}")
+        if todo:  # temporary files: .{node}.p{pid} in conversion processes, .{node}-{pid} here
+            count = local.write(todo, processes or local.process_count(device, workers),
+                                {"opener": spec.opener, "dst": dst, "recipe": recipe, "partial_tag": f".{node_id[:8]}"},
+                                devices, reporter.add, hasher.release, view=lambda: open_view(spec),
+                                partial_tag=f".{node_id[:8]}-{os.getpid()}", keep=KEEP_PROCESSES)
+            reused = local.reused if count > 1 else 0
     except MxconvError as e:
         raise type(e)(f"{e.message} (on node {node_id[:8]}, {host})", file=e.file, tensor=e.tensor) from None
     finally:
         reporter.send()
     return {"node": node_id, "host": host, "hashes": hasher.result(), "written": sorted(written),
-            "processes": count}
+            "processes": count, "reused_processes": reused}
 
 
 def hash_files(root: str, names: list[str]) -> dict[str, str]:

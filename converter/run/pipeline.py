@@ -21,13 +21,12 @@ from converter.plan.planner import ConversionPlan, build_plan
 from converter.plan.recipe import Recipe, load_recipe
 from converter.plan.view import CanonicalView
 from converter.run.devices import resolve_devices
-from converter.run.execute import execute
 from converter.run.freshness import changed_during_run, plan_fingerprint
 from converter.run.output import copy_side_files, prepare_destination, record_manifest
 from converter.run.provenance import output_config, write_index_and_config, write_provenance
 from converter.run.preflight import check_source_tensors, preflight_destination
-from converter.run.processes import dismiss_warm, process_count
-from converter.run.processes import run as run_processes
+from converter.run.processes import process_count
+from converter.run.processes import write as write_shards
 from converter.sources.checkpoint import SourceCheckpoint
 from converter.sources.hashing import SourceHasher
 from converter.sources.hub_digests import recorded_sha256s
@@ -209,13 +208,9 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
                     processes = process_count(device, workers)
                 with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
                           desc="convert", dynamic_ncols=True) as bar:
-                    if min(processes, len(todo), len(devices)) > 1:
-                        result.processes = run_processes(todo, processes, {"opener": opener, "dst": str(dst),
-                                                                           "recipe": plan.recipe},
-                                                         devices, bar.update, hasher.release)
-                    else:
-                        dismiss_warm()  # started by the CLI for nothing: let them go now, not at exit
-                        execute(todo, view, dst, plan.recipe, devices, bar.update, reading=hasher.release)
+                    result.processes = write_shards(todo, processes, {"opener": opener, "dst": str(dst),
+                                                                      "recipe": plan.recipe},
+                                                    devices, bar.update, hasher.release, view=lambda: view)
         except BaseException as e:
             _record_hashes_so_far(dst, fingerprint, ckpt.files, hasher)
             if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):

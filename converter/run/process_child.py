@@ -4,7 +4,7 @@ Started by `processes.py` as `python -c` with the parent's sys.path, running `en
 [DEVICE WORKERS COUNT INDEX], in its own session (a terminal's Ctrl-C reaches the parent only,
 which passes it on), FD being one end of a socket pair to the
 parent. It imports torch and loads the compiled kernels at once (a parent that started it early
-overlaps that with its own start-up), then waits for one job: a list of the plan's shards, how to
+overlaps that with its own start-up), then waits for a job: a list of the plan's shards, how to
 open the source, the recipe and this process's devices. It runs the one-machine executor on them
 and reports back, all as pickled tuples:
 
@@ -13,12 +13,15 @@ and reports back, all as pickled tuples:
     ("crash", traceback)
 
 A "stop" from the parent, or the parent's end closing (it died), is taken as Ctrl-C: the
-executor removes this process's unfinished shards and the process exits.
+executor removes this process's unfinished shards and the process exits. After "done", a job
+that says `keep` (seconds; a Ray node's tasks do) leaves the process waiting that long for the
+next job, so the next task on the node skips the start-up; anything else ends it.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import sys
 import threading
@@ -58,14 +61,49 @@ class _Sender:
             self.pending, self.sent_at = 0, time.monotonic()
 
 
-def _watch(conn: Connection) -> None:
-    """A "stop", or the parent gone (end of file), interrupts the main thread as Ctrl-C would."""
-    try:
-        while conn.recv() != "stop":
-            pass
-    except (EOFError, OSError):
-        pass
-    os.kill(os.getpid(), signal.SIGINT)
+class _Inbox:
+    """What the parent sends, as the watcher thread (the only reader of the connection) passes it
+    on: jobs (and None: dismissed) to the main thread; "stop", or the parent gone, to a running
+    job as Ctrl-C, and to a job received but not started yet as a stop before it starts."""
+
+    def __init__(self):
+        self.jobs: queue.Queue = queue.Queue()
+        self.lock = threading.Lock()
+        self.running = self.stop_pending = False
+
+    def interrupt(self) -> None:
+        with self.lock:
+            if self.running:
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                self.stop_pending = True
+
+    def set_running(self, running: bool) -> None:
+        """Called by the main thread; raises KeyboardInterrupt for a job stopped before it started."""
+        with self.lock:
+            self.running = running
+            stop, self.stop_pending = self.stop_pending, False
+        if running and stop:
+            raise KeyboardInterrupt
+
+
+def _watch(conn: Connection, inbox: _Inbox) -> None:
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the parent gone, or a message cut short
+            inbox.interrupt()
+            inbox.jobs.put(None)
+            return
+        except Exception:  # it does not unpickle here (a class the parent defined in its __main__...)
+            inbox.jobs.put(("crash", traceback.format_exc()))
+            return
+        if message == "stop":
+            inbox.interrupt()
+        else:
+            inbox.jobs.put(message)
+            if message is None:
+                return
 
 
 def _run(job: dict, sender: _Sender) -> None:
@@ -103,7 +141,6 @@ def main(fd: int, warm: list[str]) -> int:
     sender = _Sender(conn)
     try:
         import converter.run.execute  # noqa: F401  (torch, the pipeline: before the job comes)
-        from converter.errors import MxconvError
         from converter.numerics import native
 
         native.load()
@@ -112,43 +149,60 @@ def main(fd: int, warm: list[str]) -> int:
     except Exception:  # a broken installation: the parent reads this once it has sent the job
         sender.send("crash", traceback.format_exc())
         return 1
-    try:
-        job = conn.recv()
-    except (EOFError, OSError):  # dismissed (no work for it), the parent gone, or a job cut short
-        return 0
-    except Exception:  # it does not unpickle here (a class the parent defined in its __main__...)
-        sender.send("crash", traceback.format_exc())
-        return 1
-    if job is None:
-        return 0
+    inbox = _start_watcher(conn)
     warnings.showwarning = lambda message, category, *a, **k: sender.send("warning", category(str(message)))
+    wait = None  # the first job: as long as it takes the parent to plan
+    while True:
+        try:
+            job = inbox.jobs.get(timeout=wait)
+        except queue.Empty:  # kept for a next job that did not come
+            return 0
+        if job is None:  # dismissed (no work for it), or the parent gone
+            return 0
+        if isinstance(job, tuple):  # ("crash", traceback): the job did not unpickle
+            sender.send(*job)
+            return 1
+        outcome = _one_job(job, sender, inbox)
+        sender.flush()
+        sender.send(*outcome)
+        wait = job.get("keep")
+        if outcome[0] != "done" or not wait:
+            return 0
+
+
+def _one_job(job: dict, sender: _Sender, inbox: _Inbox) -> tuple:
+    """Run a job to its outcome message. SIGINT (the watcher's, for a "stop") interrupts it from
+    the moment it starts to the moment it has ended, and is ignored outside."""
+    from converter.errors import MxconvError
+
     try:
-        try:  # Ctrl-C comes from here on (the watcher's SIGINT), up to the finally
-            _start_watcher(conn)
+        try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            inbox.set_running(True)
             _run(job, sender)
-            outcome = ("done",)
+            return ("done",)
         finally:  # none after this: a Ctrl-C inside the outcome's message would cut the stream
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            inbox.set_running(False)
     except KeyboardInterrupt:
-        outcome = ("interrupted",)
+        return ("interrupted",)
     except MxconvError as e:
-        outcome = ("error", type(e).__module__, type(e).__qualname__, e.message, e.file, e.tensor)
+        return ("error", type(e).__module__, type(e).__qualname__, e.message, e.file, e.tensor)
     except BaseException:
-        outcome = ("crash", traceback.format_exc())
-    sender.flush()
-    sender.send(*outcome)
-    return 0
+        return ("crash", traceback.format_exc())
 
 
-def _start_watcher(conn: Connection) -> None:
+def _start_watcher(conn: Connection) -> _Inbox:
     """The watcher thread, started with SIGINT blocked (threads inherit the mask): the SIGINT it
     sends is then taken by the main thread alone, and stays pending while `execute` holds it
     blocked to start its threads."""
+    inbox = _Inbox()
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        threading.Thread(target=_watch, args=(conn,), name="mxconv-watch", daemon=True).start()
+        threading.Thread(target=_watch, args=(conn, inbox), name="mxconv-watch", daemon=True).start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return inbox
 
 
 def _exit(code: int) -> None:

@@ -20,7 +20,9 @@ The parent shows one progress bar, hashes the source files as the processes repo
 and re-issues their warnings. The first error stops the others (they remove their unfinished
 shards) and is raised as the process raised it; Ctrl-C is passed on and waited for; a process
 that dies is reported as such. A parent killed outright closes its end of the socket pairs, and
-its processes stop on their own.
+its processes stop on their own. A caller that runs again soon in the same process (a Ray node's
+next task) may `keep` the processes of a run that succeeded: they wait that long for the next
+run's jobs, which then skip the start-up (about 2 s: a torch import, CUDA contexts).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait
@@ -42,6 +45,7 @@ from converter.errors import MxconvError
 WORKERS_PER_PROCESS = 4  # 4 x 4 beat 2 x 8 and 1 x 16 on the 16-core H200 VM
 MAX_PROCESSES = 8  # each costs about a torch import's memory (see the README's peak RSS)
 _MIN_CORES = 8
+_KEEP_MARGIN = 10.0  # seconds: a kept process is not taken this close to the end of its wait
 
 
 def process_count(device: str, workers: int | None) -> int:
@@ -87,6 +91,8 @@ class _Child:
 
 
 _warm: list[_Child] = []
+_kept: list[tuple[_Child, float]] = []  # processes of an earlier run waiting for jobs, with their deadline
+reused = 0  # processes the last run took from an earlier one (`keep`)
 
 
 def warm_up(count: int, device: str = "cpu", workers: int | None = None) -> None:
@@ -103,13 +109,26 @@ def dismiss_warm() -> None:
     a conversion already complete, an error): they exit once their imports are done."""
     while _warm:
         _warm.pop().dismiss()
+    while _kept:
+        _kept.pop()[0].dismiss()
 
 
 def _take(count: int) -> list[_Child]:
-    children = [c for c in _warm[:count] if c.proc.poll() is None]
-    for c in _warm[count:]:
-        c.dismiss()
+    """Processes for a run: kept ones first (in their order: the same devices are dealt to the
+    same process), then warm ones, then new ones (`reused` counts the kept ones taken)."""
+    global reused
+    now = time.monotonic()
+    kept = [c for c, deadline in _kept if c.proc.poll() is None and now < deadline - _KEEP_MARGIN]
+    for c, _ in _kept:
+        if c not in kept:
+            c.dismiss()
+    _kept.clear()
+    warm = [c for c in _warm if c.proc.poll() is None]
     _warm.clear()
+    children = (kept + warm)[:count]
+    for c in (kept + warm)[count:]:
+        c.dismiss()
+    reused = min(count, len(kept))
     return children + [_Child() for _ in range(count - len(children))]
 
 
@@ -156,16 +175,19 @@ def _died(child: _Child) -> MxconvError:
 
 
 def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[int], None],
-        reading: Callable[[Path], None]) -> int:
+        reading: Callable[[Path], None], keep: float = 0.0) -> int:
     """Write `shards` with `count` processes (at most one per shard, and only as many as `deal`
     gives workers to). `job`: what every process gets besides its shards and devices (opener, dst,
     recipe); `devices`: the run's workers (torch devices). Returns the number of processes once
-    every one has finished; raises the first error (or KeyboardInterrupt) after all have stopped."""
+    every one has finished; raises the first error (or KeyboardInterrupt) after all have stopped.
+    `keep` > 0: if every process succeeds, they wait that many seconds for the next run's jobs
+    (see `_take`) instead of exiting."""
     parts = [p for p in deal(devices, max(1, min(count, len(shards), len(devices)))) if p]
     count = len(parts)  # one GPU's workers alone, say: fewer processes than asked
     cores = max(1, len(os.sched_getaffinity(0)) // count)
     children = _take(count)
     live = {c.conn: c for c in children}
+    done: dict[_Child, float] = {}  # finished their job, waiting for another (`keep`): until when
     first: BaseException | None = None
 
     def stop_all() -> None:
@@ -174,7 +196,7 @@ def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[
 
     try:
         for i, (c, mine) in enumerate(zip(children, parts)):
-            c.tell(dict(job, shards=shards[i::count], devices=[str(d) for d in mine], cores=cores))
+            c.tell(dict(job, shards=shards[i::count], devices=[str(d) for d in mine], cores=cores, keep=keep))
         while live:
             try:
                 ready = wait(list(live))
@@ -184,7 +206,10 @@ def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[
                         message = conn.recv()
                     except (EOFError, OSError):
                         message = None
-                    if message is None or message[0] in ("done", "interrupted", "error", "crash"):
+                    if keep and message == ("done",):
+                        del live[conn]
+                        done[c] = time.monotonic() + keep
+                    elif message is None or message[0] in ("done", "interrupted", "error", "crash"):
                         del live[conn]
                         conn.close()
                         failure = _died(c) if message is None else (None if message[0] == "done" else
@@ -203,11 +228,33 @@ def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[
                 first = first or e
                 stop_all()
     finally:
+        if first is None and not live:  # every one succeeded: kept for the next run, in their order
+            _kept.extend((c, done[c]) for c in children if c in done)
+        else:
+            for c in done:
+                c.dismiss()
+                c.proc.wait()
         for c in children:  # only after an error in this loop itself: never leave one running
-            if c.proc.poll() is None:
+            if c.proc.poll() is None and not (first is None and not live and c in done):
                 c.tell("stop")
                 c.conn.close()
                 c.proc.wait()
     if first is not None:
         raise first
     return count
+
+
+def write(shards: list, count: int, job: dict, devices: list, progress: Callable[[int], None],
+          reading: Callable[[Path], None], view: Callable[[], object], partial_tag: str = "",
+          keep: float = 0.0) -> int:
+    """Write `shards` in `count` processes (`run`) where more than one would have work, else in
+    this one (`view()` opens the source there; `partial_tag` marks its temporary files). Returns
+    the number of processes that wrote them."""
+    if min(count, len(shards), len(devices)) > 1:
+        return run(shards, count, job, devices, progress, reading, keep=keep)
+    dismiss_warm()  # started by the CLI, or kept by an earlier run, for nothing: let them go now
+    from converter.run.execute import execute
+
+    execute(shards, view(), Path(job["dst"]), job["recipe"], devices, progress, reading=reading,
+            partial_tag=partial_tag)
+    return 1
