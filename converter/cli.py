@@ -114,6 +114,8 @@ def convert(
         warm_up(processes or process_count(device, workers), device, workers)
     with _interruptible(_RERUN):
         _import_quietly()
+        if not dry_run:
+            _note_sigbus()
         from converter.run.pipeline import convert as run_convert
         from converter.run.summary import describe_plan, describe_result
 
@@ -158,6 +160,17 @@ def _import_quietly() -> None:
         gc.freeze()
         if enabled:
             gc.enable()
+
+
+def _note_sigbus() -> None:
+    """The numerics read source bytes mapped from the page cache; a source file cut short while
+    they do (copied over mid-run) kills this process with SIGBUS, which Python cannot catch: say
+    what happened on the way out (converter/numerics/guard.c). Its conversion processes are named
+    by this one instead (processes._died)."""
+    from converter.numerics import native
+
+    native.note_sigbus("mxconv: error: a source file was cut short while it was being converted (bus error "
+                       "reading it); rerun the same command when the source no longer changes\n")
 
 
 def _run_verify(src: Path, dst: Path, **kwargs) -> None:
@@ -277,6 +290,7 @@ def unshuffle(
     from converter.run.unshuffle import unshuffle as run_unshuffle
 
     with _interruptible(_RERUN):
+        _note_sigbus()
         try:
             result = run_unshuffle(src, dst, device=device, workers=workers, max_shard_size=max_shard_size,
                                    overwrite=overwrite, quiet=quiet, ray=ray)

@@ -45,3 +45,20 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a), as_bytes(b))
+
+
+def open_view_failing_once(flag: str, src: str, mapping: str):
+    """An opener for conversion processes (it pickles by name) that fails in the first process to
+    call it, after a pause (so that the others finish first), and opens the source in the rest."""
+    import os
+    import time
+
+    from converter.errors import SourceError
+    from converter.run.pipeline import open_view
+
+    try:
+        os.rename(flag, flag + ".taken")
+    except FileNotFoundError:
+        return open_view(src, mapping)
+    time.sleep(2)
+    raise SourceError("planted failure", file=flag)

@@ -138,6 +138,72 @@ def test_kept_processes_take_the_next_run_then_leave(tiny_sources, tmp_path):
         processes.dismiss_warm()
 
 
+def _plan_and_job(src):
+    import functools
+
+    import torch
+
+    from converter.run.pipeline import open_view, plan_conversion
+
+    _, _, mapping, plan = plan_conversion(src, max_shard_size=SHARD)
+    job = {"opener": functools.partial(open_view, str(src), mapping), "recipe": plan.recipe}
+    return plan, job, mapping, [torch.device("cpu")] * 4
+
+
+def test_kept_processes_are_reused_only_in_the_environment_they_started_in(tiny_sources, tmp_path, monkeypatch):
+    """Ray sets CUDA_VISIBLE_DEVICES per task: a process started under other GPUs (or other mxconv
+    settings) is not reused; one that died while kept is replaced, and its job still runs."""
+    plan, job, _, cpus = _plan_and_job(tiny_sources["fp8"])
+    silent = (lambda n: None, lambda p: None)
+    try:
+        for name in ("a", "b", "c"):
+            (tmp_path / name).mkdir()
+        processes.run(plan.shards, 2, dict(job, dst=str(tmp_path / "a")), cpus, *silent, keep=60)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+        processes.run(plan.shards, 2, dict(job, dst=str(tmp_path / "b")), cpus, *silent, keep=60)
+        assert processes.reused == 0  # the first two were let go, these two kept
+        victim = processes._kept[0][0]
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        victim.proc.wait()
+        victim.proc.poll = lambda: None  # as if it died between being taken and hearing its job
+        processes.run(plan.shards, 2, dict(job, dst=str(tmp_path / "c")), cpus, *silent, keep=0)
+        assert processes.reused == 2 and processes._kept == []
+        for shard in plan.shards:
+            assert (tmp_path / "a" / shard.name).read_bytes() == (tmp_path / "c" / shard.name).read_bytes()
+    finally:
+        processes.dismiss_warm()
+
+
+def test_after_a_failure_the_processes_that_finished_are_not_kept(tiny_sources, tmp_path):
+    import functools
+
+    from helpers import open_view_failing_once
+
+    plan, job, mapping, cpus = _plan_and_job(tiny_sources["fp8"])
+    flag = tmp_path / "fail"
+    flag.write_text("")
+    job["opener"] = functools.partial(open_view_failing_once, str(flag), str(tiny_sources["fp8"]), mapping)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(Exception, match="planted failure"):
+        processes.run(plan.shards, 2, dict(job, dst=str(tmp_path / "out")), cpus, lambda n: None, lambda p: None,
+                      keep=60)
+    assert processes._kept == [] and not [c for c in _children(os.getpid()) if _is_converter(c)]
+    assert any(s.name for s in plan.shards if (tmp_path / "out" / s.name).exists())  # the other one did finish
+
+
+def test_a_process_killed_by_sigbus_is_said_to_have_read_a_file_cut_short():
+    class Child:
+        class proc:
+            pid = 7
+
+            @staticmethod
+            def wait():
+                return -signal.SIGBUS
+
+    message = str(processes._died(Child()))
+    assert "killed by SIGBUS" in message and "source file cut short" in message
+
+
 def test_a_stop_that_comes_before_the_job_starts_stops_it():
     """A "stop" read by a process's watcher after the job but before the job started (Ctrl-C
     right after the jobs went out) stops that job as it starts, once."""

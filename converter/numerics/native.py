@@ -1,4 +1,5 @@
-"""The compiled CPU kernels (`converter/numerics/mxfp8.c`, `fp8_block.c`, `mx_stats.c`, `mxfp8.h`):
+"""The compiled CPU kernels (`converter/numerics/mxfp8.c`, `fp8_block.c`, `mx_stats.c`, `mxfp8.h`;
+and `guard.c`, a SIGBUS note):
 built once per machine with the system C compiler into one library, cached, loaded with ctypes.
 
 Why compiled code: on a CPU the conversion must keep pace with copying the files, and torch's
@@ -25,7 +26,7 @@ import threading
 import warnings
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("mxfp8.c", "fp8_block.c", "mx_stats.c"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("mxfp8.c", "fp8_block.c", "mx_stats.c", "guard.c"))
 HEADER = Path(__file__).with_name("mxfp8.h")
 # -ffp-contract=off: no fused multiply-add (it would skip a rounding the reference does);
 # -march=native: the cache key holds the CPU's feature flags, so a shared cache stays correct.
@@ -123,7 +124,17 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mx_error_stats_bf16.argtypes = [p, i64, i64, p, p, ctypes.c_float, p, p]
     lib.mx_error_stats_bf16.restype = None
     lib.mx_quantize_bf16.restype = lib.mx_requantize_fp8.restype = lib.mx_dequantize_fp8.restype = i
+    lib.mx_note_sigbus.argtypes = [ctypes.c_char_p]
+    lib.mx_note_sigbus.restype = i
     return lib
+
+
+def note_sigbus(message: str) -> bool:
+    """Have `message` written to stderr if this process dies of SIGBUS (see guard.c); whether that
+    could be arranged (not without the compiled library). For mxconv's own command: it changes
+    the process's signal handling, which a library call must not do behind its caller's back."""
+    lib = load()
+    return lib is not None and lib.mx_note_sigbus(message.encode()) == 0
 
 
 def load() -> ctypes.CDLL | None:

@@ -186,7 +186,7 @@ def run_group(spec: SourceSpec, dst: str, token: Token, shards: list, recipe, de
                                 {"opener": spec.opener, "dst": dst, "recipe": recipe, "partial_tag": f".{node_id[:8]}"},
                                 devices, reporter.add, hasher.release, view=lambda: open_view(spec),
                                 partial_tag=f".{node_id[:8]}-{os.getpid()}", keep=KEEP_PROCESSES)
-            reused = local.reused if count > 1 else 0
+            reused = local.reused
     except MxconvError as e:
         raise type(e)(f"{e.message} (on node {node_id[:8]}, {host})", file=e.file, tensor=e.tensor) from None
     finally:

@@ -1,11 +1,13 @@
 """Executing a plan as a pipeline over row pieces of jobs (not over shards), so one big output
 shard, or one big tensor, still uses every worker:
 
-    R readers --(pieces loaded into pooled buffers, bounded by bytes in flight)--> N workers
+    R readers --(pieces loaded into pooled buffers or mapped, bounded by bytes in flight)--> N workers
         --(outputs)--> R writers (at planned offsets, any order) --> shard finisher
 
 Readers take pieces from several shards at once (see `interleave`: about one shard per two
-writers) and read them with positional reads, in parallel; writers write at the offsets the plan
+writers) and read them with positional reads, in parallel, or map them where the page cache
+holds them (`pieces.load`; a worker checks that their files are still whole just before it
+reads them, `check_mapped`); writers write at the offsets the plan
 gives every output byte, in parallel (O_DIRECT on disks). R is the worker count on CPU (so
 `--workers` is the number of cores used) and at least the core count with accelerators (there
 the CPU only moves bytes). One reader and one writer thread were a serial ceiling of about
@@ -47,7 +49,7 @@ from converter.plan.planner import ShardPlan
 from converter.plan.recipe import Recipe
 from converter.plan.view import CanonicalView
 from converter.run.devices import intra_op_threads, io_threads, pinned
-from converter.run.pieces import BufferPool, Piece, compute, interleave, load, split
+from converter.run.pieces import BufferPool, Piece, check_mapped, compute, interleave, load, split
 from converter.run.writer import ShardWriter
 
 # Source bytes read ahead of the workers, per worker (a piece bigger than that runs alone): two
@@ -217,7 +219,8 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
                     reading(file)
                 w = shard_writer(p.shard)
                 bufs: list = []
-                ready.put((p, load(p, view, pool, w, bufs), bufs))
+                mapped: list = []
+                ready.put((p, load(p, view, pool, w, bufs, mapped), bufs, mapped))
         except BaseException as e:
             fail(e)
         finally:
@@ -250,9 +253,10 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
         while (item := ready.get()) is not None:
             if cancel.is_set():
                 continue  # drain: the reader stops at its next piece
-            p, inputs, bufs = item
+            p, inputs, bufs, mapped = item
             try:
                 try:
+                    check_mapped(mapped)
                     if slot is None:
                         outputs = run(p, inputs, device, stream, bufs)
                     else:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
+from converter.errors import SourceError
 from converter.plan.planner import COPY, DEQUANT_BF16, FROM_HIGH_PRECISION, MXFP8, TRTLLM_W2, TRTLLM_W13, Job
 from converter.plan.recipe import Recipe
 from converter.plan.view import CanonicalView
@@ -28,7 +29,7 @@ from converter.run.direct_io import ALIGN
 from converter.run.transform import run_job
 from converter.run.writer import ShardWriter
 from converter.sources import checkpoint
-from converter.sources.safetensors import DTYPES, PlannedTensor
+from converter.sources.safetensors import DTYPES, PlannedTensor, still_whole
 
 PIECE_BYTES = 16 << 20  # source bytes per piece
 _TILE = 128  # rows of an FP8 source's scale tile: pieces of FP8 weights start on these
@@ -154,10 +155,11 @@ def mapping_reads(pool: BufferPool) -> bool:
     return not pool.pin and os.environ.get("MXCONV_MAPPED_READS", "1") != "0"
 
 
-def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWriter, bufs: list
-         ) -> dict[str, torch.Tensor]:
+def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWriter, bufs: list,
+         mapped: list | None = None) -> dict[str, torch.Tensor]:
     """A piece's source tensors (their rows, or the matching scale tile rows) in pooled buffers,
-    or, for the numerics, mapped where their bytes are all in the page cache. A copied tensor is written as read: it is read straight into its place in a mapped output
+    or, for the numerics, mapped where their bytes are all in the page cache (each mapped one is
+    listed in `mapped`, for `check_mapped` just before they are used). A copied tensor is written as read: it is read straight into its place in a mapped output
     shard, or else into a buffer with the phase of that place (for O_DIRECT)."""
     job = piece.job
     if view.derivations is not None:  # renamed, split or fused: the mapping materializes them
@@ -180,14 +182,27 @@ def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWrite
             if out is None or out.numel() != info.nbytes:
                 out = pool.take(info.nbytes, writer.phase(job.outputs[0].name, r0), bufs)
         else:  # numerics read their inputs straight from the page cache where they are there
-            mapped = checkpoint.map_tensor(info) if mapping_reads(pool) else None
-            if mapped is not None:
-                inputs[name] = mapped
+            tensor = checkpoint.map_tensor(info) if mapping_reads(pool) else None
+            if tensor is not None:
+                inputs[name] = tensor
+                if mapped is not None:
+                    mapped.append((name, info.file, info.end))
                 continue
             out = pool.take(info.nbytes, 0, bufs)
         # through the checkpoint module, where every source read goes (and tests watch them)
         inputs[name] = checkpoint.read_tensor(info, out=out)
     return inputs
+
+
+def check_mapped(mapped: list) -> None:
+    """Raise the error a read would have raised if a file that tensors were mapped from has been
+    cut short since (copied over, rewritten): reading those bytes now would kill the process with
+    SIGBUS. Called just before the numerics read them, so only a file cut short while they run
+    can still do that."""
+    for name, file, end in mapped:
+        if not still_whole(file, end):
+            raise SourceError("changed while it was being converted (it is now shorter than its header says); "
+                              "rerun the same command when it no longer changes", file=file, tensor=name)
 
 
 def compute(piece: Piece, inputs: dict[str, torch.Tensor], recipe: Recipe, device: torch.device, stream,

@@ -168,6 +168,15 @@ def main(fd: int, warm: list[str]) -> int:
         wait = job.get("keep")
         if outcome[0] != "done" or not wait:
             return 0
+        _let_go_of_gpu_memory()
+
+
+def _let_go_of_gpu_memory() -> None:
+    """While kept for a next job, hold no more of a GPU than the CUDA context: torch's cached
+    blocks go back to the GPU (which Ray counts as free between tasks)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _one_job(job: dict, sender: _Sender, inbox: _Inbox) -> tuple:

@@ -77,6 +77,8 @@ class _Child:
                                      pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
         theirs.close()
         self.conn: Connection = ours
+        self.environment = _environment()
+        self.reused = False  # taken from an earlier run (`keep`) for the current one
 
     def tell(self, message) -> None:
         try:
@@ -88,6 +90,13 @@ class _Child:
         """No job for it: it exits once its imports are done (not waited for)."""
         self.tell(None)
         self.conn.close()
+
+
+def _environment() -> tuple:
+    """What a process keeps from the environment it started in and a kept one must match to be
+    reused: the GPUs it may see (Ray sets CUDA_VISIBLE_DEVICES per task) and mxconv's settings."""
+    return tuple(sorted((k, v) for k, v in os.environ.items()
+                        if k in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES") or k.startswith("MXCONV_")))
 
 
 _warm: list[_Child] = []
@@ -117,8 +126,9 @@ def _take(count: int) -> list[_Child]:
     """Processes for a run: kept ones first (in their order: the same devices are dealt to the
     same process), then warm ones, then new ones (`reused` counts the kept ones taken)."""
     global reused
-    now = time.monotonic()
-    kept = [c for c, deadline in _kept if c.proc.poll() is None and now < deadline - _KEEP_MARGIN]
+    now, environment = time.monotonic(), _environment()
+    kept = [c for c, deadline in _kept
+            if c.proc.poll() is None and now < deadline - _KEEP_MARGIN and c.environment == environment]
     for c, _ in _kept:
         if c not in kept:
             c.dismiss()
@@ -129,6 +139,8 @@ def _take(count: int) -> list[_Child]:
     for c in (kept + warm)[count:]:
         c.dismiss()
     reused = min(count, len(kept))
+    for i, c in enumerate(children):
+        c.reused = i < reused
     return children + [_Child() for _ in range(count - len(children))]
 
 
@@ -170,7 +182,9 @@ def _died(child: _Child) -> MxconvError:
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     except ValueError:  # a signal without a name (SIGRTMIN + n)
         how = f"was killed by signal {-code}"
-    return MxconvError(f"conversion process {child.proc.pid} {how} before it finished its shards (out of memory?); "
+    why = ("a source file cut short while it was being converted?" if code == -signal.SIGBUS  # see map_tensor
+           else "out of memory?")
+    return MxconvError(f"conversion process {child.proc.pid} {how} before it finished its shards ({why}); "
                        "rerun the same command to resume")
 
 
@@ -194,9 +208,12 @@ def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[
         for c in live.values():
             c.tell("stop")
 
+    jobs: dict[_Child, dict] = {}
+    heard: set[_Child] = set()
     try:
         for i, (c, mine) in enumerate(zip(children, parts)):
-            c.tell(dict(job, shards=shards[i::count], devices=[str(d) for d in mine], cores=cores, keep=keep))
+            jobs[c] = dict(job, shards=shards[i::count], devices=[str(d) for d in mine], cores=cores, keep=keep)
+            c.tell(jobs[c])
         while live:
             try:
                 ready = wait(list(live))
@@ -206,6 +223,19 @@ def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[
                         message = conn.recv()
                     except (EOFError, OSError):
                         message = None
+                    if message is None and c.reused and c not in heard and first is None:
+                        # a kept process gone before it heard the job (its wait ended, the OOM
+                        # killer): a new one takes the job, which nothing has started
+                        del live[conn]
+                        conn.close()
+                        c.proc.wait()
+                        fresh = _Child()
+                        children[children.index(c)] = fresh
+                        jobs[fresh] = jobs[c]
+                        live[fresh.conn] = fresh
+                        fresh.tell(jobs[fresh])
+                        continue
+                    heard.add(c)
                     if keep and message == ("done",):
                         del live[conn]
                         done[c] = time.monotonic() + keep
@@ -250,8 +280,10 @@ def write(shards: list, count: int, job: dict, devices: list, progress: Callable
     """Write `shards` in `count` processes (`run`) where more than one would have work, else in
     this one (`view()` opens the source there; `partial_tag` marks its temporary files). Returns
     the number of processes that wrote them."""
+    global reused
     if min(count, len(shards), len(devices)) > 1:
         return run(shards, count, job, devices, progress, reading, keep=keep)
+    reused = 0
     dismiss_warm()  # started by the CLI, or kept by an earlier run, for nothing: let them go now
     from converter.run.execute import execute
 

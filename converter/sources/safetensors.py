@@ -10,6 +10,7 @@ where they are already in the page cache (no copy: `map_tensor`).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
@@ -169,46 +170,78 @@ def read_tensor(info: TensorInfo, pin: bool = False, out: torch.Tensor | None = 
 
 _tells: dict[tuple[str, int, int], bool] = {}  # (file, size, mtime) -> whether mincore tells us the truth
 _tells_lock = threading.Lock()
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class _Unmap:
+    """munmap(2) of a mapping when the buffer that holds this goes (with the last tensor over it)."""
+
+    def __init__(self, address: int, length: int):
+        self.address, self.length = address, length
+
+    def __del__(self):
+        try:
+            libc().munmap(self.address, self.length)
+        except Exception:  # interpreter shutdown: the process is going anyway
+            pass
 
 
 def map_tensor(info: TensorInfo) -> torch.Tensor | None:
-    """The tensor's bytes where they lie in the page cache, mapped (copy-on-write) instead of
-    copied into a buffer, or None: not all of them resident (or that cannot be told), the file
-    shorter than the header says, or no mapping to be had. The caller then reads them.
+    """The tensor's bytes where they lie in the page cache, mapped (private, copy-on-write)
+    instead of copied into a buffer, or None: not all of them resident (or that cannot be told),
+    the file shorter than the header says, or no mapping to be had. The caller then reads them.
 
     Why: a read copies every byte once more than the numerics need (on a 2-core EPYC VM the copy
-    was 14 % of a conversion's CPU, mapping the same pages 2 %). Only resident bytes are mapped:
-    pages that must come from the disk arrive faster through one large read than through faults.
-    The mapping lives as long as any tensor made from it (torch holds the mmap object); it is
-    private and writable, so no consumer of the tensor can change the file."""
+    was 14 % of a conversion's CPU, mapping and unmapping the same pages about 11 %). Only
+    resident bytes are mapped: pages that must come from the disk arrive faster through one large
+    read than through faults. The mapping keeps no file descriptor, and is unmapped when the last
+    tensor made from it goes; no consumer of the tensor can change the file through it.
+    A file cut short while a tensor over it is used kills the process with SIGBUS (`still_whole`
+    narrows that window to the numerics themselves; `native.note_sigbus` says what happened)."""
     if not info.nbytes or info.start % info.torch_dtype.itemsize:  # a view of another dtype needs alignment
         return None
     at = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    length = info.end - at
     try:
-        with open(info.file, "rb", buffering=0) as f:
-            st = os.fstat(f.fileno())
-            if st.st_size < info.end:  # mapped past the end, the bytes would raise SIGBUS, not an error
-                return None
-            key = (str(info.file), st.st_size, st.st_mtime_ns)
-            with _tells_lock:
-                tells = _tells.get(key)
-            if tells is None:
-                tells = mincore_tells(info.file, st)
-                with _tells_lock:
-                    _tells[key] = tells
-            if not tells:
-                return None
-            m = mmap.mmap(f.fileno(), info.end - at, offset=at, access=mmap.ACCESS_COPY)
-    except (OSError, ValueError):
-        return None
-    whole = torch.frombuffer(m, dtype=torch.uint8)
-    if not resident(whole.data_ptr(), whole.numel()):
-        return None
-    try:  # its pages mapped in one call, not one fault each (older kernels: EINVAL, the faults then)
-        libc().madvise(whole.data_ptr(), whole.numel(), MADV_POPULATE_READ)
+        c = libc()
+        fd = os.open(info.file, os.O_RDONLY)
     except (OSError, AttributeError):
-        pass
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_size < info.end:  # mapped past the end, the bytes would raise SIGBUS, not an error
+            return None
+        key = (str(info.file), st.st_size, st.st_mtime_ns)
+        with _tells_lock:
+            tells = _tells.get(key)
+        if tells is None:
+            tells = mincore_tells(info.file, st)
+            with _tells_lock:
+                _tells[key] = tells
+        if not tells:
+            return None
+        address = c.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, at)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if address in (None, _MAP_FAILED):
+        return None
+    region = (ctypes.c_ubyte * length).from_address(address)
+    region.unmap = _Unmap(address, length)  # torch holds `region` as long as any tensor over it lives
+    if not resident(address, length):
+        return None
+    c.madvise(address, length, MADV_POPULATE_READ)  # its pages in one call (older kernels: EINVAL, faults)
+    whole = torch.frombuffer(region, dtype=torch.uint8)
     return whole[info.start - at:].view(info.torch_dtype).reshape(info.shape)
+
+
+def still_whole(file: Path, end: int) -> bool:
+    """Whether `file` still has at least `end` bytes (a mapped tensor ending there is safe to read)."""
+    try:
+        return os.stat(file).st_size >= end
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
