@@ -114,7 +114,7 @@ def convert(
         warm_up(processes or process_count(device, workers), device, workers)
     with _interruptible(_RERUN):
         _import_quietly()
-        if not dry_run:
+        if not dry_run and ray is None:  # a Ray driver reads no tensor
             _note_sigbus()
         from converter.run.pipeline import convert as run_convert
         from converter.run.summary import describe_plan, describe_result
@@ -164,13 +164,14 @@ def _import_quietly() -> None:
 
 def _note_sigbus() -> None:
     """The numerics read source bytes mapped from the page cache; a source file cut short while
-    they do (copied over mid-run) kills this process with SIGBUS, which Python cannot catch: say
-    what happened on the way out (converter/numerics/guard.c). Its conversion processes are named
-    by this one instead (processes._died)."""
+    they do (copied over mid-run) kills this process with SIGBUS, which Python cannot catch, as
+    does a mapped output whose file system fills up: say so on the way out
+    (converter/numerics/guard.c). Its conversion processes are named by this one instead
+    (processes._died)."""
     from converter.numerics import native
 
-    native.note_sigbus("mxconv: error: a source file was cut short while it was being converted (bus error "
-                       "reading it); rerun the same command when the source no longer changes\n")
+    native.note_sigbus("mxconv: error: bus error: a source file was cut short while it was being converted, or "
+                       "the output's file system ran out of room; rerun the same command when neither is so\n")
 
 
 def _run_verify(src: Path, dst: Path, **kwargs) -> None:
@@ -290,7 +291,8 @@ def unshuffle(
     from converter.run.unshuffle import unshuffle as run_unshuffle
 
     with _interruptible(_RERUN):
-        _note_sigbus()
+        if ray is None:
+            _note_sigbus()
         try:
             result = run_unshuffle(src, dst, device=device, workers=workers, max_shard_size=max_shard_size,
                                    overwrite=overwrite, quiet=quiet, ray=ray)

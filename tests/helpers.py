@@ -47,9 +47,10 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a), as_bytes(b))
 
 
-def open_view_failing_once(flag: str, src: str, mapping: str):
+def open_view_failing_once(flag: str, src: str, mapping: str, dst: str):
     """An opener for conversion processes (it pickles by name) that fails in the first process to
-    call it, after a pause (so that the others finish first), and opens the source in the rest."""
+    call it, once another has finished a shard in `dst` (at most a minute), and opens the source
+    in the rest."""
     import os
     import time
 
@@ -60,5 +61,7 @@ def open_view_failing_once(flag: str, src: str, mapping: str):
         os.rename(flag, flag + ".taken")
     except FileNotFoundError:
         return open_view(src, mapping)
-    time.sleep(2)
+    deadline = time.monotonic() + 60
+    while not any(Path(dst).glob("*.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.01)
     raise SourceError("planted failure", file=flag)

@@ -86,9 +86,9 @@ def test_a_file_cut_short_after_mapping_is_an_error_before_the_bytes_are_read(sh
     """`check_mapped` runs just before the numerics: a file copied over since its tensors were
     mapped is reported as changed, not read (which would end the process with SIGBUS)."""
     infos, _ = read_header(shard)
-    mapped: list = []
     inputs = {"big": map_tensor(infos["big"])}
-    mapped.append(("big", shard, infos["big"].end))
+    storage = inputs["big"].untyped_storage()
+    mapped = [("big", shard, infos["big"].end, storage.data_ptr(), storage.nbytes())]
     check_mapped(mapped)  # whole: nothing to say
     os.truncate(shard, 4096)
     with pytest.raises(SourceError, match="changed while it was being converted") as err:
@@ -115,6 +115,76 @@ print(int(t.view(-1)[-1]))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == -signal.SIGBUS, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "a source file was cut short"
+
+
+def _run_python(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+
+def test_a_bus_error_sent_from_outside_is_not_taken_for_a_cut_short_file():
+    if native.load() is None:
+        pytest.skip("no compiled library here: no note")
+    done = _run_python("""
+import os, signal
+from converter.numerics import native
+assert native.note_sigbus("a source file was cut short\\n")
+os.kill(os.getpid(), signal.SIGBUS)
+print("still alive")
+""")
+    assert done.returncode == -signal.SIGBUS and "cut short" not in done.stderr and "alive" not in done.stdout
+
+
+def test_the_note_leaves_faulthandler_its_traceback(shard):
+    if native.load() is None:
+        pytest.skip("no compiled library here: no note")
+    done = _run_python(f"""
+import faulthandler, os
+faulthandler.enable()
+from converter.numerics import native
+from converter.sources.safetensors import map_tensor, read_header
+assert native.note_sigbus("a source file was cut short\\n")
+t = map_tensor(read_header({str(shard)!r})[0]["big"])
+os.truncate({str(shard)!r}, 4096)
+print(int(t.view(-1)[-1]))
+""")
+    assert done.returncode == -signal.SIGBUS
+    assert "a source file was cut short" in done.stderr and "Fatal Python error: Bus error" in done.stderr
+
+
+@pytest.mark.parametrize("precision", ["fp8", "fp8_ue8m0"])
+def test_the_executor_checks_mapped_files_before_it_reads_or_writes_them(tiny_sources, tmp_path, monkeypatch,
+                                                                         precision):
+    """Wired in: the workers check every piece's mappings before the numerics, and the writers
+    before writing outputs that are mapped inputs (UE8M0 weights pass through unchanged)."""
+    import threading
+
+    import converter.run.execute as execute_module
+
+    seen: list[tuple[str, int]] = []
+    real = execute_module.check_mapped
+
+    def spy(mapped):
+        seen.append((threading.current_thread().name.rsplit("-", 1)[0], len(mapped)))
+        real(mapped)
+
+    monkeypatch.setattr(execute_module, "check_mapped", spy)
+    converter.convert(tiny_sources[precision], tmp_path / "out", quiet=True, processes=1)
+    assert any(n for who, n in seen if who == "mxconv-work") and any(n for who, n in seen if who == "mxconv-write")
+
+
+def test_a_mapping_whose_file_was_cut_short_is_known_by_the_mapping_itself(shard, tmp_path):
+    """A file cut short and another renamed over its path: the path looks whole, the mapping is not."""
+    from converter.sources.safetensors import mapping_intact
+
+    infos, _ = read_header(shard)
+    t = map_tensor(infos["big"])
+    storage = t.untyped_storage()
+    whole = shard.read_bytes()
+    os.truncate(shard, 4096)
+    (tmp_path / "again").write_bytes(whole)
+    os.replace(tmp_path / "again", shard)
+    assert shard.stat().st_size >= infos["big"].end
+    assert not mapping_intact(storage.data_ptr(), storage.nbytes(), shard, infos["big"].end)
 
 
 def test_a_file_cut_short_after_planning_is_not_mapped(shard):

@@ -43,7 +43,7 @@ from typing import Callable
 
 import torch
 
-from converter.errors import MxconvError, NumericsError
+from converter.errors import MxconvError, NumericsError, OutputError
 from converter.files import STATE_DIR
 from converter.plan.planner import ShardPlan
 from converter.plan.recipe import Recipe
@@ -238,8 +238,10 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
             if p.rows is not None:  # report it as the whole tensor does (block indices, counts)
                 whole = Piece(p.shard, p.job, None, p.job.input_bytes)
                 extra: list = []
-                compute(whole, load(whole, view, pool, writers[p.shard], extra), recipe, device, stream, pool,
-                        writers[p.shard], extra, in_place=False)
+                extra_mapped: list = []
+                inputs = load(whole, view, pool, writers[p.shard], extra, extra_mapped)
+                check_mapped(extra_mapped)
+                compute(whole, inputs, recipe, device, stream, pool, writers[p.shard], extra, in_place=False)
             raise e
 
     def worker(device: torch.device) -> None:
@@ -264,7 +266,7 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
                             outputs = run(p, inputs, device, stream, bufs)
                 except MxconvError as e:  # numerics name the tensor; add the file it came from
                     raise e.in_file((view.tensors.get(e.tensor) or view.tensors[p.job.inputs[0]]).file)
-                computed.put((p, outputs, bufs))
+                computed.put((p, outputs, bufs, mapped))
             except BaseException as e:
                 fail(e)
 
@@ -274,14 +276,19 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
         while (item := computed.get()) is not None:
             if cancel.is_set():
                 continue
-            p, outputs, bufs = item
+            p, outputs, bufs, mapped = item
             try:
-                for name, tensor in outputs.items():
-                    if p.rows is None:
-                        writers[p.shard].write(name, tensor)
-                    else:
-                        writers[p.shard].write_rows(name, p.output_row, tensor)
-                del outputs
+                check_mapped(mapped)  # an output may be a mapped input (UE8M0 weights pass through)
+                try:
+                    for name, tensor in outputs.items():
+                        if p.rows is None:
+                            writers[p.shard].write(name, tensor)
+                        else:
+                            writers[p.shard].write_rows(name, p.output_row, tensor)
+                except OutputError:  # EFAULT from write(2): a mapped source cut short under it
+                    check_mapped(mapped)
+                    raise
+                del outputs, mapped
                 pool.give(bufs)
                 budget.release(p.input_bytes)
                 with lock:

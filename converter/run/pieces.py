@@ -29,7 +29,7 @@ from converter.run.direct_io import ALIGN
 from converter.run.transform import run_job
 from converter.run.writer import ShardWriter
 from converter.sources import checkpoint
-from converter.sources.safetensors import DTYPES, PlannedTensor, still_whole
+from converter.sources.safetensors import DTYPES, PlannedTensor, mapping_intact
 
 PIECE_BYTES = 16 << 20  # source bytes per piece
 _TILE = 128  # rows of an FP8 source's scale tile: pieces of FP8 weights start on these
@@ -159,7 +159,7 @@ def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWrite
          mapped: list | None = None) -> dict[str, torch.Tensor]:
     """A piece's source tensors (their rows, or the matching scale tile rows) in pooled buffers,
     or, for the numerics, mapped where their bytes are all in the page cache (each mapped one is
-    listed in `mapped`, for `check_mapped` just before they are used). A copied tensor is written as read: it is read straight into its place in a mapped output
+    listed in `mapped`, with its mapping, for `check_mapped` just before it is read). A copied tensor is written as read: it is read straight into its place in a mapped output
     shard, or else into a buffer with the phase of that place (for O_DIRECT)."""
     job = piece.job
     if view.derivations is not None:  # renamed, split or fused: the mapping materializes them
@@ -186,7 +186,8 @@ def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWrite
             if tensor is not None:
                 inputs[name] = tensor
                 if mapped is not None:
-                    mapped.append((name, info.file, info.end))
+                    storage = tensor.untyped_storage()
+                    mapped.append((name, info.file, info.end, storage.data_ptr(), storage.nbytes()))
                 continue
             out = pool.take(info.nbytes, 0, bufs)
         # through the checkpoint module, where every source read goes (and tests watch them)
@@ -197,10 +198,10 @@ def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWrite
 def check_mapped(mapped: list) -> None:
     """Raise the error a read would have raised if a file that tensors were mapped from has been
     cut short since (copied over, rewritten): reading those bytes now would kill the process with
-    SIGBUS. Called just before the numerics read them, so only a file cut short while they run
-    can still do that."""
-    for name, file, end in mapped:
-        if not still_whole(file, end):
+    SIGBUS. Called just before the numerics read them, and before the writer writes an output that
+    is a mapped input, so only a file cut short while they do can still do that."""
+    for name, file, end, address, length in mapped:
+        if not mapping_intact(address, length, file, end):
             raise SourceError("changed while it was being converted (it is now shorter than its header says); "
                               "rerun the same command when it no longer changes", file=file, tensor=name)
 

@@ -182,8 +182,8 @@ def _died(child: _Child) -> MxconvError:
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     except ValueError:  # a signal without a name (SIGRTMIN + n)
         how = f"was killed by signal {-code}"
-    why = ("a source file cut short while it was being converted?" if code == -signal.SIGBUS  # see map_tensor
-           else "out of memory?")
+    why = ("a source file cut short while it was being converted, or the output's file system full?"
+           if code == -signal.SIGBUS else "out of memory?")  # SIGBUS: see safetensors.map_tensor
     return MxconvError(f"conversion process {child.proc.pid} {how} before it finished its shards ({why}); "
                        "rerun the same command to resume")
 
@@ -196,6 +196,7 @@ def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[
     every one has finished; raises the first error (or KeyboardInterrupt) after all have stopped.
     `keep` > 0: if every process succeeds, they wait that many seconds for the next run's jobs
     (see `_take`) instead of exiting."""
+    global reused
     parts = [p for p in deal(devices, max(1, min(count, len(shards), len(devices)))) if p]
     count = len(parts)  # one GPU's workers alone, say: fewer processes than asked
     cores = max(1, len(os.sched_getaffinity(0)) // count)
@@ -229,6 +230,7 @@ def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[
                         del live[conn]
                         conn.close()
                         c.proc.wait()
+                        reused -= 1  # nor counted as reused
                         fresh = _Child()
                         children[children.index(c)] = fresh
                         jobs[fresh] = jobs[c]

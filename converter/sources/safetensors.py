@@ -11,6 +11,7 @@ where they are already in the page cache (no copy: `map_tensor`).
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import math
 import mmap
@@ -196,8 +197,10 @@ def map_tensor(info: TensorInfo) -> torch.Tensor | None:
     resident bytes are mapped: pages that must come from the disk arrive faster through one large
     read than through faults. The mapping keeps no file descriptor, and is unmapped when the last
     tensor made from it goes; no consumer of the tensor can change the file through it.
-    A file cut short while a tensor over it is used kills the process with SIGBUS (`still_whole`
-    narrows that window to the numerics themselves; `native.note_sigbus` says what happened)."""
+    A file cut short while a tensor over it is read kills the process with SIGBUS: the executor
+    checks each piece's mappings (`mapping_intact`) just before the numerics read them and before
+    an output that is a mapped input is written, which leaves the milliseconds those take; and
+    mxconv's own command says what a bus error means (`native.note_sigbus`)."""
     if not info.nbytes or info.start % info.torch_dtype.itemsize:  # a view of another dtype needs alignment
         return None
     at = info.start - info.start % mmap.ALLOCATIONGRANULARITY
@@ -236,8 +239,19 @@ def map_tensor(info: TensorInfo) -> torch.Tensor | None:
     return whole[info.start - at:].view(info.torch_dtype).reshape(info.shape)
 
 
-def still_whole(file: Path, end: int) -> bool:
-    """Whether `file` still has at least `end` bytes (a mapped tensor ending there is safe to read)."""
+def mapping_intact(address: int, length: int, file: Path, end: int) -> bool:
+    """Whether the mapped range [address, address + length) of `file` can be read without SIGBUS:
+    MADV_POPULATE_READ fails with EFAULT exactly where a read would raise it (the file cut short
+    since; pages already mapped cost a page-table walk). Where the kernel lacks it (before Linux
+    5.14), whether the file at that path still has `end` bytes."""
+    try:
+        c = libc()
+        if c.madvise(address, length, MADV_POPULATE_READ) == 0:
+            return True
+        if ctypes.get_errno() == errno.EFAULT:
+            return False
+    except (OSError, AttributeError):
+        pass
     try:
         return os.stat(file).st_size >= end
     except OSError:
