@@ -275,3 +275,26 @@ def test_conversions_with_and_without_mapped_reads_write_the_same_bytes(tiny_sou
     assert len(shards) > 1 and shards == sorted(f.name for f in (tmp_path / "mapped").glob("*.safetensors"))
     for name in shards:
         assert (tmp_path / "mapped" / name).read_bytes() == (tmp_path / "read" / name).read_bytes(), name
+
+
+def test_mxconv_commands_that_read_tensors_arrange_the_note(tiny_sources, tmp_path, monkeypatch):
+    """`convert` and `unshuffle` install it (they read mapped tensors in their own process); a dry
+    run and a Ray driver, which read none, do not."""
+    from typer.testing import CliRunner
+
+    from converter.cli import app
+
+    notes = []
+    monkeypatch.setattr(native, "note_sigbus", lambda message: notes.append(message) or True)
+    monkeypatch.setenv("MXCONV_PROCESSES", "1")
+    src = str(tiny_sources["fp8"])
+    runner = CliRunner()
+    assert runner.invoke(app, ["convert", src, str(tmp_path / "dry"), "--dry-run"]).exit_code == 0
+    assert notes == []
+    out = tmp_path / "trtllm"
+    result = runner.invoke(app, ["convert", src, str(out), "-q", "--recipe", "trtllm"])
+    assert result.exit_code == 0, result.output
+    assert len(notes) == 1 and "a source file was cut short" in notes[0]
+    result = runner.invoke(app, ["unshuffle", str(out), str(tmp_path / "back"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert len(notes) == 2

@@ -192,6 +192,19 @@ def test_after_a_failure_the_processes_that_finished_are_not_kept(tiny_sources, 
     assert any(s.name for s in plan.shards if (tmp_path / "out" / s.name).exists())  # the other one did finish
 
 
+def test_a_process_that_cannot_be_started_is_a_clean_error(monkeypatch):
+    import errno
+
+    from converter.errors import MxconvError
+
+    def no_more(*args, **kwargs):
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(processes.subprocess, "Popen", no_more)
+    with pytest.raises(MxconvError, match="cannot start a conversion process: Resource temporarily unavailable"):
+        processes._Child()
+
+
 def test_a_process_killed_by_sigbus_is_said_to_have_read_a_file_cut_short():
     class Child:
         class proc:

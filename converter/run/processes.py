@@ -73,9 +73,15 @@ class _Child:
         # `converter/` folder there would be imported instead of this package)
         boot = (f"import sys; sys.path[:] = {sys.path!r}; "
                 "from converter.run.process_child import entry; entry(sys.argv[1:])")
-        self.proc = subprocess.Popen([sys.executable, "-c", boot, str(theirs.fileno()), *map(str, warm)],
-                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
-        theirs.close()
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", boot, str(theirs.fileno()), *map(str, warm)],
+                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as e:  # out of processes or memory
+            ours.close()
+            raise MxconvError(f"cannot start a conversion process: {e.strerror or e}; rerun the same command "
+                              "to resume (or pass --processes 1)") from None
+        finally:
+            theirs.close()
         self.conn: Connection = ours
         self.environment = _environment()
         self.reused = False  # taken from an earlier run (`keep`) for the current one
