@@ -242,6 +242,8 @@ class _Fake:
         def poll():
             return 0
 
+    reused = False
+
     def __init__(self):
         self.conn = object()
 

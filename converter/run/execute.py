@@ -49,7 +49,8 @@ from converter.plan.planner import ShardPlan
 from converter.plan.recipe import Recipe
 from converter.plan.view import CanonicalView
 from converter.run.devices import intra_op_threads, io_threads, pinned
-from converter.run.pieces import BufferPool, Piece, check_mapped, compute, interleave, load, split
+from converter.run.pieces import (BufferPool, Piece, check_mapped, compute, interleave, load, mapped_outputs,
+                                  split)
 from converter.run.writer import ShardWriter
 
 # Source bytes read ahead of the workers, per worker (a piece bigger than that runs alone): two
@@ -266,7 +267,7 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
                             outputs = run(p, inputs, device, stream, bufs)
                 except MxconvError as e:  # numerics name the tensor; add the file it came from
                     raise e.in_file((view.tensors.get(e.tensor) or view.tensors[p.job.inputs[0]]).file)
-                computed.put((p, outputs, bufs, mapped))
+                computed.put((p, outputs, bufs, mapped_outputs(mapped, outputs)))
             except BaseException as e:
                 fail(e)
 
@@ -276,9 +277,9 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
         while (item := computed.get()) is not None:
             if cancel.is_set():
                 continue
-            p, outputs, bufs, mapped = item
+            p, outputs, bufs, mapped = item  # `mapped`: the mapped inputs that are outputs too
             try:
-                check_mapped(mapped)  # an output may be a mapped input (UE8M0 weights pass through)
+                check_mapped(mapped)
                 try:
                     for name, tensor in outputs.items():
                         if p.rows is None:

@@ -156,11 +156,12 @@ def mapping_reads(pool: BufferPool) -> bool:
 
 
 def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWriter, bufs: list,
-         mapped: list | None = None) -> dict[str, torch.Tensor]:
+         mapped: list) -> dict[str, torch.Tensor]:
     """A piece's source tensors (their rows, or the matching scale tile rows) in pooled buffers,
     or, for the numerics, mapped where their bytes are all in the page cache (each mapped one is
-    listed in `mapped`, with its mapping, for `check_mapped` just before it is read). A copied tensor is written as read: it is read straight into its place in a mapped output
-    shard, or else into a buffer with the phase of that place (for O_DIRECT)."""
+    listed in `mapped`, with its mapping, for `check_mapped` just before it is read). A copied
+    tensor is written as read: it is read straight into its place in a mapped output shard, or
+    else into a buffer with the phase of that place (for O_DIRECT)."""
     job = piece.job
     if view.derivations is not None:  # renamed, split or fused: the mapping materializes them
         return {name: view.load(name, "cpu") for name in job.inputs}
@@ -185,9 +186,8 @@ def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWrite
             tensor = checkpoint.map_tensor(info) if mapping_reads(pool) else None
             if tensor is not None:
                 inputs[name] = tensor
-                if mapped is not None:
-                    storage = tensor.untyped_storage()
-                    mapped.append((name, info.file, info.end, storage.data_ptr(), storage.nbytes()))
+                storage = tensor.untyped_storage()
+                mapped.append((name, info.file, info.end, storage.data_ptr(), storage.nbytes()))
                 continue
             out = pool.take(info.nbytes, 0, bufs)
         # through the checkpoint module, where every source read goes (and tests watch them)
@@ -204,6 +204,13 @@ def check_mapped(mapped: list) -> None:
         if not mapping_intact(address, length, file, end):
             raise SourceError("changed while it was being converted (it is now shorter than its header says); "
                               "rerun the same command when it no longer changes", file=file, tensor=name)
+
+
+def mapped_outputs(mapped: list, outputs: dict[str, torch.Tensor]) -> list:
+    """The entries of `mapped` whose mapping an output lies in (UE8M0 weights pass through the
+    numerics unchanged): what the writer must check before it writes them."""
+    places = {t.untyped_storage().data_ptr() for t in outputs.values()}
+    return [m for m in mapped if m[3] in places]
 
 
 def compute(piece: Piece, inputs: dict[str, torch.Tensor], recipe: Recipe, device: torch.device, stream,

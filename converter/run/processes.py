@@ -130,8 +130,7 @@ def dismiss_warm() -> None:
 
 def _take(count: int) -> list[_Child]:
     """Processes for a run: kept ones first (in their order: the same devices are dealt to the
-    same process), then warm ones, then new ones (`reused` counts the kept ones taken)."""
-    global reused
+    same process), then warm ones, then new ones."""
     now, environment = time.monotonic(), _environment()
     kept = [c for c, deadline in _kept
             if c.proc.poll() is None and now < deadline - _KEEP_MARGIN and c.environment == environment]
@@ -144,9 +143,8 @@ def _take(count: int) -> list[_Child]:
     children = (kept + warm)[:count]
     for c in (kept + warm)[count:]:
         c.dismiss()
-    reused = min(count, len(kept))
     for i, c in enumerate(children):
-        c.reused = i < reused
+        c.reused = i < len(kept)
     return children + [_Child() for _ in range(count - len(children))]
 
 
@@ -236,7 +234,6 @@ def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[
                         del live[conn]
                         conn.close()
                         c.proc.wait()
-                        reused -= 1  # nor counted as reused
                         fresh = _Child()
                         children[children.index(c)] = fresh
                         jobs[fresh] = jobs[c]
@@ -266,14 +263,16 @@ def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[
                 first = first or e
                 stop_all()
     finally:
-        if first is None and not live:  # every one succeeded: kept for the next run, in their order
+        reused = sum(c.reused for c in children)  # a replaced one is not
+        succeeded = first is None and not live
+        if succeeded:  # kept for the next run, in their order
             _kept.extend((c, done[c]) for c in children if c in done)
         else:
             for c in done:
                 c.dismiss()
                 c.proc.wait()
         for c in children:  # only after an error in this loop itself: never leave one running
-            if c.proc.poll() is None and not (first is None and not live and c in done):
+            if c.proc.poll() is None and not (succeeded and c in done):
                 c.tell("stop")
                 c.conn.close()
                 c.proc.wait()
