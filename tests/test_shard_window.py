@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pytest
 from helpers import load_all, same_bytes
@@ -137,5 +138,50 @@ def test_a_conversion_writes_several_shards_at_once_with_the_same_bytes(tiny_sou
     converter.convert(tiny_sources["fp8"], tmp_path / "one", quiet=True, workers=1, max_shard_size="150KB")
     got, want = load_all(tmp_path / "many"), load_all(tmp_path / "one")
     assert sorted(got) == sorted(want) and all(same_bytes(got[n], want[n]) for n in want)
+    for a in sorted((tmp_path / "one").glob("*.safetensors")):
+        assert (tmp_path / "many" / a.name).read_bytes() == a.read_bytes()
+
+
+def test_a_shard_is_written_by_one_thread_at_a_time_and_others_hand_their_outputs_over():
+    """`_Turns`: the thread writing a shard also writes what others leave while it writes; they
+    go on at once instead of waiting for the file's lock."""
+    turns = execute._Turns()
+    first = turns.mine("a")
+    assert next(first) == "a"
+    assert list(turns.mine("b")) == [] and list(turns.mine("c")) == []  # left to the writing thread
+    assert list(first) == ["b", "c"]  # which writes them, in order, then lets go of the shard
+    assert list(turns.mine("d")) == ["d"]
+
+
+def test_buffered_writes_to_one_shard_never_overlap(tiny_sources, tmp_path, monkeypatch):
+    """write(2)s to one file take turns on its lock in the kernel, where a waiting writer spins:
+    with buffered writes (no O_DIRECT, no mapping) each shard file is written by one thread at a
+    time, while several shards are written at once, and the bytes are a one-worker conversion's."""
+    from converter.run import writer
+
+    monkeypatch.setattr(pieces, "PIECE_BYTES", 2000)
+    monkeypatch.setenv("MXCONV_MAPPED_WRITES", "0")
+    monkeypatch.setattr(writer, "open_direct", lambda path, size: None)
+    active: dict[str, int] = {}
+    peak, lock = {"file": 0, "all": 0}, threading.Lock()
+    real = writer.ShardWriter._pwrite
+
+    def watched(self, data, offset):
+        with lock:
+            active[self.path.name] = active.get(self.path.name, 0) + 1
+            peak["file"] = max(peak["file"], active[self.path.name])
+            peak["all"] = max(peak["all"], sum(active.values()))
+        try:
+            time.sleep(0.003)  # long enough for the other writers to come to the same file
+            real(self, data, offset)
+        finally:
+            with lock:
+                active[self.path.name] -= 1
+
+    monkeypatch.setattr(writer.ShardWriter, "_pwrite", watched)
+    converter.convert(tiny_sources["fp8"], tmp_path / "many", quiet=True, workers=4, max_shard_size="150KB")
+    assert peak["file"] == 1 and peak["all"] >= 2  # one writer per file, several files at once
+    monkeypatch.setattr(writer.ShardWriter, "_pwrite", real)
+    converter.convert(tiny_sources["fp8"], tmp_path / "one", quiet=True, workers=1, max_shard_size="150KB")
     for a in sorted((tmp_path / "one").glob("*.safetensors")):
         assert (tmp_path / "many" / a.name).read_bytes() == a.read_bytes()

@@ -32,6 +32,7 @@ for its own stream; host buffers are pinned only where GPU workers alone compute
 
 from __future__ import annotations
 
+import collections
 import gc
 import os
 import queue
@@ -39,7 +40,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -94,6 +95,35 @@ class _Budget:
     def wake(self) -> None:
         with self.cond:
             self.cond.notify_all()
+
+
+class _Turns:
+    """The outputs of one shard, written by one thread at a time where its file takes one write at
+    a time anyway (`ShardWriter.one_at_a_time`): a writer that finds another one writing the shard
+    leaves its output to that one and takes the next from the queue, instead of spinning in the
+    kernel on the file's lock (4 % of a 2-worker BF16 conversion's CPU on tmpfs, more with more
+    writers per shard)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.waiting: collections.deque = collections.deque()
+        self.busy = False
+
+    def mine(self, item) -> Iterator:
+        """`item` and whatever other threads leave here meanwhile, for this thread to write; nothing
+        if another thread is writing the shard (it writes `item` too)."""
+        with self.lock:
+            self.waiting.append(item)
+            if self.busy:
+                return
+            self.busy = True
+        while True:
+            with self.lock:
+                if not self.waiting:
+                    self.busy = False
+                    return
+                item = self.waiting.popleft()
+            yield item
 
 
 @contextmanager
@@ -178,6 +208,7 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
     computed: queue.Queue = queue.Queue()  # outputs, for the writers
     done_shards: queue.Queue = queue.Queue()  # shards whose every piece is written, for the finisher
     writers: list[ShardWriter | None] = [None] * len(shards)
+    turns = [_Turns() for _ in shards]
     remaining = [len(ps) for ps in per_shard]
     finished = [False] * len(shards)
     lock = threading.Lock()
@@ -271,35 +302,41 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
             except BaseException as e:
                 fail(e)
 
+    def write(item: tuple) -> None:
+        p, outputs, bufs, mapped = item  # `mapped`: the mapped inputs that are outputs too
+        try:
+            check_mapped(mapped)
+            try:
+                for name, tensor in outputs.items():
+                    if p.rows is None:
+                        writers[p.shard].write(name, tensor)
+                    else:
+                        writers[p.shard].write_rows(name, p.output_row, tensor)
+            except OutputError:  # EFAULT from write(2): a mapped source cut short under it
+                check_mapped(mapped)
+                raise
+            del outputs, mapped
+            pool.give(bufs)
+            budget.release(p.input_bytes)
+            with lock:
+                progress(p.input_bytes)
+                remaining[p.shard] -= 1
+                last = remaining[p.shard] == 0
+            if last:
+                done_shards.put(p.shard)
+        except BaseException as e:
+            fail(e)
+
     def writer() -> None:
         # Separate from the workers: an O_DIRECT write waits for the disk, a worker should not.
         # (Where the shard is mapped, outputs filled in place only need recording here.)
         while (item := computed.get()) is not None:
-            if cancel.is_set():
-                continue
-            p, outputs, bufs, mapped = item  # `mapped`: the mapped inputs that are outputs too
-            try:
-                check_mapped(mapped)
-                try:
-                    for name, tensor in outputs.items():
-                        if p.rows is None:
-                            writers[p.shard].write(name, tensor)
-                        else:
-                            writers[p.shard].write_rows(name, p.output_row, tensor)
-                except OutputError:  # EFAULT from write(2): a mapped source cut short under it
-                    check_mapped(mapped)
-                    raise
-                del outputs, mapped
-                pool.give(bufs)
-                budget.release(p.input_bytes)
-                with lock:
-                    progress(p.input_bytes)
-                    remaining[p.shard] -= 1
-                    last = remaining[p.shard] == 0
-                if last:
-                    done_shards.put(p.shard)
-            except BaseException as e:
-                fail(e)
+            w = writers[item[0].shard]
+            for mine in turns[item[0].shard].mine(item) if w is not None and w.one_at_a_time else (item,):
+                if cancel.is_set():
+                    break
+                write(mine)
+            item = mine = None  # the last outputs' memory goes back now, not at the next get
 
     def finisher() -> None:
         complete: set[int] = set()

@@ -104,6 +104,13 @@ class ShardWriter:
             raise OutputError(f"cannot write: {e.strerror}", file=self.tmp_path) from e
         return self
 
+    @property
+    def one_at_a_time(self) -> bool:
+        """Whether writes to this file run one at a time whatever the threads: buffered write(2)
+        holds the file's lock (i_rwsem) for its copy, and a second writer spins on it, burning a
+        core; O_DIRECT writes inside the file and a mapping's page faults run in parallel."""
+        return not self.mapped and self.direct is None
+
     def phase(self, name: str, row: int = 0) -> int:
         """Alignment (address modulo 4096) at which a buffer for `name` from `row` on is written
         without a copy."""
