@@ -182,7 +182,7 @@ def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWrite
             out = writer.region(job.outputs[0].name, r0, piece.rows[1] - r0 if piece.rows else None)
             if out is None or out.numel() != info.nbytes:
                 out = pool.take(info.nbytes, writer.phase(job.outputs[0].name, r0), bufs)
-        else:  # numerics read their inputs straight from the page cache where they are there
+        else:  # numerics read their inputs straight from the page cache
             tensor = checkpoint.map_tensor(info) if mapping_reads(pool) else None
             if tensor is not None:
                 inputs[name] = tensor

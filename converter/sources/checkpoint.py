@@ -170,8 +170,9 @@ def read_tensor(info: TensorInfo, pin: bool = False, out: torch.Tensor | None = 
 
 
 def map_tensor(info: TensorInfo) -> torch.Tensor | None:
-    """A safetensors tensor's bytes mapped from the page cache where they all lie there (see
-    `safetensors.map_tensor`), else None: the caller reads them (`read_tensor`)."""
+    """A safetensors tensor's bytes mapped from the page cache (see `safetensors.map_tensor`), or
+    None (a DCP tensor, a file cut short, a file system that cannot map it): the caller reads them
+    (`read_tensor`)."""
     return _map_safetensors(info) if getattr(info, "read", None) is None else None
 
 

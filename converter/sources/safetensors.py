@@ -16,14 +16,13 @@ import json
 import math
 import mmap
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from converter.errors import SourceError
-from converter.libc import MADV_POPULATE_READ, libc, mincore_tells, resident
+from converter.libc import MADV_POPULATE_READ, libc
 
 DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
@@ -169,8 +168,6 @@ def read_tensor(info: TensorInfo, pin: bool = False, out: torch.Tensor | None = 
     return buf.view(info.torch_dtype).reshape(info.shape)
 
 
-_tells: dict[tuple[str, int, int], bool] = {}  # (file, size, mtime) -> whether mincore tells us the truth
-_tells_lock = threading.Lock()
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -188,19 +185,23 @@ class _Unmap:
 
 
 def map_tensor(info: TensorInfo) -> torch.Tensor | None:
-    """The tensor's bytes where they lie in the page cache, mapped (private, copy-on-write)
-    instead of copied into a buffer, or None: not all of them resident (or that cannot be told),
-    the file shorter than the header says, or no mapping to be had. The caller then reads them.
+    """The tensor's bytes mapped from the page cache (private, copy-on-write) instead of copied
+    into a buffer, or None: the file shorter than the header says, or no mapping to be had (the
+    file system refuses it). The caller then reads them.
 
     Why: a read copies every byte once more than the numerics need (on a 2-core EPYC VM the copy
-    was 14 % of a conversion's CPU, mapping and unmapping the same pages about 11 %). Only
-    resident bytes are mapped: pages that must come from the disk arrive faster through one large
-    read than through faults. The mapping keeps no file descriptor, and is unmapped when the last
-    tensor made from it goes; no consumer of the tensor can change the file through it.
-    A file cut short while a tensor over it is read kills the process with SIGBUS: the executor
-    checks each piece's mappings (`mapping_intact`) just before the numerics read them and before
-    an output that is a mapped input is written, which leaves the milliseconds those take; and
-    mxconv's own command says what a bus error means (`native.note_sigbus`)."""
+    was 14 % of a conversion's CPU, mapping and unmapping the same pages about 11 %). Bytes not in
+    the page cache are asked for first (POSIX_FADV_WILLNEED: the kernel sends their reads out at
+    once, in large requests, as a large read(2) would), and the mapping's pages are then mapped in
+    one call that waits for them. This works for any file we may read: it needs no mincore(2),
+    whose answer is the truth only to whoever may write the file (a shared checkpoint owned by
+    someone else was read into buffers for that). The mapping keeps no file descriptor, and is
+    unmapped when the last tensor made from it goes; no consumer of the tensor can change the
+    file through it. A file cut short while a tensor over it is read kills the process with
+    SIGBUS: the executor checks each piece's mappings (`mapping_intact`) just before the numerics
+    read them and before an output that is a mapped input is written, which leaves the
+    milliseconds those take; and mxconv's own command says what a bus error means
+    (`native.note_sigbus`)."""
     if not info.nbytes or info.start % info.torch_dtype.itemsize:  # a view of another dtype needs alignment
         return None
     at = info.start - info.start % mmap.ALLOCATIONGRANULARITY
@@ -211,18 +212,12 @@ def map_tensor(info: TensorInfo) -> torch.Tensor | None:
     except (OSError, AttributeError):
         return None
     try:
-        st = os.fstat(fd)
-        if st.st_size < info.end:  # mapped past the end, the bytes would raise SIGBUS, not an error
+        if os.fstat(fd).st_size < info.end:  # mapped past the end, the bytes would raise SIGBUS, not an error
             return None
-        key = (str(info.file), st.st_size, st.st_mtime_ns)
-        with _tells_lock:
-            tells = _tells.get(key)
-        if tells is None:
-            tells = mincore_tells(info.file, st)
-            with _tells_lock:
-                _tells[key] = tells
-        if not tells:
-            return None
+        try:
+            os.posix_fadvise(fd, at, length, os.POSIX_FADV_WILLNEED)
+        except OSError:  # advice only: the faults read what it would have
+            pass
         address = c.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, at)
     except OSError:
         return None
@@ -232,8 +227,6 @@ def map_tensor(info: TensorInfo) -> torch.Tensor | None:
         return None
     region = (ctypes.c_ubyte * length).from_address(address)
     region.unmap = _Unmap(address, length)  # torch holds `region` as long as any tensor over it lives
-    if not resident(address, length):
-        return None
     c.madvise(address, length, MADV_POPULATE_READ)  # its pages in one call (older kernels: EINVAL, faults)
     whole = torch.frombuffer(region, dtype=torch.uint8)
     return whole[info.start - at:].view(info.torch_dtype).reshape(info.shape)
