@@ -164,14 +164,16 @@ def _import_quietly() -> None:
 
 def _note_sigbus() -> None:
     """The numerics read source bytes mapped from the page cache; a source file cut short while
-    they do (copied over mid-run) kills this process with SIGBUS, which Python cannot catch, as
-    does a mapped output whose file system fills up: say so on the way out
+    they do (copied over mid-run), or a disk read of a page the kernel must read again that fails,
+    kills this process with SIGBUS, which Python cannot catch, as does a mapped output whose file
+    system fills up: say so on the way out
     (converter/numerics/guard.c). Its conversion processes are named by this one instead
     (processes._died)."""
     from converter.numerics import native
 
-    native.note_sigbus("mxconv: error: bus error: a source file was cut short while it was being converted, or "
-                       "the output's file system ran out of room; rerun the same command when neither is so\n")
+    native.note_sigbus("mxconv: error: bus error: a source file was cut short while it was being converted, a "
+                       "disk read of it failed, or the output's file system ran out of room; rerun the same "
+                       "command when none is so\n")
 
 
 def _run_verify(src: Path, dst: Path, **kwargs) -> None:

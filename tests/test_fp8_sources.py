@@ -193,4 +193,4 @@ def test_each_source_tensor_is_read_once_and_alone(tiny_sources, tmp_path, monke
     monkeypatch.setattr(ckpt_module, "map_tensor", map_tensor)
     converter.convert(tiny_sources["fp8"], tmp_path / "o", quiet=True)
     assert sorted(reads + mapped) == sorted(SourceCheckpoint.open(tiny_sources["fp8"]).tensors)
-    assert mapped  # the source was just written: in the page cache, so the numerics' inputs are mapped
+    assert mapped  # the numerics' inputs are mapped from the page cache

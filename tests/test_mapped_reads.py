@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -220,6 +221,52 @@ def test_bytes_not_in_the_page_cache_are_asked_for_then_mapped(shard, monkeypatc
     assert mapped.view(torch.uint8).flatten().numpy().tobytes() == shard.read_bytes()[info.start:info.end]
 
 
+def test_pages_that_cannot_be_brought_in_are_read_instead(shard, monkeypatch):
+    """MADV_POPULATE_READ failing with EFAULT (a disk read error, or the file cut short since it
+    was looked at) would be SIGBUS in the numerics: nothing is mapped, and the read that follows
+    says what is wrong."""
+    import ctypes
+    import errno
+
+    real = st.libc()
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def madvise(self, address, length, advice):
+            ctypes.set_errno(errno.EFAULT)
+            return -1
+
+    monkeypatch.setattr(st, "libc", lambda: Failing())
+    infos, _ = read_header(shard)
+    assert map_tensor(infos["big"]) is None
+    ctypes.set_errno(errno.EINVAL)  # before Linux 5.14: no such advice, the pages fault in as read
+
+    class Old(Failing):
+        def madvise(self, address, length, advice):
+            ctypes.set_errno(errno.EINVAL)
+            return -1
+
+    monkeypatch.setattr(st, "libc", lambda: Old())
+    assert torch.equal(map_tensor(infos["big"]).view(torch.uint8), read_tensor(infos["big"]).view(torch.uint8))
+
+
+def test_a_mapping_that_fails_on_a_whole_file_is_a_read_error(shard, monkeypatch):
+    """`check_mapped` tells a file cut short from one whose pages no longer read back."""
+    from converter.run import pieces
+
+    monkeypatch.setattr(pieces, "mapping_intact", lambda address, length, file, end: False)
+    infos, _ = read_header(shard)
+    entry = [("big", shard, infos["big"].end, 0, 0)]
+    with pytest.raises(SourceError, match="read failed: a page of its bytes could not be read") as err:
+        check_mapped(entry)
+    assert err.value.file == str(shard) and err.value.tensor == "big"
+    os.truncate(shard, infos["big"].end - 1)
+    with pytest.raises(SourceError, match="changed while it was being converted"):
+        check_mapped(entry)
+
+
 def test_advice_the_file_system_refuses_does_not_stop_the_mapping(shard, monkeypatch):
     def refuse(*args):
         raise OSError(22, "Invalid argument")
@@ -245,17 +292,31 @@ def test_a_file_owned_by_someone_else_is_mapped_too():
         if pid == 0:  # the child: only system calls and byte copies (no torch thread pools)
             code = 1
             try:
-                os.setgid(65534)
-                os.setuid(65534)
-                if os.access(path, os.W_OK) or os.stat(path).st_uid == os.geteuid():
-                    code = 2
+                try:
+                    os.setgroups([])
+                    os.setgid(65534)
+                    os.setuid(65534)
+                except OSError:
+                    code = 4  # no other user to become here (no CAP_SETUID, or a user namespace)
                 else:
-                    t = map_tensor(info)
-                    code = 0 if t is not None and t.view(torch.uint8).flatten().numpy().tobytes() == data else 3
+                    if os.access(path, os.W_OK) or os.stat(path).st_uid == os.geteuid():
+                        code = 2
+                    else:
+                        t = map_tensor(info)
+                        code = 0 if t is not None and t.view(torch.uint8).flatten().numpy().tobytes() == data else 3
             finally:
                 os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0  # 3: not mapped, or other bytes
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the child reading as another user did not finish in 60 s")
+        code = os.waitstatus_to_exitcode(done[1])
+        if code == 4:
+            pytest.skip("cannot become another user here")
+        assert code == 0  # 3: not mapped, or other bytes
     finally:
         shutil.rmtree(folder)
 

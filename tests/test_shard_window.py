@@ -12,7 +12,7 @@ import pytest
 from helpers import load_all, same_bytes
 
 import converter
-from converter.run import devices, execute, pieces
+from converter.run import devices, execute, pieces, writer
 from converter.run.pieces import Piece, interleave
 
 
@@ -143,9 +143,9 @@ def test_a_conversion_writes_several_shards_at_once_with_the_same_bytes(tiny_sou
 
 
 def test_a_shard_is_written_by_one_thread_at_a_time_and_others_hand_their_outputs_over():
-    """`_Turns`: the thread writing a shard also writes what others leave while it writes; they
+    """`writer.Turns`: the thread writing a shard also writes what others leave while it writes; they
     go on at once instead of waiting for the file's lock."""
-    turns = execute._Turns()
+    turns = writer.Turns()
     first = turns.mine("a")
     assert next(first) == "a"
     assert list(turns.mine("b")) == [] and list(turns.mine("c")) == []  # left to the writing thread
@@ -153,12 +153,20 @@ def test_a_shard_is_written_by_one_thread_at_a_time_and_others_hand_their_output
     assert list(turns.mine("d")) == ["d"]
 
 
+def test_a_writer_that_stops_taking_outputs_lets_go_of_the_shard():
+    """Cancelled at a yield (the run failed): what was left for it is dropped with it, and the
+    next thread to come writes its own output instead of leaving it to nobody."""
+    turns = writer.Turns()
+    first = turns.mine("a")
+    assert next(first) == "a" and list(turns.mine("b")) == []
+    first.close()
+    assert list(turns.mine("c")) == ["c"]
+
+
 def test_buffered_writes_to_one_shard_never_overlap(tiny_sources, tmp_path, monkeypatch):
     """write(2)s to one file take turns on its lock in the kernel, where a waiting writer spins:
     with buffered writes (no O_DIRECT, no mapping) each shard file is written by one thread at a
     time, while several shards are written at once, and the bytes are a one-worker conversion's."""
-    from converter.run import writer
-
     monkeypatch.setattr(pieces, "PIECE_BYTES", 2000)
     monkeypatch.setenv("MXCONV_MAPPED_WRITES", "0")
     monkeypatch.setattr(writer, "open_direct", lambda path, size: None)

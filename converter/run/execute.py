@@ -5,10 +5,11 @@ shard, or one big tensor, still uses every worker:
         --(outputs)--> R writers (at planned offsets, any order) --> shard finisher
 
 Readers take pieces from several shards at once (see `interleave`: about one shard per two
-writers) and read them with positional reads, in parallel, or map them where the page cache
-holds them (`pieces.load`; a worker checks that their files are still whole just before it
-reads them, `check_mapped`); writers write at the offsets the plan
-gives every output byte, in parallel (O_DIRECT on disks). R is the worker count on CPU (so
+writers) and read them with positional reads, in parallel, or map them from the page cache
+(`pieces.load`; a worker checks that their files are still whole just before it reads them,
+`check_mapped`); writers write at the offsets the plan gives every output byte, in parallel
+(O_DIRECT on disks; a file written with write(2) takes one write at a time, so its writers take
+turns, `writer.Turns`). R is the worker count on CPU (so
 `--workers` is the number of cores used) and at least the core count with accelerators (there
 the CPU only moves bytes). One reader and one writer thread were a serial ceiling of about
 1.5-2 GB/s on a 16-core machine, whatever the worker count.
@@ -32,7 +33,6 @@ for its own stream; host buffers are pinned only where GPU workers alone compute
 
 from __future__ import annotations
 
-import collections
 import gc
 import os
 import queue
@@ -40,7 +40,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -52,7 +52,7 @@ from converter.plan.view import CanonicalView
 from converter.run.devices import intra_op_threads, io_threads, pinned
 from converter.run.pieces import (BufferPool, Piece, check_mapped, compute, interleave, load, mapped_outputs,
                                   split)
-from converter.run.writer import ShardWriter
+from converter.run.writer import ShardWriter, Turns
 
 # Source bytes read ahead of the workers, per worker (a piece bigger than that runs alone): two
 # pieces each keep the workers fed; more only costs memory (and page faults to fill it).
@@ -95,35 +95,6 @@ class _Budget:
     def wake(self) -> None:
         with self.cond:
             self.cond.notify_all()
-
-
-class _Turns:
-    """The outputs of one shard, written by one thread at a time where its file takes one write at
-    a time anyway (`ShardWriter.one_at_a_time`): a writer that finds another one writing the shard
-    leaves its output to that one and takes the next from the queue, instead of spinning in the
-    kernel on the file's lock (4 % of a 2-worker BF16 conversion's CPU on tmpfs, more with more
-    writers per shard)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.waiting: collections.deque = collections.deque()
-        self.busy = False
-
-    def mine(self, item) -> Iterator:
-        """`item` and whatever other threads leave here meanwhile, for this thread to write; nothing
-        if another thread is writing the shard (it writes `item` too)."""
-        with self.lock:
-            self.waiting.append(item)
-            if self.busy:
-                return
-            self.busy = True
-        while True:
-            with self.lock:
-                if not self.waiting:
-                    self.busy = False
-                    return
-                item = self.waiting.popleft()
-            yield item
 
 
 @contextmanager
@@ -208,7 +179,7 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
     computed: queue.Queue = queue.Queue()  # outputs, for the writers
     done_shards: queue.Queue = queue.Queue()  # shards whose every piece is written, for the finisher
     writers: list[ShardWriter | None] = [None] * len(shards)
-    turns = [_Turns() for _ in shards]
+    turns = [Turns() for _ in shards]
     remaining = [len(ps) for ps in per_shard]
     finished = [False] * len(shards)
     lock = threading.Lock()
@@ -332,11 +303,14 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
         # (Where the shard is mapped, outputs filled in place only need recording here.)
         while (item := computed.get()) is not None:
             w = writers[item[0].shard]
-            for mine in turns[item[0].shard].mine(item) if w is not None and w.one_at_a_time else (item,):
+            mine = turns[item[0].shard].mine(item) if w is not None and w.one_at_a_time else iter((item,))
+            item = None  # an output is held only until it is written, not while others are
+            for got in mine:
                 if cancel.is_set():
                     break
-                write(mine)
-            item = mine = None  # the last outputs' memory goes back now, not at the next get
+                write(got)
+                got = None
+            mine = None  # a generator left at a yield lets go of the shard now
 
     def finisher() -> None:
         complete: set[int] = set()

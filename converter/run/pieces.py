@@ -158,8 +158,8 @@ def mapping_reads(pool: BufferPool) -> bool:
 def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWriter, bufs: list,
          mapped: list) -> dict[str, torch.Tensor]:
     """A piece's source tensors (their rows, or the matching scale tile rows) in pooled buffers,
-    or, for the numerics, mapped where their bytes are all in the page cache (each mapped one is
-    listed in `mapped`, with its mapping, for `check_mapped` just before it is read). A copied
+    or, for the numerics, mapped from the page cache where they can be (each mapped one is listed
+    in `mapped`, with its mapping, for `check_mapped` just before it is read). A copied
     tensor is written as read: it is read straight into its place in a mapped output shard, or
     else into a buffer with the phase of that place (for O_DIRECT)."""
     job = piece.job
@@ -197,11 +197,19 @@ def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWrite
 
 def check_mapped(mapped: list) -> None:
     """Raise the error a read would have raised if a file that tensors were mapped from has been
-    cut short since (copied over, rewritten): reading those bytes now would kill the process with
-    SIGBUS. Called just before the numerics read them, and before the writer writes an output that
-    is a mapped input, so only a file cut short while they do can still do that."""
+    cut short since (copied over, rewritten), or a page of it could not be read back: reading those
+    bytes now would kill the process with SIGBUS. Called just before the numerics read them, and
+    before the writer writes an output that is a mapped input, so only a file cut short (or a disk
+    failing) while they do can still do that."""
     for name, file, end, address, length in mapped:
         if not mapping_intact(address, length, file, end):
+            try:
+                whole = os.stat(file).st_size >= end
+            except OSError:
+                whole = False
+            if whole:
+                raise SourceError("read failed: a page of its bytes could not be read (an I/O error)",
+                                  file=file, tensor=name)
             raise SourceError("changed while it was being converted (it is now shorter than its header says); "
                               "rerun the same command when it no longer changes", file=file, tensor=name)
 

@@ -186,7 +186,8 @@ def _died(child: _Child) -> MxconvError:
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     except ValueError:  # a signal without a name (SIGRTMIN + n)
         how = f"was killed by signal {-code}"
-    why = ("a source file cut short while it was being converted, or the output's file system full?"
+    why = ("a source file cut short while it was being converted, a disk read error, or the output's "
+           "file system full?"
            if code == -signal.SIGBUS else "out of memory?")  # SIGBUS: see safetensors.map_tensor
     return MxconvError(f"conversion process {child.proc.pid} {how} before it finished its shards ({why}); "
                        "rerun the same command to resume")

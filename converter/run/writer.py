@@ -1,12 +1,15 @@
 """Writing planned safetensors shards: `ShardWriter` puts every tensor at its planned offset (O_DIRECT
 where the file system allows; on tmpfs straight into a shared mapping of the file, which the
-numerics can fill in place), then fsyncs and renames; small files are written atomically too."""
+numerics can fill in place), then fsyncs and renames; `Turns` lets writer threads take turns on a
+file that takes one write at a time; small files are written atomically too."""
 
 from __future__ import annotations
 
+import collections
 import mmap
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -248,6 +251,44 @@ class ShardWriter:
         except OSError as e:
             self._abort()
             raise OutputError(f"cannot finish: {e.strerror}", file=self.path) from e
+
+
+class Turns:
+    """The outputs of one shard, written by one thread at a time where its file takes one write at
+    a time anyway (`ShardWriter.one_at_a_time`): a writer that finds another one writing the shard
+    leaves its output to that one and takes the next from the queue, instead of waiting on the
+    file's lock in the kernel, where a waiter spins while a core is free (3.9 % of a 2-worker BF16
+    conversion's CPU on tmpfs on a 2-core VM)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.waiting: collections.deque = collections.deque()
+        self.busy = False
+
+    def mine(self, item) -> Iterator:
+        """`item` and whatever other threads leave here meanwhile, for this thread to write; nothing
+        if another thread is writing the shard (it writes `item` too). A thread that stops taking
+        them (the run is cancelled) drops those left, and the next one to come writes its own."""
+        with self.lock:
+            self.waiting.append(item)
+            if self.busy:
+                return
+            self.busy = True
+        item = None  # held by `waiting` until it is handed out: not kept here after it is written
+        try:
+            while True:
+                with self.lock:
+                    if not self.waiting:  # let go in the same hold that saw nothing left
+                        self.busy = False
+                        return
+                    nxt = self.waiting.popleft()
+                yield nxt
+                nxt = None
+        except GeneratorExit:  # closed at a yield: this thread stopped taking them
+            with self.lock:
+                self.busy = False
+                self.waiting.clear()
+            raise
 
 
 def fsync_dir(path: Path) -> None:

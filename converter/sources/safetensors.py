@@ -5,7 +5,7 @@ header of a shard planned before any data exists (`PlannedTensor`, `build_header
 We parse headers ourselves (instead of safetensors.safe_open) to name the file and tensor in
 every error, to detect truncation before a long run starts, and to read exactly one tensor's
 bytes with a positioned read into a preallocated buffer (one copy, GIL released), or to map them
-where they are already in the page cache (no copy: `map_tensor`).
+from the page cache (no copy: `map_tensor`).
 """
 
 from __future__ import annotations
@@ -186,8 +186,9 @@ class _Unmap:
 
 def map_tensor(info: TensorInfo) -> torch.Tensor | None:
     """The tensor's bytes mapped from the page cache (private, copy-on-write) instead of copied
-    into a buffer, or None: the file shorter than the header says, or no mapping to be had (the
-    file system refuses it). The caller then reads them.
+    into a buffer, or None: the file shorter than the header says, no mapping to be had (the file
+    system refuses it), or its pages cannot be brought in (a read error). The caller then reads
+    them, and a read names what is wrong.
 
     Why: a read copies every byte once more than the numerics need (on a 2-core EPYC VM the copy
     was 14 % of a conversion's CPU, mapping and unmapping the same pages about 11 %). Bytes not in
@@ -198,10 +199,10 @@ def map_tensor(info: TensorInfo) -> torch.Tensor | None:
     someone else was read into buffers for that). The mapping keeps no file descriptor, and is
     unmapped when the last tensor made from it goes; no consumer of the tensor can change the
     file through it. A file cut short while a tensor over it is read kills the process with
-    SIGBUS: the executor checks each piece's mappings (`mapping_intact`) just before the numerics
-    read them and before an output that is a mapped input is written, which leaves the
-    milliseconds those take; and mxconv's own command says what a bus error means
-    (`native.note_sigbus`)."""
+    SIGBUS, and so does a disk read error on a page the kernel dropped and must read again: the
+    executor checks each piece's mappings (`mapping_intact`) just before the numerics read them
+    and before an output that is a mapped input is written, which leaves the milliseconds those
+    take; and mxconv's own command says what a bus error means (`native.note_sigbus`)."""
     if not info.nbytes or info.start % info.torch_dtype.itemsize:  # a view of another dtype needs alignment
         return None
     at = info.start - info.start % mmap.ALLOCATIONGRANULARITY
@@ -227,7 +228,11 @@ def map_tensor(info: TensorInfo) -> torch.Tensor | None:
         return None
     region = (ctypes.c_ubyte * length).from_address(address)
     region.unmap = _Unmap(address, length)  # torch holds `region` as long as any tensor over it lives
-    c.madvise(address, length, MADV_POPULATE_READ)  # its pages in one call (older kernels: EINVAL, faults)
+    # its pages in one call, which waits for those still being read (before Linux 5.14: EINVAL,
+    # and they fault in as read). Any other failure (EFAULT: a disk read error, or the file cut
+    # short since the fstat above) would be SIGBUS in the numerics: a read says what it is.
+    if c.madvise(address, length, MADV_POPULATE_READ) != 0 and ctypes.get_errno() != errno.EINVAL:
+        return None
     whole = torch.frombuffer(region, dtype=torch.uint8)
     return whole[info.start - at:].view(info.torch_dtype).reshape(info.shape)
 
@@ -235,8 +240,9 @@ def map_tensor(info: TensorInfo) -> torch.Tensor | None:
 def mapping_intact(address: int, length: int, file: Path, end: int) -> bool:
     """Whether the mapped range [address, address + length) of `file` can be read without SIGBUS:
     MADV_POPULATE_READ fails with EFAULT exactly where a read would raise it (the file cut short
-    since; pages already mapped cost a page-table walk). Where the kernel lacks it (before Linux
-    5.14), whether the file at that path still has `end` bytes."""
+    since, or a page that had to be read again failed to; pages already mapped cost a page-table
+    walk). Where the kernel lacks it (before Linux 5.14), whether the file at that path still has
+    `end` bytes."""
     try:
         c = libc()
         if c.madvise(address, length, MADV_POPULATE_READ) == 0:
