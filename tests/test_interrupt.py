@@ -36,12 +36,25 @@ def reference(src, tmp_path_factory):
     return reference_conversion(src, tmp_path_factory.mktemp("reference"), SHARD)
 
 
+def _sigint_state(pid: int) -> str:
+    """Whether SIGINT is blocked (main thread), ignored or caught in process `pid`, from /proc."""
+    try:
+        fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":\t" in line)
+    except OSError:
+        return "exited"
+    bit = 1 << (signal.SIGINT - 1)
+    return " ".join(f"{k}={'yes' if int(fields[k], 16) & bit else 'no'}" for k in ("SigBlk", "SigIgn", "SigCgt")
+                    if k in fields)
+
+
 @pytest.mark.parametrize("processes", ["1", "3"])
 def test_sigint_during_convert_says_so_exits_130_and_the_rerun_resumes(src, reference, tmp_path, processes):
     """With several conversion processes, Ctrl-C reaches the parent only (they run in their own
     session, as they would from a terminal); it passes it on and waits for them to clean up."""
     planned = finished_shards(reference)
     argv = ["convert", src, None, "--max-shard-size", SHARD, "--processes", processes]  # progress bars on
+    tries = []  # what each attempt saw when it sent SIGINT: said if none was interrupted
     for attempt in range(10):  # the tiny conversion may finish before the signal lands: try again
         dst, logs = tmp_path / f"dst-{attempt}", tmp_path / "logs"
         argv[2] = dst
@@ -51,6 +64,7 @@ def test_sigint_during_convert_says_so_exits_130_and_the_rerun_resumes(src, refe
             if (dst / STATE_DIR / MANIFEST_FILE).exists() and finished_shards(dst) >= 1 + attempt % 3:
                 break
             time.sleep(0.0005)
+        tries.append(f"{finished_shards(dst)} of {planned} shards, {_sigint_state(proc.proc.pid)}")
         sent = time.monotonic()
         os.kill(proc.proc.pid, signal.SIGINT)
         result = proc.wait()
@@ -59,7 +73,8 @@ def test_sigint_during_convert_says_so_exits_130_and_the_rerun_resumes(src, refe
             break
         assert result.returncode in (0, 130)
     else:
-        pytest.fail("the conversion finished before SIGINT every time: was the signal ignored?")
+        pytest.fail("the conversion finished before SIGINT every time: was the signal ignored? At each SIGINT: "
+                    + "; ".join(tries))
     assert result.returncode == 130, result.stderr
     assert "Traceback" not in result.stderr
     done = finished_shards(dst)
