@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -30,6 +31,9 @@ def _ctx():
 
 
 def _child(argv: list[str], out: str, err: str) -> None:
+    # Ctrl-C as in a terminal: a test run started in the background by a script (`cmd &`) has
+    # SIGINT ignored, and an ignored signal stays ignored across fork and exec
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for fd, path in ((1, out), (2, err)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(f, fd)
