@@ -74,7 +74,8 @@ def convert(
     config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     workers: Optional[int] = typer.Option(None, min=1, help="jobs computed in parallel (default: one per CPU "
-                                                            "core; with --device cuda, two per GPU)"),
+                                                            "core; with --device cuda, two per GPU, which is "
+                                                            "also the most a GPU gets)"),
     processes: Optional[int] = typer.Option(None, min=1, help="processes that share the workers, each with its "
                                                               "own shards (default: one per 4 workers with 8 or "
                                                               "more, at most 8); the bytes do not depend on it"),

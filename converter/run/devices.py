@@ -12,6 +12,15 @@ import torch
 
 from converter.errors import MxconvError
 
+# GPU workers per GPU. More made a conversion slower (FP8, 16-core H200: 3.6 s with 2 workers,
+# 7.1 s with 16): their streams only contend (for the GIL between kernel launches, the copy
+# engines, pinned memory), while one piece's numerics take about a millisecond on the GPU. When
+# more only waited for these two (a semaphore in `execute`), they still held pieces the CPU
+# helpers could have converted, and counted as a whole process's workers when the conversion
+# processes were dealt: 16 GPU workers left their GPU's process without CPU helpers (16-core
+# H200: 5.20 s against 4.74 s with 2). So a GPU gets no more workers than this.
+STREAMS_PER_GPU = 2
+
 
 def cores() -> int:
     """Cores this process may use: its CPU affinity, or the share MXCONV_CORE_SHARE gives one of
@@ -34,9 +43,9 @@ def cpu_helpers() -> int:
 
 
 def resolve_devices(device: str, workers: int | None) -> list[torch.device]:
-    """One compute device per worker. `cuda` uses every visible GPU (at least one worker each),
-    plus `cpu_helpers()` CPU workers. workers None: one per CPU core, or two per GPU (one computes
-    while the other's copies run)."""
+    """One compute device per worker. `cuda` uses every visible GPU (at least one worker each, at
+    most STREAMS_PER_GPU: more could only wait), plus `cpu_helpers()` CPU workers. workers None:
+    one per CPU core, or two per GPU (one computes while the other's copies run)."""
     dev = torch.device(device)
     if workers is None:
         gpus = torch.cuda.device_count() if dev.type == "cuda" and dev.index is None else 1
@@ -48,9 +57,9 @@ def resolve_devices(device: str, workers: int | None) -> list[torch.device]:
         if dev.index is not None:
             if dev.index >= count:
                 raise MxconvError(f"--device {device}: only {count} CUDA device(s) visible")
-            gpu = [dev] * workers
+            gpu = [dev] * min(workers, STREAMS_PER_GPU)
         else:
-            gpu = [torch.device("cuda", i % count) for i in range(max(workers, count))]
+            gpu = [torch.device("cuda", i % count) for i in range(min(max(workers, count), STREAMS_PER_GPU * count))]
         return gpu + [torch.device("cpu")] * cpu_helpers()
     if dev.type != "cpu":
         raise MxconvError(f"unsupported --device {device!r}; use cpu, cuda or cuda:N")

@@ -49,7 +49,7 @@ from converter.files import STATE_DIR
 from converter.plan.planner import ShardPlan
 from converter.plan.recipe import Recipe
 from converter.plan.view import CanonicalView
-from converter.run.devices import intra_op_threads, io_threads, pinned
+from converter.run.devices import STREAMS_PER_GPU, intra_op_threads, io_threads, pinned
 from converter.run.pieces import (BufferPool, Piece, check_mapped, compute, interleave, load, mapped_outputs,
                                   split)
 from converter.run.writer import ShardWriter, Turns
@@ -61,11 +61,6 @@ _MIN_INFLIGHT = 128 * 1024 * 1024
 # ...and at most this much whatever the worker count: beyond a few workers the disk is the limit,
 # and memory must not grow with cores (32 workers held 3.3 GB with 32 MB each and a 4x pool).
 _MAX_INFLIGHT = 384 * 1024 * 1024
-# GPU workers computing at once on one GPU. More made a conversion slower (FP8, 16-core H200:
-# 3.6 s with 2 workers, 7.1 s with 16): their streams only contend (for the GIL between kernel
-# launches, the copy engines, pinned memory), while one piece's numerics take about a millisecond
-# on the GPU. Workers beyond this wait their turn; bytes move in the reader and writer threads.
-_STREAMS_PER_GPU = 2
 
 
 class Cancelled(Exception):
@@ -186,7 +181,8 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
     todo = interleave(per_shard, window)  # handed to the readers, `window` shards at a time
     seen: set[Path] = set()
     live_readers = [readers]
-    gpu_slots = {d: threading.Semaphore(_STREAMS_PER_GPU) for d in set(devices) if d.type == "cuda"}
+    # a guard for device lists made elsewhere: resolve_devices never gives a GPU more workers
+    gpu_slots = {d: threading.Semaphore(STREAMS_PER_GPU) for d in set(devices) if d.type == "cuda"}
 
     def fail(e: BaseException) -> None:
         with lock:
