@@ -283,7 +283,9 @@ def unshuffle(
                                help="a checkpoint converted with --recipe deepseek_v3_mxfp8_trtllm"),
     dst: Path = typer.Argument(..., metavar="DST", help="output directory for the canonical MXFP8 checkpoint"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
-    workers: Optional[int] = typer.Option(None, min=1, help="jobs computed in parallel (default: one per CPU core)"),
+    workers: Optional[int] = typer.Option(None, min=1, help="jobs computed in parallel (default: one per CPU "
+                                                            "core; with --device cuda, two per GPU, which is "
+                                                            "also the most a GPU gets)"),
     max_shard_size: str = typer.Option("5GB", help="largest output shard, in bytes: 5GB, 500MB, 4GiB"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier mxconv run in DST made otherwise"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),

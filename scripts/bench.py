@@ -334,7 +334,7 @@ def main() -> int:
     ap.add_argument("--llmc-repeats", type=int, default=1, help="timed llm-compressor runs (it is slow)")
     ap.add_argument("--ceiling", action="store_true", help="mxconv's own ceiling: source in the page cache, "
                     "destinations on tmpfs; rows for cp, a parallel copy (one cp per shard) and mxconv at several "
-                    "worker counts on CPU and CUDA (defaults then: --workers 4,8,16, --gpu-workers 2,4,16, "
+                    "worker counts on CPU and CUDA (defaults then: --workers 4,8,16, --gpu-workers 1,2, "
                     "--shards 8, 2 repeats)")
     ap.add_argument("--dest-dir", default="/dev/shm/mxconv-ceiling", help="--ceiling: where outputs go (tmpfs)")
     ap.add_argument("--max-shard-size", help="--ceiling: output shard size of the mxconv rows (default: mxconv's, "
@@ -349,7 +349,8 @@ def main() -> int:
         import bench_ceiling
 
         args.workers = [int(w) for w in (args.workers or "4,8,16").split(",")]
-        args.gpu_worker_list = [int(w) for w in str(args.gpu_workers or "2,4,16").split(",")]
+        # a GPU gets at most 2 workers (devices.STREAMS_PER_GPU): more would time the same run again
+        args.gpu_worker_list = [int(w) for w in str(args.gpu_workers or "1,2").split(",")]
         args.repeats = args.repeats or (1 if args.quick else 2)
         args.shards = args.shards or 8
         return bench_ceiling.ceiling(args, _timed)

@@ -17,8 +17,9 @@ from converter.errors import MxconvError
 # engines, pinned memory), while one piece's numerics take about a millisecond on the GPU. When
 # more only waited for these two (a semaphore in `execute`), they still held pieces the CPU
 # helpers could have converted, and counted as a whole process's workers when the conversion
-# processes were dealt: 16 GPU workers left their GPU's process without CPU helpers (16-core
-# H200: 5.20 s against 4.74 s with 2). So a GPU gets no more workers than this.
+# processes are dealt (`processes.deal`): 16 GPU workers would leave their GPU's process, with
+# its share of the shards, without CPU helpers. So a conversion gives a GPU no more workers
+# than this (verify, which has no such semaphore, may ask for more: `per_gpu`).
 STREAMS_PER_GPU = 2
 
 
@@ -42,10 +43,11 @@ def cpu_helpers() -> int:
     return cores - 2 if cores >= 8 else 0
 
 
-def resolve_devices(device: str, workers: int | None) -> list[torch.device]:
+def resolve_devices(device: str, workers: int | None, per_gpu: int | None = STREAMS_PER_GPU
+                    ) -> list[torch.device]:
     """One compute device per worker. `cuda` uses every visible GPU (at least one worker each, at
-    most STREAMS_PER_GPU: more could only wait), plus `cpu_helpers()` CPU workers. workers None:
-    one per CPU core, or two per GPU (one computes while the other's copies run)."""
+    most `per_gpu`, None: no limit), plus `cpu_helpers()` CPU workers. workers None: one per CPU
+    core, or two per GPU (one computes while the other's copies run)."""
     dev = torch.device(device)
     if workers is None:
         gpus = torch.cuda.device_count() if dev.type == "cuda" and dev.index is None else 1
@@ -57,9 +59,10 @@ def resolve_devices(device: str, workers: int | None) -> list[torch.device]:
         if dev.index is not None:
             if dev.index >= count:
                 raise MxconvError(f"--device {device}: only {count} CUDA device(s) visible")
-            gpu = [dev] * min(workers, STREAMS_PER_GPU)
+            gpu = [dev] * (workers if per_gpu is None else min(workers, per_gpu))
         else:
-            gpu = [torch.device("cuda", i % count) for i in range(min(max(workers, count), STREAMS_PER_GPU * count))]
+            n = max(workers, count) if per_gpu is None else min(max(workers, count), per_gpu * count)
+            gpu = [torch.device("cuda", i % count) for i in range(n)]
         return gpu + [torch.device("cpu")] * cpu_helpers()
     if dev.type != "cpu":
         raise MxconvError(f"unsupported --device {device!r}; use cpu, cuda or cuda:N")

@@ -119,7 +119,7 @@ def verify_checkpoint(src: str | Path, dst: str | Path, *, device: str = "cpu", 
         from converter.verify.logits import require_transformers
 
         require_transformers()
-    devices = resolve_devices(device, workers)
+    devices = resolve_devices(device, workers, per_gpu=None)  # each checks its own shard: no stream limit
     report = VerifyReport(src, dst, thresholds or Thresholds())
     prov, why = read_json(dst / PROVENANCE_FILE)  # read once: what every check below compares with
     recipe, mapping = _expected_recipe(dst, prov, why, report)
