@@ -352,6 +352,26 @@ def test_pinned_buffers_and_the_switch_turn_mapping_off(monkeypatch):
     assert not mapping_reads(BufferPool(pin=False, limit=0))
 
 
+def test_copied_tensors_written_with_write2_are_written_from_their_mapping(tiny_sources, tmp_path, monkeypatch):
+    """Where the output is written with write(2) (no O_DIRECT, no mapped shard), a copied tensor is
+    written from its mapping (one copy of its bytes) instead of read into a buffer and written:
+    nothing at all is read into buffers, and the bytes are the same as with reads."""
+    import converter.sources.checkpoint as ckpt_module
+    from converter.run import writer
+
+    monkeypatch.setenv("MXCONV_MAPPED_WRITES", "0")
+    monkeypatch.setattr(writer, "open_direct", lambda path, size: None)
+    reads, real_read = [], ckpt_module.read_tensor
+    monkeypatch.setattr(ckpt_module, "read_tensor", lambda info, **kw: reads.append(info.name) or real_read(info, **kw))
+    converter.convert(tiny_sources["bf16"], tmp_path / "mapped", quiet=True, max_shard_size="300KB")
+    assert reads == []  # the quantized inputs, and the copied ones too (norms, embeddings, kv_b_proj)
+    monkeypatch.setenv("MXCONV_MAPPED_READS", "0")
+    converter.convert(tiny_sources["bf16"], tmp_path / "read", quiet=True, max_shard_size="300KB")
+    assert reads and any("norm" in name for name in reads)
+    for path in sorted((tmp_path / "read").glob("*.safetensors")):
+        assert (tmp_path / "mapped" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
 @pytest.mark.parametrize("precision", ["fp8", "bf16", "fp8_ue8m0"])
 def test_conversions_with_and_without_mapped_reads_write_the_same_bytes(tiny_sources, tmp_path, monkeypatch,
                                                                        precision):

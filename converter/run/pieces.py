@@ -158,10 +158,11 @@ def mapping_reads(pool: BufferPool) -> bool:
 def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWriter, bufs: list,
          mapped: list) -> dict[str, torch.Tensor]:
     """A piece's source tensors (their rows, or the matching scale tile rows) in pooled buffers,
-    or, for the numerics, mapped from the page cache where they can be (each mapped one is listed
-    in `mapped`, with its mapping, for `check_mapped` just before it is read). A copied
-    tensor is written as read: it is read straight into its place in a mapped output shard, or
-    else into a buffer with the phase of that place (for O_DIRECT)."""
+    or mapped from the page cache where they can be (each mapped one is listed in `mapped`, with
+    its mapping, for `check_mapped` just before it is read). A copied tensor is written as read:
+    it is read straight into its place in a mapped output shard, or into a buffer with the phase
+    of that place for O_DIRECT; written with write(2), it is written from its mapping (one copy
+    of its bytes, not a read and a write)."""
     job = piece.job
     if view.derivations is not None:  # renamed, split or fused: the mapping materializes them
         return {name: view.load(name, "cpu") for name in job.inputs}
@@ -177,12 +178,14 @@ def load(piece: Piece, view: CanonicalView, pool: BufferPool, writer: ShardWrite
             info = dataclasses.replace(info, shape=_sub_rows(info.shape, (r0, r1)), start=info.start + r0 * row_bytes,
                                        end=info.start + r1 * row_bytes)
         out = None
-        if job.action == COPY:  # read straight into its place in the output where the file is mapped
+        if job.action == COPY:
             r0 = piece.rows[0] if piece.rows else 0
-            out = writer.region(job.outputs[0].name, r0, piece.rows[1] - r0 if piece.rows else None)
-            if out is None or out.numel() != info.nbytes:
+            place = writer.region(job.outputs[0].name, r0, piece.rows[1] - r0 if piece.rows else None)
+            if place is not None and place.numel() == info.nbytes:
+                out = place  # read straight into its place in the mapped output shard
+            elif not writer.one_at_a_time:  # O_DIRECT: a buffer at its place's phase, written without a copy
                 out = pool.take(info.nbytes, writer.phase(job.outputs[0].name, r0), bufs)
-        else:  # numerics read their inputs straight from the page cache
+        if out is None:  # the numerics' inputs, and copies written with write(2): from the page cache
             tensor = checkpoint.map_tensor(info) if mapping_reads(pool) else None
             if tensor is not None:
                 inputs[name] = tensor
