@@ -47,10 +47,10 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a), as_bytes(b))
 
 
-def open_view_failing_once(flag: str, src: str, mapping: str, dst: str):
+def open_view_failing_once(flag: str, src: str, mapping: str, dst: str, settle: float = 0.0):
     """An opener for conversion processes (it pickles by name) that fails in the first process to
-    call it, once another has finished a shard in `dst` (at most a minute), and opens the source
-    in the rest."""
+    call it, once another has finished a shard in `dst` (at most a minute) and `settle` seconds
+    more have passed, and opens the source in the rest."""
     import os
     import time
 
@@ -64,4 +64,5 @@ def open_view_failing_once(flag: str, src: str, mapping: str, dst: str):
     deadline = time.monotonic() + 60
     while not any(Path(dst).glob("*.safetensors")) and time.monotonic() < deadline:
         time.sleep(0.01)
+    time.sleep(settle)
     raise SourceError("planted failure", file=flag)

@@ -138,7 +138,6 @@ def test_ctrl_c_in_an_atomic_write_leaves_no_temporary_file(tmp_path):
 
 def test_interrupted_library_call_is_still_a_keyboard_interrupt(src, tmp_path, monkeypatch):
     """`convert()` raises Interrupted, a KeyboardInterrupt carrying the CLI's message."""
-    import converter.run.execute
     from converter.errors import Interrupted
 
     real = converter.run.execute.execute
@@ -149,7 +148,8 @@ def test_interrupted_library_call_is_still_a_keyboard_interrupt(src, tmp_path, m
 
     monkeypatch.setattr(converter.run.execute, "execute", two_shards)
     with pytest.raises(Interrupted) as err:
-        converter.run.pipeline.convert(src, tmp_path / "dst", max_shard_size=SHARD, quiet=True)
+        converter.run.pipeline.convert(src, tmp_path / "dst", max_shard_size=SHARD, quiet=True,
+                                       processes=1)  # in this process, where `execute` is replaced
     assert isinstance(err.value, KeyboardInterrupt)
     assert err.value.message.startswith("2 of ") and Path(tmp_path / "dst").is_dir()
 
@@ -163,7 +163,6 @@ def test_ctrl_c_at_the_edges_of_the_pipeline_leaves_no_temporary_shard(src, tmp_
     import types
 
     import converter.run.execute as execute
-    import converter.run.execute
     from converter.errors import Interrupted
 
     dst = tmp_path / "dst"

@@ -97,16 +97,8 @@ def test_kept_processes_take_the_next_run_then_leave(tiny_sources, tmp_path):
     """`keep` (a Ray node's tasks): a run that succeeded leaves its processes waiting; the next
     run takes them (no start-up) and writes the same bytes; one kept too long is not taken, and
     leaves by itself; after a failure none is kept."""
-    import functools
-
-    import torch
-
-    from converter.run.pipeline import open_view, plan_conversion
-
     src = tiny_sources["fp8"]
-    _, _, mapping, plan = plan_conversion(src, max_shard_size=SHARD)
-    job = {"opener": functools.partial(open_view, str(src), mapping), "recipe": plan.recipe}
-    cpus = [torch.device("cpu")] * 4
+    plan, job, _, cpus = _plan_and_job(src)
 
     def run(name: str, keep: float) -> list:
         (tmp_path / name).mkdir()
@@ -124,12 +116,13 @@ def test_kept_processes_take_the_next_run_then_leave(tiny_sources, tmp_path):
         one = convert(src, tmp_path / "one", max_shard_size=SHARD, quiet=True, processes=1)
         assert all((tmp_path / "one" / s.name).read_bytes() == (tmp_path / "first" / s.name).read_bytes()
                    for s in one.plan.shards)
-        brief = run("brief", keep=1)  # within _KEEP_MARGIN of its end already: never taken
-        assert len(brief) == 2 and all(_gone(c) for c in brief)  # they leave when their wait ends
-        after = run("after", keep=60)
-        assert processes.reused == 0 and len(after) == 2
+        brief = run("brief", keep=5)  # within _KEEP_MARGIN of its end already: never taken
+        assert len(brief) == 2 and all(c.proc.poll() is None for c in brief)
+        after = run("after", keep=60)  # while they still wait
+        assert processes.reused == 0 and len(after) == 2 and all(_gone(c) for c in brief)
         (tmp_path / "blocked").write_text("a file where the output folder should be")
-        with pytest.raises(Exception):
+        # (a destination the pipeline's preflight would have refused: the process crashes on it)
+        with pytest.raises(RuntimeError, match="NotADirectoryError"):
             processes.run(plan.shards, 2, dict(job, dst=str(tmp_path / "blocked")), cpus, lambda n: None,
                           lambda p: None, keep=60)
         assert processes.reused == 2 and processes._kept == []  # taken, failed, not kept
@@ -174,22 +167,29 @@ def test_kept_processes_are_reused_only_in_the_environment_they_started_in(tiny_
         processes.dismiss_warm()
 
 
-def test_after_a_failure_the_processes_that_finished_are_not_kept(tiny_sources, tmp_path):
+def test_after_a_failure_the_processes_that_finished_are_not_kept(tiny_sources, tmp_path, monkeypatch):
+    """One shard each: one process finishes its job (and would wait for the next, `keep`), the
+    other fails a second later; the one that finished is let go, not kept."""
     import functools
 
     from helpers import open_view_failing_once
+
+    from converter.errors import SourceError
 
     plan, job, mapping, cpus = _plan_and_job(tiny_sources["fp8"])
     flag = tmp_path / "fail"
     flag.write_text("")
     job["opener"] = functools.partial(open_view_failing_once, str(flag), str(tiny_sources["fp8"]), mapping,
-                                      str(tmp_path / "out"))
+                                      str(tmp_path / "out"), settle=1.0)
     (tmp_path / "out").mkdir()
-    with pytest.raises(Exception, match="planted failure"):
-        processes.run(plan.shards, 2, dict(job, dst=str(tmp_path / "out")), cpus, lambda n: None, lambda p: None,
-                      keep=60)
+    dismissed, real = [], processes._Child.dismiss
+    monkeypatch.setattr(processes._Child, "dismiss", lambda self: dismissed.append(self) or real(self))
+    with pytest.raises(SourceError, match="planted failure"):
+        processes.run(plan.shards[:2], 2, dict(job, dst=str(tmp_path / "out")), cpus, lambda n: None,
+                      lambda p: None, keep=60)
+    assert len(dismissed) == 1  # the one that had finished its job and waited for another
     assert processes._kept == [] and not [c for c in _children(os.getpid()) if _is_converter(c)]
-    assert any(s.name for s in plan.shards if (tmp_path / "out" / s.name).exists())  # the other one did finish
+    assert any((tmp_path / "out" / s.name).exists() for s in plan.shards[:2])  # the other one did finish
 
 
 def test_a_process_that_cannot_be_started_is_a_clean_error(monkeypatch):

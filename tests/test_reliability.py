@@ -206,8 +206,8 @@ def test_damaged_finished_destination_is_unmarked_then_repaired(src, small_refer
         raise OutputError("simulated crash during the repair")
 
     monkeypatch.setattr(converter.run.execute, "execute", crash)
-    with pytest.raises(OutputError, match="simulated"):
-        convert(src, dst, max_shard_size="1MB", quiet=True)
+    with pytest.raises(OutputError, match="simulated"):  # in this process, where `execute` is replaced
+        convert(src, dst, max_shard_size="1MB", quiet=True, processes=1)
     # while being repaired the DST does not look complete
     assert not (dst / PROVENANCE_FILE).exists() and not (dst / INDEX_FILE).exists()
     assert not (dst / CONFIG_FILE).exists() and not (dst / VERIFY_REPORT_FILE).exists()
@@ -251,8 +251,8 @@ def partial_run(src: Path, dst: Path, monkeypatch, **kwargs) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(converter.run.execute, "execute", first_shard_only)
-    with pytest.raises(KeyboardInterrupt):
-        convert(src, dst, quiet=True, **kwargs)
+    with pytest.raises(KeyboardInterrupt):  # in this process, where `execute` is replaced
+        convert(src, dst, quiet=True, processes=1, **kwargs)
     monkeypatch.undo()
 
 

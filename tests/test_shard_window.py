@@ -129,7 +129,8 @@ def test_a_conversion_writes_several_shards_at_once_with_the_same_bytes(tiny_sou
     handed = []
     monkeypatch.setattr(execute, "interleave", lambda per_shard, window: (
         handed.append(window) or (handed.append(p.shard) or p for p in interleave(per_shard, window))))
-    converter.convert(tiny_sources["fp8"], tmp_path / "many", quiet=True, workers=workers, max_shard_size="150KB")
+    converter.convert(tiny_sources["fp8"], tmp_path / "many", quiet=True, workers=workers, max_shard_size="150KB",
+                      processes=1)  # in this process, where the spies are
     shards = len(list((tmp_path / "many").glob("*.safetensors")))
     window, order = handed[0], handed[1:]
     assert shards >= 4 and window == execute.shard_window(shards, workers) == 2
@@ -187,7 +188,8 @@ def test_buffered_writes_to_one_shard_never_overlap(tiny_sources, tmp_path, monk
                 active[self.path.name] -= 1
 
     monkeypatch.setattr(writer.ShardWriter, "_pwrite", watched)
-    converter.convert(tiny_sources["fp8"], tmp_path / "many", quiet=True, workers=4, max_shard_size="150KB")
+    converter.convert(tiny_sources["fp8"], tmp_path / "many", quiet=True, workers=4, max_shard_size="150KB",
+                      processes=1)  # in this process, where the spy is
     assert peak["file"] == 1 and peak["all"] >= 2  # one writer per file, several files at once
     monkeypatch.setattr(writer.ShardWriter, "_pwrite", real)
     converter.convert(tiny_sources["fp8"], tmp_path / "one", quiet=True, workers=1, max_shard_size="150KB")

@@ -157,8 +157,8 @@ def interrupted_run(source: Path, dst: Path, monkeypatch, shards: int) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(converter.run.execute, "execute", first_shards_only)
-    with pytest.raises(KeyboardInterrupt):
-        convert(source, dst, max_shard_size=SHARD, quiet=True)
+    with pytest.raises(KeyboardInterrupt):  # in this process, where `execute` is replaced (not 8+ cores' processes)
+        convert(source, dst, max_shard_size=SHARD, quiet=True, processes=1)
     monkeypatch.undo()
 
 
@@ -219,7 +219,7 @@ def test_source_written_during_the_run_is_refused_at_the_end(src, tmp_path, monk
 
     monkeypatch.setattr(converter.run.execute, "execute", edit_meanwhile)
     with pytest.raises(SourceError, match=f"{name}: changed while it was being converted"):
-        convert(source, dst, max_shard_size=SHARD, quiet=True)
+        convert(source, dst, max_shard_size=SHARD, quiet=True, processes=1)  # in this process, as above
     assert not (dst / PROVENANCE_FILE).exists()
     monkeypatch.undo()
     result = convert(source, dst, max_shard_size=SHARD, quiet=True)  # every shard made from it is redone
