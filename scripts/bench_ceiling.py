@@ -12,6 +12,7 @@ mxconv row must be byte-identical (sha256 over 256 MB chunks, hashed in parallel
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -174,6 +175,7 @@ def ceiling(args, timed) -> int:
     workdir = (args.workdir or Path(tempfile_dir())).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     dest_root = Path(args.dest_dir).resolve()
+    made_dest = not dest_root.exists()
     dest_root.mkdir(parents=True, exist_ok=True)
     dst = dest_root / "dst"
     report = {"machine": bench.machine(), "mode": "ceiling: source in the page cache, destination on "
@@ -217,6 +219,9 @@ def ceiling(args, timed) -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(dst, ignore_errors=True)
+        if made_dest:
+            with contextlib.suppress(OSError):  # left alone if anything else is in it
+                dest_root.rmdir()
     m = report["machine"]
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM"
           + (f", {', '.join(m['gpus'])}" if m["gpus"] else "") + f"; torch {m['torch']}; {report['mode']}; "
