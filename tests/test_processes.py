@@ -342,8 +342,9 @@ def test_a_kept_process_gives_its_cached_gpu_memory_back():
 
     from converter.run.process_child import _let_go_of_gpu_memory
 
+    before = torch.cuda.memory_reserved()  # blocks earlier tests in this process still hold stay
     block = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
     del block
-    assert torch.cuda.memory_reserved() >= 64 << 20  # cached by the allocator, not yet given back
+    assert torch.cuda.memory_reserved() >= before + (64 << 20)  # cached by the allocator, not given back
     _let_go_of_gpu_memory()
-    assert torch.cuda.memory_reserved() == 0
+    assert torch.cuda.memory_reserved() <= before
