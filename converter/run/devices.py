@@ -14,12 +14,13 @@ from converter.errors import MxconvError
 
 # GPU workers per GPU. More made a conversion slower (FP8, 16-core H200: 3.6 s with 2 workers,
 # 7.1 s with 16): their streams only contend (for the GIL between kernel launches, the copy
-# engines, pinned memory), while one piece's numerics take about a millisecond on the GPU. When
-# more only waited for these two (a semaphore in `execute`), they still held pieces the CPU
-# helpers could have converted, and counted as a whole process's workers when the conversion
-# processes are dealt (`processes.deal`): 16 GPU workers would leave their GPU's process, with
-# its share of the shards, without CPU helpers. So a conversion gives a GPU no more workers
-# than this (verify, which has no such semaphore, may ask for more: `per_gpu`).
+# engines, pinned memory), while one piece's numerics take about a millisecond on the GPU. Made to
+# wait for two streams instead, they still held pieces the CPU helpers could have converted, and
+# counted as a whole process's workers when the conversion processes are dealt
+# (`processes.deal`): 16 GPU workers would leave their GPU's process, with its share of the
+# shards, without CPU helpers. So a conversion gives a GPU no more workers than this, and every
+# conversion's device list comes from `resolve_devices` (verify's workers each check a shard of
+# their own and may ask for more: `per_gpu`).
 STREAMS_PER_GPU = 2
 
 

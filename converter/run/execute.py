@@ -49,7 +49,7 @@ from converter.files import STATE_DIR
 from converter.plan.planner import ShardPlan
 from converter.plan.recipe import Recipe
 from converter.plan.view import CanonicalView
-from converter.run.devices import STREAMS_PER_GPU, intra_op_threads, io_threads, pinned
+from converter.run.devices import intra_op_threads, io_threads, pinned
 from converter.run.pieces import (BufferPool, Piece, check_mapped, compute, interleave, load, mapped_outputs,
                                   split)
 from converter.run.writer import ShardWriter, Turns
@@ -181,8 +181,6 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
     todo = interleave(per_shard, window)  # handed to the readers, `window` shards at a time
     seen: set[Path] = set()
     live_readers = [readers]
-    # a guard for device lists made elsewhere: resolve_devices never gives a GPU more workers
-    gpu_slots = {d: threading.Semaphore(STREAMS_PER_GPU) for d in set(devices) if d.type == "cuda"}
 
     def fail(e: BaseException) -> None:
         with lock:
@@ -244,7 +242,7 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
             raise e
 
     def worker(device: torch.device) -> None:
-        stream, slot = None, gpu_slots.get(device)
+        stream = None
         try:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
@@ -258,11 +256,7 @@ def execute(shards: list[ShardPlan], view: CanonicalView, dst: Path, recipe: Rec
             try:
                 try:
                     check_mapped(mapped)
-                    if slot is None:
-                        outputs = run(p, inputs, device, stream, bufs)
-                    else:
-                        with slot:
-                            outputs = run(p, inputs, device, stream, bufs)
+                    outputs = run(p, inputs, device, stream, bufs)
                 except MxconvError as e:  # numerics name the tensor; add the file it came from
                     raise e.in_file((view.tensors.get(e.tensor) or view.tensors[p.job.inputs[0]]).file)
                 computed.put((p, outputs, bufs, mapped_outputs(mapped, outputs)))
