@@ -343,7 +343,8 @@ def main() -> int:
                     "(rows named 'before: ...')")
     ap.add_argument("--variants", help="--ceiling: extra mxconv rows with environment variables set or "
                     "convert flags added, as 'name:VAR=VALUE,--flag;name2:...' (the fewest and the most "
-                    "CPU and GPU workers; a name ending in '@cuda' gets CUDA rows only)")
+                    "CPU and GPU workers; a name ending in '@cuda' gets CUDA rows only; CORES=0-3 instead times a "
+                    "parallel copy and mxconv's default workers on those CPUs alone, under taskset)")
     args = ap.parse_args()
     if args.ceiling:
         import bench_ceiling

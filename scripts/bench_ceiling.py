@@ -57,6 +57,13 @@ def plan_rows(args, cuda: bool, gpus: int) -> list[dict]:
         name, cuda_only = name.removesuffix("@cuda"), name.endswith("@cuda")
         items = [kv for kv in items.split(",") if kv]
         env = dict(kv.split("=", 1) for kv in items if not kv.startswith("--"))
+        cores = env.pop("CORES", None)
+        if cores:  # a machine of that many cores: the parallel copy and mxconv's defaults, under taskset
+            rows.append({"name": f"variant {name}: parallel cp", "kind": "pcp", "cores": cores})
+            rows.append({"name": f"variant {name}: mxconv cpu, default workers", "kind": "mxconv", "env": env,
+                         "argv": mx + [kv for kv in items if kv.startswith("--")] + ["--device", "cpu"],
+                         "device": "cpu", "cores": cores})
+            continue
         checkouts.append((f"variant {name}: ", None, env, [kv for kv in items if kv.startswith("--")], cuda_only))
     for label, path, env, extra, cuda_only in checkouts:  # extra: convert flags
         cpu_w, gpu_w = ([] if cuda_only else args.workers), args.gpu_worker_list
@@ -75,12 +82,14 @@ def plan_rows(args, cuda: bool, gpus: int) -> list[dict]:
 
 
 def run_row(row: dict, src: Path, dst: Path, timed) -> dict:
+    # CORES=0-3 (a variant's): the row runs on those CPUs only, as on a machine of that many cores
+    on = ["taskset", "-c", row["cores"]] if row.get("cores") else []
     if row["kind"] == "cp":
         return timed(["cp", "-r", str(src), str(dst)], sync=False)
     if row["kind"] == "pcp":
         script = 'mkdir -p "$2" && for f in "$1"/*; do cp "$f" "$2"/ & done; wait'
-        return timed(["sh", "-c", script, "pcp", str(src), str(dst)], sync=False)
-    return timed([sys.executable, *row["argv"], str(src), str(dst), "-q"], env=_env(row), sync=False)
+        return timed([*on, "sh", "-c", script, "pcp", str(src), str(dst)], sync=False)
+    return timed([*on, sys.executable, *row["argv"], str(src), str(dst), "-q"], env=_env(row), sync=False)
 
 
 def _env(row: dict) -> dict:

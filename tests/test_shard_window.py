@@ -75,8 +75,12 @@ def test_a_shard_opening_later_does_not_starve_the_open_ones(window):
 
 def test_window_and_write_mode_follow_the_writer_count(monkeypatch):
     monkeypatch.delenv("MXCONV_MAPPED_WRITES", raising=False)
+    monkeypatch.delenv("MXCONV_SHARD_WINDOW", raising=False)
     assert [execute.shard_window(40, w) for w in (1, 2, 4, 16)] == [2, 2, 2, 8]
     assert execute.shard_window(3, 16) == 3 and execute.shard_window(1, 16) == 1
+    monkeypatch.setenv("MXCONV_SHARD_WINDOW", "4")  # the benchmarks' override, still at most the shards
+    assert execute.shard_window(40, 16) == 4 and execute.shard_window(3, 1) == 3
+    monkeypatch.delenv("MXCONV_SHARD_WINDOW")
     # write(2) when several shards are open; a mapping (None: where the file system is in memory)
     # only for one shard at a time written by at least 4 threads
     assert execute._mapping(2, 2) is False and execute._mapping(8, 16) is False

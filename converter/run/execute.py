@@ -109,8 +109,10 @@ def _collector_frozen():
 
 
 def shard_window(shards: int, writers: int) -> int:
-    """Output shards written at once: one per two writer threads (at least 2), as many as there are."""
-    return max(1, min(shards, max(2, writers // 2)))
+    """Output shards written at once: one per two writer threads (at least 2), as many as there are
+    (MXCONV_SHARD_WINDOW=N sets N instead: read here only, for benchmarks)."""
+    env = os.environ.get("MXCONV_SHARD_WINDOW")
+    return max(1, min(shards, int(env) if env else max(2, writers // 2)))
 
 
 def _mapping(window: int, writers: int) -> bool | None:
