@@ -4,9 +4,13 @@ shard files are open at once during a real conversion, and that the bytes do not
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from helpers import load_all, same_bytes
@@ -199,3 +203,18 @@ def test_buffered_writes_to_one_shard_never_overlap(tiny_sources, tmp_path, monk
     converter.convert(tiny_sources["fp8"], tmp_path / "one", quiet=True, workers=1, max_shard_size="150KB")
     for a in sorted((tmp_path / "one").glob("*.safetensors")):
         assert (tmp_path / "many" / a.name).read_bytes() == a.read_bytes()
+
+
+def test_piece_size_follows_the_benchmark_knob():
+    """MXCONV_PIECE_MB (read once, at import) sets the source bytes per piece; 16 MB without it."""
+    env = {k: v for k, v in os.environ.items() if k != "MXCONV_PIECE_MB"}
+
+    def piece_bytes(**extra: str) -> int:
+        out = subprocess.run([sys.executable, "-c", "from converter.run import pieces; print(pieces.PIECE_BYTES)"],
+                             env={**env, **extra}, cwd=Path(__file__).resolve().parent.parent, check=True,
+                             capture_output=True, text=True).stdout
+        return int(out)
+
+    assert piece_bytes() == 16 << 20
+    assert piece_bytes(MXCONV_PIECE_MB="4") == 4 << 20
+    assert piece_bytes(MXCONV_PIECE_MB="0.5") == 1 << 19

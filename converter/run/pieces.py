@@ -31,7 +31,8 @@ from converter.run.writer import ShardWriter
 from converter.sources import checkpoint
 from converter.sources.safetensors import DTYPES, PlannedTensor, mapping_intact
 
-PIECE_BYTES = 16 << 20  # source bytes per piece
+# source bytes per piece (MXCONV_PIECE_MB overrides it: read here only, for benchmarks)
+PIECE_BYTES = int(float(os.environ.get("MXCONV_PIECE_MB") or 16) * (1 << 20))
 _TILE = 128  # rows of an FP8 source's scale tile: pieces of FP8 weights start on these
 _FILLS_OUT = (MXFP8, DEQUANT_BF16)  # job actions that write into preallocated output buffers
 
