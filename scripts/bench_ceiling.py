@@ -56,15 +56,15 @@ def plan_rows(args, cuda: bool, gpus: int) -> list[dict]:
         name, _, items = variant.partition(":")
         name, cuda_only = name.removesuffix("@cuda"), name.endswith("@cuda")
         items = [kv for kv in items.split(",") if kv]
+        flags = [kv for kv in items if kv.startswith("--")]
         env = dict(kv.split("=", 1) for kv in items if not kv.startswith("--"))
         cores = env.pop("CORES", None)
         if cores:  # a machine of that many cores: the parallel copy and mxconv's defaults, under taskset
             rows.append({"name": f"variant {name}: parallel cp", "kind": "pcp", "cores": cores})
             rows.append({"name": f"variant {name}: mxconv cpu, default workers", "kind": "mxconv", "env": env,
-                         "argv": mx + [kv for kv in items if kv.startswith("--")] + ["--device", "cpu"],
-                         "device": "cpu", "cores": cores})
+                         "argv": mx + flags + ["--device", "cpu"], "device": "cpu", "cores": cores})
             continue
-        checkouts.append((f"variant {name}: ", None, env, [kv for kv in items if kv.startswith("--")], cuda_only))
+        checkouts.append((f"variant {name}: ", None, env, flags, cuda_only))
     for label, path, env, extra, cuda_only in checkouts:  # extra: convert flags
         cpu_w, gpu_w = ([] if cuda_only else args.workers), args.gpu_worker_list
         if label:  # another checkout or a variant: the fewest and the most workers only
