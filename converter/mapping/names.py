@@ -6,6 +6,7 @@ and shapes only, except `materialize`, which cuts or joins tensors the plan name
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -275,11 +276,21 @@ def materialize(d: Derivation, load: Callable[[str], torch.Tensor]) -> torch.Ten
 def load_mapping(name_or_path: str) -> Mapping:
     """A built-in mapping ("hf", "megatron", "deepseek", "torchtitan") or a YAML file, validated."""
     if name_or_path in BUILTIN:
-        path = _builtin_dir() / f"{name_or_path}.yaml"
-    else:
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise MappingError(f"no mapping {name_or_path!r}: use one of {', '.join(BUILTIN)} or a YAML file path")
+        return _builtin_mapping(name_or_path)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise MappingError(f"no mapping {name_or_path!r}: use one of {', '.join(BUILTIN)} or a YAML file path")
+    return _read_mapping(path)
+
+
+@functools.lru_cache(maxsize=None)
+def _builtin_mapping(name: str) -> Mapping:
+    """A built-in mapping, parsed once per process (package data; a Mapping is not changed after it
+    is built): detecting the naming reads every one of them, and each conversion process again."""
+    return _read_mapping(_builtin_dir() / f"{name}.yaml")
+
+
+def _read_mapping(path) -> Mapping:
     spec = read_rule_file(path)
     return Mapping(spec.name, str(path), spec.rules, spec.prefixes, spec.limits, spec.detect, spec.shared)
 

@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""When each conversion process does its work: a timeline of a multi-process run, seen from the
+parent (what `profile_pipeline.py` cannot see: it times the stages of one process).
+
+Runs one conversion as `mxconv convert` does (the early source hash, the warm processes, then
+`convert`), recording when each process is sent its job, when it first reports reading a file,
+every byte of progress it reports, and when it says it is done; then prints, from the moment the
+conversion began (`write_shards`):
+
+    planning      the parent's start-up and planning, before the conversion began
+    ramp          until a process first reports progress (opening the source, the first pieces)
+    steady        the rate between 10 % and 90 % of the bytes, against the whole conversion's
+    tail          from the first process done to the last, and from there to the end of `convert`
+                  (hashes, index, config, provenance)
+
+so a conversion slower than its steady rate says where the rest went.
+
+    python scripts/timeline.py SRC DST --workers 16 [--no-source-hash] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+T0 = time.perf_counter()
+EVENTS: list[tuple[float, int, str, int]] = []  # (seconds since T0, process id, kind, bytes)
+PROGRESS: list[tuple[float, int]] = []  # (seconds since T0, bytes): all processes together
+_pid_of: dict[int, int] = {}  # id(connection) -> process id
+
+
+HASHED: list[tuple[float, float]] = []  # (start, end) of each source file's sha256, since T0
+
+
+def instrument() -> None:
+    from converter.run import processes
+    from converter.sources import hashing
+
+    hash_one = hashing.SourceHasher._hash
+
+    def timed_hash(self, *a, **k):
+        t = time.perf_counter() - T0
+        try:
+            return hash_one(self, *a, **k)
+        finally:
+            HASHED.append((t, time.perf_counter() - T0))
+
+    hashing.SourceHasher._hash = timed_hash
+
+    tell, recv = processes._Child.tell, Connection.recv
+
+    def timed_tell(self, message):
+        _pid_of[id(self.conn)] = self.proc.pid
+        if isinstance(message, dict):
+            EVENTS.append((time.perf_counter() - T0, self.proc.pid, "job", 0))
+        return tell(self, message)
+
+    def timed_recv(self):
+        message = recv(self)
+        if id(self) in _pid_of and isinstance(message, tuple) and message:
+            nbytes = message[1] if message[0] == "progress" else 0
+            EVENTS.append((time.perf_counter() - T0, _pid_of[id(self)], message[0], nbytes))
+        return message
+
+    processes._Child.tell, Connection.recv = timed_tell, timed_recv
+
+
+def _at_fraction(progress: list[tuple[float, int]], fraction: float, total: int) -> float:
+    done = 0
+    for t, n in progress:
+        done += n
+        if done >= fraction * total:
+            return t
+    return progress[-1][0] if progress else 0.0
+
+
+def summarize(began: float, ended: float, finished: float, total: int) -> dict:
+    rel = [(t - began, pid, kind, n) for t, pid, kind, n in EVENTS]
+    pids = sorted({pid for _, pid, _, _ in rel})
+    progress = [(t - began, n) for t, n in PROGRESS]
+    per = {}
+    for pid in pids:
+        mine = [(t, kind, n) for t, p, kind, n in rel if p == pid]
+        first = {kind: min((t for t, k, _ in mine if k == kind), default=None) for kind in ("job", "reading", "progress", "done")}
+        last_progress = max((t for t, k, _ in mine if k == "progress"), default=None)
+        per[pid] = {"job_s": first["job"], "first_reading_s": first["reading"], "first_progress_s": first["progress"],
+                    "last_progress_s": last_progress, "done_s": first["done"],
+                    "bytes": sum(n for _, k, n in mine if k == "progress")}
+    t10, t90 = _at_fraction(progress, 0.1, total), _at_fraction(progress, 0.9, total)
+    dones = [p["done_s"] for p in per.values() if p["done_s"] is not None]
+    conversion = ended - began
+    curve, done, k = [], 0, 0
+    for step in range(1, int(conversion / 0.1) + 2):  # input bytes done every 0.1 s
+        while k < len(progress) and progress[k][0] <= step * 0.1:
+            done += progress[k][1]
+            k += 1
+        curve.append(round(done / 1e9, 2))
+    return {
+        "input_gb": round(total / 1e9, 3),
+        "gb_done_every_100ms": curve,
+        "hash_s": [round(min((a for a, _ in HASHED), default=began) - began, 3),
+                   round(max((b for _, b in HASHED), default=began) - began, 3)],  # first start, last end
+        "planning_s": round(began, 3),  # since this script began: imports, the plan
+        "conversion_s": round(conversion, 3),  # write_shards alone
+        "convert_tail_s": round(finished - ended, 3),  # after write_shards: hashes, index, config, provenance
+        "ramp_s": round(progress[0][0], 3) if progress else None,  # until the first progress
+        "t10_s": round(t10, 3), "t90_s": round(t90, 3),
+        "steady_gb_per_s": round(0.8 * total / max(t90 - t10, 1e-9) / 1e9, 2),
+        "overall_gb_per_s": round(total / conversion / 1e9, 2),
+        "first_done_s": round(min(dones), 3) if dones else None,
+        "last_done_s": round(max(dones), 3) if dones else None,
+        "processes": {str(pid): {k: (round(v, 3) if isinstance(v, float) else v) for k, v in p.items()}
+                      for pid, p in per.items()},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    ap.add_argument("--workers", type=int)
+    ap.add_argument("--max-shard-size", default="5GB")
+    ap.add_argument("--no-source-hash", action="store_true")
+    ap.add_argument("--json", type=Path, help="append the summary here, one line per run")
+    ap.add_argument("--label", default="")
+    args = ap.parse_args()
+    if Path(args.dst).exists():
+        shutil.rmtree(args.dst)
+    instrument()
+    if not args.no_source_hash:
+        from converter.sources.hashing import start_early
+
+        start_early(args.src)
+    from converter.run import processes
+
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    processes.warm_up(processes.process_count("cpu", args.workers), "cpu", args.workers)
+    from converter.run import pipeline
+
+    marks: dict[str, float] = {}
+    write_shards = pipeline.write_shards
+
+    def timed_write_shards(todo, count, job, devices, progress, *a, **k):
+        def timed_progress(nbytes: int) -> None:  # every process's, as the progress bar gets them
+            PROGRESS.append((time.perf_counter() - T0, nbytes))
+            progress(nbytes)
+
+        marks["began"] = time.perf_counter() - T0
+        try:
+            return write_shards(todo, count, job, devices, timed_progress, *a, **k)
+        finally:
+            marks["ended"] = time.perf_counter() - T0
+
+    pipeline.write_shards = timed_write_shards
+    result = pipeline.convert(args.src, args.dst, workers=args.workers, max_shard_size=args.max_shard_size,
+                              quiet=True, hash_sources=not args.no_source_hash)
+    finished = time.perf_counter() - T0
+    total = sum(j.input_bytes for s in result.plan.shards for j in s.jobs)
+    out = {"label": args.label, "workers": args.workers, "max_shard_size": args.max_shard_size,
+           "hash": not args.no_source_hash, "result_seconds": round(result.seconds, 3),
+           **summarize(marks["began"], marks["ended"], finished, total)}
+    print(json.dumps(out, indent=1))
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(out) + "\n")
+    shutil.rmtree(args.dst, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
