@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import time
@@ -164,8 +165,10 @@ def main() -> int:
                               quiet=True, hash_sources=not args.no_source_hash)
     finished = time.perf_counter() - T0
     total = sum(j.input_bytes for s in result.plan.shards for j in s.jobs)
+    rss = [resource.getrusage(who).ru_maxrss / 1e6 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     out = {"label": args.label, "workers": args.workers, "max_shard_size": args.max_shard_size,
            "hash": not args.no_source_hash, "result_seconds": round(result.seconds, 3),
+           "peak_rss_gb": {"parent": round(rss[0], 2), "largest_process": round(rss[1], 2)},
            **summarize(marks["began"], marks["ended"], finished, total)}
     print(json.dumps(out, indent=1))
     if args.json:
