@@ -205,16 +205,20 @@ def test_buffered_writes_to_one_shard_never_overlap(tiny_sources, tmp_path, monk
         assert (tmp_path / "many" / a.name).read_bytes() == a.read_bytes()
 
 
-def test_piece_size_follows_the_benchmark_knob():
-    """MXCONV_PIECE_MB (read once, at import) sets the source bytes per piece; 16 MB without it."""
+def test_piece_size_follows_the_benchmark_knob_and_the_pieces_in_flight_stay():
+    """MXCONV_PIECE_MB (read once, at import) sets the source bytes per piece, 16 MB without it;
+    the bytes in flight are counted in pieces of that size (2 per worker, 8 to 24 in all)."""
     env = {k: v for k, v in os.environ.items() if k != "MXCONV_PIECE_MB"}
+    code = ("from converter.run import execute, pieces; "
+            "print(pieces.PIECE_BYTES, execute._INFLIGHT_PER_WORKER, execute._MIN_INFLIGHT, execute._MAX_INFLIGHT)")
 
-    def piece_bytes(**extra: str) -> int:
-        out = subprocess.run([sys.executable, "-c", "from converter.run import pieces; print(pieces.PIECE_BYTES)"],
-                             env={**env, **extra}, cwd=Path(__file__).resolve().parent.parent, check=True,
-                             capture_output=True, text=True).stdout
-        return int(out)
+    def sizes(**extra: str) -> list[int]:
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra},
+                             cwd=Path(__file__).resolve().parent.parent, check=True, capture_output=True,
+                             text=True).stdout
+        return [int(x) for x in out.split()]
 
-    assert piece_bytes() == 16 << 20
-    assert piece_bytes(MXCONV_PIECE_MB="4") == 4 << 20
-    assert piece_bytes(MXCONV_PIECE_MB="0.5") == 1 << 19
+    mb = 1 << 20
+    assert sizes() == [16 * mb, 32 * mb, 128 * mb, 384 * mb]
+    assert sizes(MXCONV_PIECE_MB="4") == [4 * mb, 8 * mb, 32 * mb, 96 * mb]
+    assert sizes(MXCONV_PIECE_MB="0.5") == [mb // 2, mb, 4 * mb, 12 * mb]

@@ -50,17 +50,19 @@ from converter.plan.planner import ShardPlan
 from converter.plan.recipe import Recipe
 from converter.plan.view import CanonicalView
 from converter.run.devices import intra_op_threads, io_threads, pinned
-from converter.run.pieces import (BufferPool, Piece, check_mapped, compute, interleave, load, mapped_outputs,
-                                  split)
+from converter.run.pieces import (PIECE_BYTES, BufferPool, Piece, check_mapped, compute, interleave, load,
+                                  mapped_outputs, split)
 from converter.run.writer import ShardWriter, Turns
 
 # Source bytes read ahead of the workers, per worker (a piece bigger than that runs alone): two
-# pieces each keep the workers fed; more only costs memory (and page faults to fill it).
-_INFLIGHT_PER_WORKER = 32 * 1024 * 1024
-_MIN_INFLIGHT = 128 * 1024 * 1024
+# pieces each keep the workers fed; more only costs memory (and page faults to fill it). In pieces
+# of the size set at import (16 MB: 32 MB per worker, at least 128 MB, at most 384 MB), so that
+# MXCONV_PIECE_MB changes the piece size, not how many pieces are in flight.
+_INFLIGHT_PER_WORKER = 2 * PIECE_BYTES
+_MIN_INFLIGHT = 8 * PIECE_BYTES
 # ...and at most this much whatever the worker count: beyond a few workers the disk is the limit,
 # and memory must not grow with cores (32 workers held 3.3 GB with 32 MB each and a 4x pool).
-_MAX_INFLIGHT = 384 * 1024 * 1024
+_MAX_INFLIGHT = 24 * PIECE_BYTES
 
 
 class Cancelled(Exception):
