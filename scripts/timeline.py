@@ -4,14 +4,18 @@ parent (what `profile_pipeline.py` cannot see: it times the stages of one proces
 
 Runs one conversion as `mxconv convert` does (the early source hash, the warm processes, then
 `convert`), recording when each process is sent its job, when it first reports reading a file,
-every byte of progress it reports, and when it says it is done; then prints, from the moment the
-conversion began (`write_shards`):
+every byte of progress it reports, and when it says it is done, and when the source hash ran;
+then prints as JSON, in seconds from the moment the conversion began (`write_shards`):
 
-    planning      the parent's start-up and planning, before the conversion began
-    ramp          until a process first reports progress (opening the source, the first pieces)
-    steady        the rate between 10 % and 90 % of the bytes, against the whole conversion's
-    tail          from the first process done to the last, and from there to the end of `convert`
-                  (hashes, index, config, provenance)
+    planning_s          from this script's start to the conversion's: start-up and planning
+    ramp_s              until the first progress (the processes opening the source, first pieces)
+    steady_gb_per_s     the rate between 10 % and 90 % of the bytes (t10_s, t90_s), against
+                        overall_gb_per_s, the whole conversion's
+    first/last_done_s   the first and the last process done; convert_tail_s, from the end of the
+                        conversion to the end of `convert` (hashes, index, config, provenance)
+    hash_s              when the source hash began and ended (before 0: during the start-up)
+    gb_done_every_100ms the curve; and for each process its job, first read, first and last
+                        progress and done times; peak RSS of the parent and the largest process
 
 so a conversion slower than its steady rate says where the rest went.
 
