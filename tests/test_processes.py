@@ -52,8 +52,8 @@ def test_several_processes_write_the_bytes_one_does(tiny_sources, dcp_sources, t
 
 
 def test_each_process_gets_its_share_of_shards_and_devices(monkeypatch):
-    """Shard i goes to process i mod P, P is at most the shards left, and Ctrl-C is passed on to
-    each."""
+    """Shards of one size: shard i goes to process i mod P; P is at most the shards left, and
+    Ctrl-C is passed on to each."""
     sent = []
 
     class Stop(Exception):
@@ -84,6 +84,27 @@ def test_each_process_gets_its_share_of_shards_and_devices(monkeypatch):
     with pytest.raises(Stop):
         processes.run(list("abcd"), 4, {"dst": "d"}, ["cuda:0", "cuda:0"], print, print)
     assert [m["devices"] for m in sent if isinstance(m, dict)] == [["cuda:0", "cuda:0"]]
+
+
+def test_shards_are_shared_by_source_bytes_in_plan_order():
+    """Each shard, in plan order, goes to the process with the fewest source bytes so far: equal
+    shards go in turn, a heavy first shard is made up for with the light last one."""
+    from types import SimpleNamespace
+
+    def shard(name: str, *sizes: int):
+        return SimpleNamespace(name=name, jobs=[SimpleNamespace(input_bytes=b) for b in sizes])
+
+    equal = [shard(f"s{i}", 10, 9) for i in range(7)]
+    assert processes.share(equal, 3) == [equal[0::3], equal[1::3], equal[2::3]]
+    # 8 shards as the bench's FP8 source has them: the embedding's first, the head's lighter last
+    plan = [shard("s0", 120, 80), *(shard(f"s{i}", 190) for i in range(1, 7)), shard("s7", 150)]
+    parts = processes.share(plan, 4)
+    assert [[s.name for s in p] for p in parts] == [["s0", "s7"], ["s1", "s4"], ["s2", "s5"], ["s3", "s6"]]
+    loads = [sum(j.input_bytes for s in p for j in s.jobs) for p in parts]
+    in_turn = [sum(j.input_bytes for s in plan[i::4] for j in s.jobs) for i in range(4)]
+    assert max(loads) == 380 < max(in_turn) == 390
+    heavy = [shard("a", 500), shard("b", 100), shard("c", 100), shard("d", 100), shard("e", 100)]
+    assert [[s.name for s in p] for p in processes.share(heavy, 2)] == [["a"], ["b", "c", "d", "e"]]
 
 
 def _gone(child, within: float = 30.0) -> bool:
