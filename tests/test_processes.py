@@ -96,7 +96,7 @@ def test_shards_are_shared_by_source_bytes_in_plan_order():
 
     equal = [shard(f"s{i}", 10, 9) for i in range(7)]
     assert processes.share(equal, 3) == [equal[0::3], equal[1::3], equal[2::3]]
-    # 8 shards as the bench's FP8 source has them: the embedding's first, the head's lighter last
+    # a heavy first shard (an embedding) and a light last one
     plan = [shard("s0", 120, 80), *(shard(f"s{i}", 190) for i in range(1, 7)), shard("s7", 150)]
     parts = processes.share(plan, 4)
     assert [[s.name for s in p] for p in parts] == [["s0", "s7"], ["s1", "s4"], ["s2", "s5"], ["s3", "s6"]]

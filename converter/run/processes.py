@@ -166,9 +166,10 @@ def deal(devices: list, count: int) -> list[list]:
 def share(shards: list, count: int) -> list[list]:
     """The shards as `count` processes get them: in plan order, each to the process with the fewest
     source bytes so far (ties: the first). Shards of one size go in turn; a heavier one (the
-    embedding's) is made up for by a lighter one later. Dealt in turn, 8 FP8 shards gave one of 4
-    processes 3.99 GB against 3.77-3.79, and that process finished last in 32 of 67 runs (16-core
-    VM; a quarter would be chance)."""
+    embedding's) is made up for by a lighter one later. Dealt in turn, the 9 output shards of the
+    bench's 15 GB FP8 source gave one of 4 processes 3.99 GB against 3.77-3.79, and that process
+    finished last in 32 of 67 runs (16-core VM; a quarter would be chance); by bytes the most is
+    3.94 GB (the small ninth shard has to go somewhere)."""
     parts: list[list] = [[] for _ in range(count)]
     loads = [0] * count
     for shard in shards:
