@@ -2,12 +2,11 @@
 
 Started by `processes.py` as `python -c` with the parent's sys.path, running `entry` with FD
 [DEVICE WORKERS COUNT INDEX], in its own session (a terminal's Ctrl-C reaches the parent only,
-which passes it on), FD being one end of a socket pair to the
-parent. It imports torch, loads the compiled kernels and parses the built-in model families and
-namings at once (a parent that started it early overlaps that with its own start-up), then waits
-for a job: a list of the plan's shards, how to
-open the source, the recipe and this process's devices. It runs the one-machine executor on them
-and reports back, all as pickled tuples:
+which passes it on), FD being one end of a socket pair to the parent. It imports torch, loads the
+compiled kernels and parses the built-in model families and namings at once (a parent that
+started it early overlaps that with its own start-up), then waits for a job: a list of the plan's
+shards, how to open the source, the recipe and this process's devices. It runs the one-machine
+executor on them and reports back, all as pickled tuples:
 
     ("progress", bytes)  ("reading", path)  ("warning", Warning)
     then one of: ("done",)  ("interrupted",)  ("error", module, class, message, file, tensor)
