@@ -104,12 +104,17 @@ def main() -> int:
     out = {"label": args.label, "device": args.device, "workers": args.workers, "input_gb": round(total / 1e9, 3),
            "gb_per_s": round(total / wall / 1e9, 2), "user_s": round(r1.ru_utime - r0.ru_utime, 2),
            "sys_s": round(r1.ru_stime - r0.ru_stime, 2), **summarize(wall)}
-    print(json.dumps(out))
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(out) + "\n")
-    shutil.rmtree(args.dst, ignore_errors=True)
+    report(out, args.json, args.dst)
     return 0
+
+
+def report(out: dict, json_path: Path | None, dst: str, indent: int | None = None) -> None:
+    """Print a run's summary, append it to `json_path` (one line per run) and remove its output."""
+    print(json.dumps(out, indent=indent))
+    if json_path:
+        with open(json_path, "a") as f:
+            f.write(json.dumps(out) + "\n")
+    shutil.rmtree(dst, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ so a conversion slower than its steady rate says where the rest went.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -35,6 +34,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from profile_pipeline import report  # noqa: E402  (this folder is on the path: the script's own)
 
 T0 = time.perf_counter()
 EVENTS: list[tuple[float, int, str, int]] = []  # (seconds since T0, process id, kind, bytes)
@@ -174,11 +174,7 @@ def main() -> int:
            "hash": not args.no_source_hash, "result_seconds": round(result.seconds, 3),
            "peak_rss_gb": {"parent": round(rss[0], 2), "largest_process": round(rss[1], 2)},
            **summarize(marks["began"], marks["ended"], finished, total)}
-    print(json.dumps(out, indent=1))
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(out) + "\n")
-    shutil.rmtree(args.dst, ignore_errors=True)
+    report(out, args.json, args.dst, indent=1)
     return 0
 
 
