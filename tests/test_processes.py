@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from cli_process import MxconvProcess, run_mxconv
@@ -19,6 +20,16 @@ from converter.files import MANIFEST_FILE, PROVENANCE_FILE, STATE_DIR
 from converter.run import processes
 from converter.run.pipeline import convert
 from converter.run.summary import describe_result
+
+
+def shard(name: str, *sizes: int) -> SimpleNamespace:
+    """A planned shard as `processes` sees it: a name and jobs of these source bytes."""
+    return SimpleNamespace(name=name, jobs=[SimpleNamespace(input_bytes=b) for b in sizes])
+
+
+def _shards(names: str) -> list[SimpleNamespace]:
+    return [shard(n, 100) for n in names]
+
 
 def test_process_count_follows_the_workers_and_the_environment(monkeypatch):
     monkeypatch.delenv("MXCONV_PROCESSES", raising=False)
@@ -66,9 +77,9 @@ def test_each_process_gets_its_share_of_shards_and_devices(monkeypatch):
     monkeypatch.setattr(processes, "wait", wait)
     monkeypatch.setattr(processes, "_take", lambda n: [_Fake() for _ in range(n)])
     with pytest.raises(Stop):
-        processes.run(list("abcde"), 3, {"dst": "d"}, ["cuda:0", "cpu", "cpu", "cpu"], print, print)
+        processes.run(_shards("abcde"), 3, {"dst": "d"}, ["cuda:0", "cpu", "cpu", "cpu"], print, print)
     jobs = [m for m in sent if isinstance(m, dict)]
-    assert [j["shards"] for j in jobs] == [["a", "d"], ["b", "e"], ["c"]]
+    assert [[s.name for s in j["shards"]] for j in jobs] == [["a", "d"], ["b", "e"], ["c"]]
     assert [j["devices"] for j in jobs] == [["cuda:0", "cpu"], ["cpu"], ["cpu"]]
     assert sent.count("stop") == 3
     # each GPU's workers in one process (one CUDA context per GPU), CPU workers where fewest are
@@ -78,22 +89,17 @@ def test_each_process_gets_its_share_of_shards_and_devices(monkeypatch):
                                                                ["cpu"] * 2]
     sent.clear()
     with pytest.raises(Stop):
-        processes.run(list("ab"), 8, {"dst": "d"}, ["cpu"] * 16, print, print)
+        processes.run(_shards("ab"), 8, {"dst": "d"}, ["cpu"] * 16, print, print)
     assert len([m for m in sent if isinstance(m, dict)]) == 2
     sent.clear()  # one GPU's workers alone: one process, not one with nothing to run
     with pytest.raises(Stop):
-        processes.run(list("abcd"), 4, {"dst": "d"}, ["cuda:0", "cuda:0"], print, print)
+        processes.run(_shards("abcd"), 4, {"dst": "d"}, ["cuda:0", "cuda:0"], print, print)
     assert [m["devices"] for m in sent if isinstance(m, dict)] == [["cuda:0", "cuda:0"]]
 
 
 def test_shards_are_shared_by_source_bytes_in_plan_order():
     """Each shard, in plan order, goes to the process with the fewest source bytes so far: equal
     shards go in turn, a heavy first shard is made up for with the light last one."""
-    from types import SimpleNamespace
-
-    def shard(name: str, *sizes: int):
-        return SimpleNamespace(name=name, jobs=[SimpleNamespace(input_bytes=b) for b in sizes])
-
     equal = [shard(f"s{i}", 10, 9) for i in range(7)]
     assert processes.share(equal, 3) == [equal[0::3], equal[1::3], equal[2::3]]
     # a heavy first shard (an embedding) and a light last one

@@ -175,7 +175,7 @@ def share(shards: list, count: int) -> list[list]:
     for shard in shards:
         k = min(range(count), key=lambda i: (loads[i], i))
         parts[k].append(shard)
-        loads[k] += sum(j.input_bytes for j in shard.jobs) if hasattr(shard, "jobs") else 1
+        loads[k] += sum(j.input_bytes for j in shard.jobs)
     return parts
 
 
