@@ -87,6 +87,10 @@ def test_each_process_gets_its_share_of_shards_and_devices(monkeypatch):
         ["cuda:0", "cuda:0", "cpu"], ["cuda:1", "cuda:1"], ["cpu", "cpu"]]
     assert processes.deal(["cuda:0"] * 2 + ["cpu"] * 6, 4) == [["cuda:0", "cuda:0"], ["cpu"] * 2, ["cpu"] * 2,
                                                                ["cpu"] * 2]
+    sent.clear()  # shards of unequal size: dealt by bytes (`share`), not in turn
+    with pytest.raises(Stop):
+        processes.run([shard("a", 500), *_shards("bcde")], 2, {"dst": "d"}, ["cpu"] * 8, print, print)
+    assert [[s.name for s in m["shards"]] for m in sent if isinstance(m, dict)] == [["a"], ["b", "c", "d", "e"]]
     sent.clear()
     with pytest.raises(Stop):
         processes.run(_shards("ab"), 8, {"dst": "d"}, ["cpu"] * 16, print, print)
@@ -111,6 +115,8 @@ def test_shards_are_shared_by_source_bytes_in_plan_order():
     assert max(loads) == 380 < max(in_turn) == 390
     heavy = [shard("a", 500), shard("b", 100), shard("c", 100), shard("d", 100), shard("e", 100)]
     assert [[s.name for s in p] for p in processes.share(heavy, 2)] == [["a"], ["b", "c", "d", "e"]]
+    empty = [shard(n) for n in "abcde"]  # no bytes at all: still in turn, no process left without one
+    assert [[s.name for s in p] for p in processes.share(empty, 3)] == [["a", "d"], ["b", "e"], ["c"]]
 
 
 def _gone(child, within: float = 30.0) -> bool:

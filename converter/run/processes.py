@@ -10,8 +10,9 @@ cuda`, whose CPU helpers take the cores) gets one process per 4 workers, at most
 or `processes=` sets the count (1: one process, as before). The bytes do not depend on it.
 
 The shards go to the processes in plan order, each to the process with the fewest source bytes so
-far (`share`; shards of one size go in turn, shard i to process i mod P): all of them move through
-the source together, as one process's readers do, so the source hasher still reads each file about
+far (`share`; shards of one size go in turn, shard i to process i mod P): the processes move
+through the source about together (a process dealt a much heavier shard falls behind while the
+others go on), as one process's readers do, so the source hasher still reads each file about
 when the conversion does and an interrupted run leaves about a prefix of finished shards. Each
 process finishes its shards in plan order; a rerun redoes whatever is not finished, as always.
 The workers are dealt out so that each GPU's stay in one process (`deal`), and each process gets
@@ -165,15 +166,16 @@ def deal(devices: list, count: int) -> list[list]:
 
 def share(shards: list, count: int) -> list[list]:
     """The shards as `count` processes get them: in plan order, each to the process with the fewest
-    source bytes so far (ties: the first). Shards of one size go in turn; a heavier one (the
-    embedding's) is made up for by a lighter one later. Dealt in turn, the 9 output shards of the
-    bench's 15 GB FP8 source gave one of 4 processes 3.99 GB against 3.77-3.79, and that process
-    finished last in 32 of 67 runs (16-core VM; a quarter would be chance); by bytes the most is
-    3.94 GB (the small ninth shard has to go somewhere)."""
+    source bytes so far (ties: the one with fewer shards, then the first, so that shards of one
+    size, or of none, go in turn). A heavier shard (the embedding's) is made up for by a lighter
+    one later. Dealt in turn, the 9 output shards of the bench's 15 GB FP8 source gave one of 4
+    processes 3.99 GB against 3.77-3.79, and that process finished last in 32 of 67 runs (16-core
+    VM; a quarter would be chance); by bytes the most is 3.94 GB (the small ninth shard has to go
+    somewhere)."""
     parts: list[list] = [[] for _ in range(count)]
     loads = [0] * count
     for shard in shards:
-        k = min(range(count), key=lambda i: (loads[i], i))
+        k = min(range(count), key=lambda i: (loads[i], len(parts[i]), i))
         parts[k].append(shard)
         loads[k] += sum(j.input_bytes for j in shard.jobs)
     return parts
