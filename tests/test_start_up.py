@@ -4,6 +4,11 @@ own headers alone; built-in namings are parsed once per process."""
 
 from __future__ import annotations
 
+import os
+import signal
+import warnings
+from multiprocessing import Pipe
+
 import pytest
 
 from converter import yaml_data
@@ -49,3 +54,16 @@ def test_a_waiting_conversion_process_opens_its_source_without_parsing_yaml(cold
     family.load_family.cache_clear()  # and without the data read ahead, it would have to
     with pytest.raises(AssertionError, match="parsed YAML"):
         open_view(str(tiny_sources[source]), "hf")
+
+
+def test_a_conversion_process_reads_the_builtin_data_before_it_waits(monkeypatch):
+    """`process_child.main` (a process started for a run) reads the data before its first job: a
+    process dismissed without one has read it too."""
+    read = []
+    monkeypatch.setattr(process_child, "_read_builtin_data", lambda: read.append(True))
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() sets its own
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # and SIGINT's handler: not this one's
+    ours, theirs = Pipe()
+    ours.send(None)  # dismissed: no job for it
+    assert process_child.main(os.dup(theirs.fileno()), []) == 0
+    assert read == [True]
