@@ -33,16 +33,16 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+# the checkout this script sits in first, whatever is installed: a copy of the script in another
+# checkout times that checkout (its processes get this sys.path too)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from profile_pipeline import report  # noqa: E402  (this folder is on the path: the script's own)
 
 T0 = time.perf_counter()
 EVENTS: list[tuple[float, int, str, int]] = []  # (seconds since T0, process id, kind, bytes)
 PROGRESS: list[tuple[float, int]] = []  # (seconds since T0, bytes): all processes together
-_pid_of: dict[int, int] = {}  # id(connection) -> process id
-
-
 HASHED: list[tuple[float, float]] = []  # (start, end) of each source file's sha256, since T0
+_pid_of: dict[int, int] = {}  # id(connection) -> process id
 
 
 def instrument() -> None:
@@ -94,7 +94,8 @@ def summarize(began: float, ended: float, finished: float, total: int) -> dict:
     per = {}
     for pid in pids:
         mine = [(t, kind, n) for t, p, kind, n in rel if p == pid]
-        first = {kind: min((t for t, k, _ in mine if k == kind), default=None) for kind in ("job", "reading", "progress", "done")}
+        first = {kind: min((t for t, k, _ in mine if k == kind), default=None)
+                 for kind in ("job", "reading", "progress", "done")}
         last_progress = max((t for t, k, _ in mine if k == "progress"), default=None)
         per[pid] = {"job_s": first["job"], "first_reading_s": first["reading"], "first_progress_s": first["progress"],
                     "last_progress_s": last_progress, "done_s": first["done"],
