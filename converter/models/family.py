@@ -232,6 +232,11 @@ def load_family(name: str) -> Family:
     return parse_family(_raw(name, set()), str(path))
 
 
+def all_families() -> list[Family]:
+    """Every built-in family, validated (each parsed once per process)."""
+    return [load_family(n) for n in family_names()]
+
+
 def _raw(name: str, seen: set) -> dict:
     path = _families_dir() / f"{name}.yaml"
     try:
@@ -343,7 +348,7 @@ def family_of(config: dict, path: str | Path = "config.json") -> Family:
         raise SourceError(f"architectures must be a list of names, got {archs!r}", file=path)
     if not isinstance(model_type, (str, type(None))):
         raise SourceError(f"model_type must be a string, got {model_type!r}", file=path)
-    families = [load_family(n) for n in family_names()]
+    families = all_families()
     for fam in families:  # model_type first: Kimi K2 says DeepseekV3ForCausalLM with model_type kimi_k2
         if model_type in fam.model_types:
             return fam

@@ -142,11 +142,10 @@ def _read_builtin_data() -> None:
     YAML (a cold process took 0.1-0.15 s more on a 2-core VM; on 16 cores a process's first read
     came a median 0.11 s after its job, against 0.20 s)."""
     from converter.mapping.names import BUILTIN, load_mapping
-    from converter.models.family import family_names, load_family
+    from converter.models.family import all_families
     from converter.run import pipeline  # noqa: F401  (the opener's module, and what it imports)
 
-    for name in family_names():
-        load_family(name)
+    all_families()
     for name in BUILTIN:
         load_mapping(name)
 
