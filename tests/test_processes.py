@@ -45,13 +45,14 @@ def test_process_count_follows_the_workers_and_the_environment(monkeypatch):
     assert processes.process_count("cpu", 2) == 3
 
 
-@pytest.mark.parametrize("kind", ["fp8", "bf16", "fp8_ue8m0", "megatron"])
+@pytest.mark.parametrize("kind", ["fp8", "bf16", "fp8_ue8m0", "megatron", "fsdp"])
 def test_several_processes_write_the_bytes_one_does(tiny_sources, dcp_sources, tmp_path, kind):
     """Every file byte for byte (mxconv.json but its time; the manifest but the source files'
     inodes): shards, index, config, and the source sha256s, which the parent hashed as the
-    processes reported reading the files."""
-    if kind == "megatron":
-        src, options = dcp_sources["megatron"], {"config": dcp_sources["hf"]}
+    processes reported reading the files. The processes convert from the view the parent
+    planned from, sent pickled (a DCP view with the chunks it has located too)."""
+    if kind in ("megatron", "fsdp"):
+        src, options = dcp_sources[kind], {"config": dcp_sources["hf"]}
     else:
         src, options = tiny_sources[kind], {}
     one = convert(src, tmp_path / "one", max_shard_size=SHARD, quiet=True, processes=1, workers=3, **options)

@@ -1,6 +1,7 @@
-"""What a run does before its conversion begins: a conversion process waiting for its job has
-already parsed the built-in data that opening a source reads, so the job starts on the source's
-own headers alone; built-in namings are parsed once per process."""
+"""What a run does before its conversion begins: a conversion process imports everything before
+its job comes, and the job brings the source's canonical view as the parent planned from it, so
+the process reads no header and parses no YAML before its first piece; built-in namings are
+parsed once per process."""
 
 from __future__ import annotations
 
@@ -42,25 +43,43 @@ def test_builtin_namings_are_parsed_once_per_process_and_files_each_time(cold, m
 
 
 @pytest.mark.parametrize("source", ["fp8", "bf16"])
-def test_a_waiting_conversion_process_opens_its_source_without_parsing_yaml(cold, monkeypatch, tiny_sources,
-                                                                             source):
-    def no_yaml(text):
-        raise AssertionError("parsed YAML after the process was ready")
+def test_a_conversion_process_converts_from_the_view_it_is_sent(cold, monkeypatch, tiny_sources, tmp_path, source):
+    """The job's view, pickled as `processes.write` sends it, is what the process converts from:
+    no header of the source is read and no YAML parsed there (the job's opener, which would do
+    both, fails if called), and the shards are those one process writes."""
+    import functools
+    import pickle
 
-    process_child._read_builtin_data()
-    monkeypatch.setattr(yaml_data, "safe_load", no_yaml)
-    view = open_view(str(tiny_sources[source]), "hf")
-    assert "model.embed_tokens.weight" in view.tensors
-    family.load_family.cache_clear()  # and without the data read ahead, it would have to
-    with pytest.raises(AssertionError, match="parsed YAML"):
-        open_view(str(tiny_sources[source]), "hf")
+    from converter.run.pipeline import convert, plan_conversion
+    from converter.sources import checkpoint
+
+    src = tiny_sources[source]
+    convert(src, tmp_path / "one", max_shard_size="2MB", quiet=True, processes=1)
+    _, view, _, plan = plan_conversion(src, max_shard_size="2MB")
+    sent = pickle.loads(pickle.dumps(view))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read the source's headers or parsed YAML in the process")
+
+    monkeypatch.setenv("MXCONV_CORE_SHARE", "2")  # _run sets it for its process: restored after
+    monkeypatch.setattr(yaml_data, "safe_load", refuse)
+    monkeypatch.setattr(checkpoint.SourceCheckpoint, "open", classmethod(refuse))
+    (tmp_path / "many" / ".mxconv").mkdir(parents=True)
+    job = {"view": sent, "opener": functools.partial(open_view, str(src), "hf"), "shards": plan.shards,
+           "dst": str(tmp_path / "many"), "recipe": plan.recipe, "devices": ["cpu", "cpu"], "cores": 2}
+    ours, theirs = Pipe()
+    process_child._run(job, process_child._Sender(theirs))
+    for shard in plan.shards:
+        assert (tmp_path / "many" / shard.name).read_bytes() == (tmp_path / "one" / shard.name).read_bytes()
+    with pytest.raises(AssertionError, match="read the source"):  # the opener would have
+        process_child._run({k: v for k, v in job.items() if k != "view"}, process_child._Sender(theirs))
 
 
-def test_a_conversion_process_reads_the_builtin_data_before_it_waits(monkeypatch):
-    """`process_child.main` (a process started for a run) reads the data before its first job: a
-    process dismissed without one has read it too."""
+def test_a_conversion_process_imports_ahead_before_it_waits(monkeypatch):
+    """`process_child.main` (a process started for a run) imports what a job unpickles into before
+    its first job: a process dismissed without one has imported it too."""
     read = []
-    monkeypatch.setattr(process_child, "_read_builtin_data", lambda: read.append(True))
+    monkeypatch.setattr(process_child, "_import_ahead", lambda: read.append(True))
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() sets its own
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # and SIGINT's handler: not this one's
     ours, theirs = Pipe()

@@ -183,7 +183,7 @@ def run_group(spec: SourceSpec, dst: str, token: Token, shards: list, recipe, de
         devices = resolve_devices(device, workers)
         if todo:  # temporary files: .{node}.p{pid} in conversion processes, .{node}-{pid} here
             count = local.write(todo, processes or local.process_count(device, workers),
-                                {"opener": spec.opener, "dst": dst, "recipe": recipe, "partial_tag": f".{node_id[:8]}"},
+                                {"dst": dst, "recipe": recipe, "partial_tag": f".{node_id[:8]}"},
                                 devices, reporter.add, hasher.release, view=lambda: open_view(spec),
                                 partial_tag=f".{node_id[:8]}-{os.getpid()}", keep=KEEP_PROCESSES)
             reused = local.reused

@@ -158,7 +158,7 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
     provenance file that marks the checkpoint complete. Shared by convert and unshuffle. With
     `ray`, the shards are written by the nodes of a Ray cluster, each opening the source with
     `opener()` (a picklable callable that returns the canonical view); without it, by `processes`
-    processes of this machine that open it so (None: `run.processes.process_count`)."""
+    processes of this machine (None: `run.processes.process_count`), which are sent `view`."""
     ckpt, plan, dst = result.source, result.plan, result.dst
     if ray is None:
         devices = resolve_devices(device, workers)
@@ -202,13 +202,11 @@ def write_checkpoint(result: ConversionResult, view: CanonicalView, config: dict
                                                         hash_sources=hash_sources, quiet=quiet, processes=processes)
                 options = dict(options, ray=ray)
             else:
-                if opener is None:
-                    processes = 1
-                elif processes is None:
+                if processes is None:
                     processes = process_count(device, workers)
                 with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
                           desc="convert", dynamic_ncols=True) as bar:
-                    result.processes = write_shards(todo, processes, {"opener": opener, "dst": str(dst),
+                    result.processes = write_shards(todo, processes, {"dst": str(dst),
                                                                       "recipe": plan.recipe},
                                                     devices, bar.update, hasher.release, view=lambda: view)
         except BaseException as e:

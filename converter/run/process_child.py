@@ -2,10 +2,11 @@
 
 Started by `processes.py` as `python -c` with the parent's sys.path, running `entry` with FD
 [DEVICE WORKERS COUNT INDEX], in its own session (a terminal's Ctrl-C reaches the parent only,
-which passes it on), FD being one end of a socket pair to the parent. It imports torch, loads the
-compiled kernels and parses the built-in model families and namings at once (a parent that
+which passes it on), FD being one end of a socket pair to the parent. It imports torch, the
+executor and what a job unpickles into, and loads the compiled kernels at once (a parent that
 started it early overlaps that with its own start-up), then waits for a job: a list of the plan's
-shards, how to open the source, the recipe and this process's devices. It runs the one-machine
+shards, the source (its canonical view, as the parent planned from it, or how to open it), the
+recipe and this process's devices. It runs the one-machine
 executor on them and reports back, all as pickled tuples:
 
     ("progress", bytes)  ("reading", path)  ("warning", Warning)
@@ -112,7 +113,7 @@ def _run(job: dict, sender: _Sender) -> None:
     from converter.run.execute import execute
 
     os.environ["MXCONV_CORE_SHARE"] = str(job["cores"])  # devices.cores(): this process's threads
-    view = job["opener"]()
+    view = job["view"] if "view" in job else job["opener"]()
     devices = [torch.device(d) for d in job["devices"]]
     execute(job["shards"], view, Path(job["dst"]), job["recipe"], devices, sender.progress,
             reading=lambda path: sender.send("reading", str(path)),
@@ -135,19 +136,14 @@ def _warm_gpus(device: str, workers: int, count: int, index: int) -> None:
         pass
 
 
-def _read_builtin_data() -> None:
-    """Parse what opening any source parses besides the source (every built-in model family and
-    naming; both are cached per process) while the job has not come: the job's `opener` then
-    reads the source's headers (and a user's mapping file, if the run names one), and no built-in
-    YAML (a cold process took 0.1-0.15 s more on a 2-core VM; on 16 cores a process's first read
-    came a median 0.11 s after its job, against 0.20 s)."""
-    from converter.mapping.names import BUILTIN, load_mapping
-    from converter.models.family import all_families
-    from converter.run import pipeline  # noqa: F401  (the opener's module, and what it imports)
-
-    all_families()
-    for name in BUILTIN:
-        load_mapping(name)
+def _import_ahead() -> None:
+    """Import what the job unpickles into (the canonical view, its checkpoint and derivations,
+    the plan and the recipe) while it has not come. The view comes as the parent planned from it
+    (`processes.write`); opening the source again here parsed the built-in model families and
+    namings and read every header: 27-39 ms for the bench's 1760-tensor FP8 source on a 2-core VM,
+    where unpickling the view takes 5 ms."""
+    from converter.run import pipeline  # noqa: F401  (the checkpoint, mappings, plan and recipe classes)
+    from converter.sources import dcp  # noqa: F401  (a PyTorch DCP source's; pipeline imports it late)
 
 
 def main(fd: int, warm: list[str]) -> int:
@@ -159,7 +155,7 @@ def main(fd: int, warm: list[str]) -> int:
         from converter.numerics import native
 
         native.load()
-        _read_builtin_data()
+        _import_ahead()
         if warm and warm[0].startswith("cuda"):
             _warm_gpus(warm[0], *map(int, warm[1:]))
     except Exception:  # a broken installation: the parent reads this once it has sent the job

@@ -174,6 +174,14 @@ class ChunkReader:
         self.lock = threading.Lock()
         self.located: dict[tuple, _Located] = {}
 
+    def __getstate__(self) -> dict:  # a view is sent to conversion processes pickled: its chunks
+        with self.lock:              # located so far go with it, a lock of its own is made there
+            return {"located": dict(self.located)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.lock = threading.Lock()
+        self.located = state["located"]
+
     def locate(self, fd: int, chunk: Chunk, dtype: torch.dtype, tensor: str) -> _Located:
         key = (chunk.file, chunk.offset)
         with self.lock:
