@@ -4,7 +4,8 @@ parent (what `profile_pipeline.py` cannot see: it times the stages of one proces
 
 Runs one conversion as `mxconv convert` does (the early source hash, the warm processes, then
 `convert`), recording when each process is sent its job, when it first reports reading a file,
-every byte of progress it reports, and when it says it is done, and when the source hash ran;
+every byte of progress it reports, and when it says it is done, when its imports were done
+(ready_s: before its job is negative), and when the source hash ran;
 then prints as JSON, in seconds from the moment the conversion began (`write_shards`):
 
     planning_s          from this script's start to the conversion's: start-up and planning
@@ -72,7 +73,9 @@ def instrument() -> None:
         message = recv(self)
         if id(self) in _pid_of and isinstance(message, tuple) and message:
             nbytes = message[1] if message[0] == "progress" else 0
-            EVENTS.append((time.perf_counter() - T0, _pid_of[id(self)], message[0], nbytes))
+            # "ready" says when it was sent: perf_counter is CLOCK_MONOTONIC in every process
+            at = message[1] if message[0] == "ready" else time.perf_counter()
+            EVENTS.append((at - T0, _pid_of[id(self)], message[0], nbytes))
         return message
 
     processes._Child.tell, Connection.recv = timed_tell, timed_recv
@@ -95,9 +98,10 @@ def summarize(began: float, ended: float, finished: float, total: int) -> dict:
     for pid in pids:
         mine = [(t, kind, n) for t, p, kind, n in rel if p == pid]
         first = {kind: min((t for t, k, _ in mine if k == kind), default=None)
-                 for kind in ("job", "reading", "progress", "done")}
+                 for kind in ("ready", "job", "reading", "progress", "done")}
         last_progress = max((t for t, k, _ in mine if k == "progress"), default=None)
-        per[pid] = {"job_s": first["job"], "first_reading_s": first["reading"], "first_progress_s": first["progress"],
+        per[pid] = {"ready_s": first["ready"], "job_s": first["job"], "first_reading_s": first["reading"],
+                    "first_progress_s": first["progress"],
                     "last_progress_s": last_progress, "done_s": first["done"],
                     "bytes": sum(n for _, k, n in mine if k == "progress")}
     t10, t90 = _at_fraction(progress, 0.1, total), _at_fraction(progress, 0.9, total)

@@ -45,7 +45,7 @@ def dequantize_mxfp8(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor | None = None
                          ) -> torch.Tensor:
     """`reference.dequantize_fp8_block` without torch's slow float8 casts."""
-    scales = _tile_scales(scale_inv)
+    scales = tile_scales(scale_inv)
     if scales is not None and weight.dtype == torch.float8_e4m3fn and weight.numel():
         fast = kernels.dequantize_fp8(weight, scales, out)
         if fast is not None:
@@ -58,7 +58,7 @@ def requantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, rule: Sc
                          out: tuple[torch.Tensor, torch.Tensor] | None = None,
                          scale_zero: ScaleZeroBlocks | str = ScaleZeroBlocks.EXACT) -> tuple[torch.Tensor, torch.Tensor]:
     """`reference.requantize_fp8_block` in one pass with no BF16 tensor where the kernels can be exact."""
-    scales = _tile_scales(scale_inv)
+    scales = tile_scales(scale_inv)
     if scales is not None and weight.dtype == torch.float8_e4m3fn and weight.numel():
         fast = kernels.requantize_fp8(weight, scales, ScaleRule(rule).value, out)
         if fast is not None:
@@ -67,7 +67,7 @@ def requantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, rule: Sc
                           scale_zero=scale_zero)
 
 
-def _tile_scales(scale_inv: torch.Tensor) -> torch.Tensor | None:
+def tile_scales(scale_inv: torch.Tensor) -> torch.Tensor | None:
     """The float32 tile scales the reference multiplies by (float32 as stored; UE8M0 exponent bytes
     as 2^(e - 127)), or None for a dtype the reference itself rejects."""
     if scale_inv.dtype in (torch.float32, torch.uint8, getattr(torch, "float8_e8m0fnu", None)):

@@ -286,7 +286,16 @@ typedef struct {
 int mx_requantize_fp8(const uint8_t *restrict w, int64_t n, int64_t k, const float *restrict s,
                       int64_t scols, const float *restrict mult, const uint8_t *restrict exp,
                       int clamp, uint8_t *restrict q, uint8_t *restrict scales) {
-    int64_t nb = k / BLOCK, tiles = (k + TILE - 1) / TILE;
+    mx_sink none = {-1, 0, 0};
+    return mx_requantize_fp8_into(w, n, k, s, scols, mult, exp, clamp, q, scales, &none);
+}
+
+/* The same, with q a sink's band where sink->fd >= 0 (sink->rows a multiple of TILE): a negative
+   return is the -errno of a write that failed. */
+int mx_requantize_fp8_into(const uint8_t *restrict w, int64_t n, int64_t k, const float *restrict s,
+                           int64_t scols, const float *restrict mult, const uint8_t *restrict exp,
+                           int clamp, uint8_t *restrict q, uint8_t *restrict scales, const mx_sink *sink) {
+    int64_t nb = k / BLOCK, tiles = (k + TILE - 1) / TILE, band = 0; /* band: its first row */
     if (n <= 0 || k <= 0)
         return 0;
     tile_state *state = malloc(tiles * sizeof(tile_state));
@@ -316,7 +325,7 @@ int mx_requantize_fp8(const uint8_t *restrict w, int64_t n, int64_t k, const flo
         int64_t r1 = n - r0 < TILE ? n : r0 + TILE;
         for (int64_t r = r0; r < r1 && !status; r++) {
             const uint8_t *wr = w + r * k;
-            uint8_t *qr = q + r * k, *sr = scales + r * nb;
+            uint8_t *qr = q + (r - band) * k, *sr = scales + r * nb;
             for (int64_t b = 0; b < nb && !status; b += 4) {
                 uint32_t codes;
                 int count = nb - b < 4 ? (int)(nb - b) : 4;
@@ -355,6 +364,10 @@ int mx_requantize_fp8(const uint8_t *restrict w, int64_t n, int64_t k, const flo
                     lookup_block(tile_tables[slot], wr + blk * BLOCK, qr + blk * BLOCK);
                 }
             }
+        }
+        if (sink->fd >= 0 && !status && (r1 - band == sink->rows || r1 == n)) {
+            status = mx_sink_write(sink, q, band, r1, k);
+            band = r1;
         }
     }
     free(state);

@@ -24,6 +24,21 @@
 #define BLOCK 32
 #define TILE 128
 
+/* Where a kernel's e4m3 bytes go when they are written to a file as they are made (stream.c):
+   q is then a band of `rows` rows (the caller's buffer, small enough to stay in the core's
+   cache), written with pwrite(2) at `offset` + (first row) * k each time it is full, and at the
+   end. fd < 0: q holds every row, nothing is written. */
+typedef struct {
+    int fd;
+    int64_t offset, rows;
+} mx_sink;
+
+/* Write rows [r0, r1) of a band to the sink: 0, or -errno of the write that failed. */
+int mx_sink_write(const mx_sink *sink, const uint8_t *q, int64_t r0, int64_t r1, int64_t k);
+int mx_requantize_fp8_into(const uint8_t *restrict w, int64_t n, int64_t k, const float *restrict s,
+                           int64_t scols, const float *restrict mult, const uint8_t *restrict exp,
+                           int clamp, uint8_t *restrict q, uint8_t *restrict scales, const mx_sink *sink);
+
 static inline uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float float_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 

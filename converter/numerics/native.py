@@ -1,5 +1,6 @@
-"""The compiled CPU kernels (`converter/numerics/mxfp8.c`, `fp8_block.c`, `mx_stats.c`, `mxfp8.h`;
-and `guard.c`, a SIGBUS note):
+"""The compiled CPU kernels (`converter/numerics/mxfp8.c`, `stream.c` (the same, writing their
+output to a file as they make it), `fp8_block.c`, `mx_stats.c`, `mxfp8.h`; and `guard.c`, a
+SIGBUS note):
 built once per machine with the system C compiler into one library, cached, loaded with ctypes.
 
 Why compiled code: on a CPU the conversion must keep pace with copying the files, and torch's
@@ -26,7 +27,7 @@ import threading
 import warnings
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("mxfp8.c", "fp8_block.c", "mx_stats.c", "guard.c"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("mxfp8.c", "stream.c", "fp8_block.c", "mx_stats.c", "guard.c"))
 HEADER = Path(__file__).with_name("mxfp8.h")
 # -ffp-contract=off: no fused multiply-add (it would skip a rounding the reference does);
 # -march=native: the cache key holds the CPU's feature flags, so a shared cache stays correct.
@@ -124,6 +125,9 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mx_error_stats_bf16.argtypes = [p, i64, i64, p, p, ctypes.c_float, p, p]
     lib.mx_error_stats_bf16.restype = None
     lib.mx_quantize_bf16.restype = lib.mx_requantize_fp8.restype = lib.mx_dequantize_fp8.restype = i
+    lib.mx_requantize_fp8_to_fd.argtypes = [p, i64, i64, p, i64, p, p, i, p, i64, i, i64, p]
+    lib.mx_quantize_bf16_to_fd.argtypes = [p, i64, i64, p, p, i, p, i64, i, i64, p]
+    lib.mx_requantize_fp8_to_fd.restype = lib.mx_quantize_bf16_to_fd.restype = i
     lib.mx_note_sigbus.argtypes = [ctypes.c_char_p]
     lib.mx_note_sigbus.restype = i
     return lib

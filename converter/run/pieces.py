@@ -21,8 +21,11 @@ from collections.abc import Iterator
 
 import torch
 
-from converter.errors import SourceError
-from converter.plan.planner import COPY, DEQUANT_BF16, FROM_HIGH_PRECISION, MXFP8, TRTLLM_W2, TRTLLM_W13, Job
+from converter.errors import OutputError, SourceError
+from converter.numerics.reference import ScaleZeroBlocks
+from converter.numerics.streamed import quantize_bf16_to_file, requantize_fp8_to_file
+from converter.plan.planner import (COPY, DEQUANT_BF16, FROM_FP8, FROM_HIGH_PRECISION, MXFP8, TRTLLM_W2,
+                                    TRTLLM_W13, Job)
 from converter.plan.recipe import Recipe
 from converter.plan.view import CanonicalView
 from converter.run.direct_io import ALIGN
@@ -35,6 +38,12 @@ from converter.sources.safetensors import DTYPES, PlannedTensor, mapping_intact
 PIECE_BYTES = int(float(os.environ.get("MXCONV_PIECE_MB") or 16) * (1 << 20))
 _TILE = 128  # rows of an FP8 source's scale tile: pieces of FP8 weights start on these
 _FILLS_OUT = (MXFP8, DEQUANT_BF16)  # job actions that write into preallocated output buffers
+# e4m3 bytes a worker makes before it writes them itself, where the shard is written with write(2)
+# (`streamed`): small enough to stay in the core's cache (2 MB of L2 per core on the 16-core VM).
+# MXCONV_STREAMED_WRITES=0 turns that off (read here only, for benchmarks).
+BAND_BYTES = 1 << 20
+_STREAMED = os.environ.get("MXCONV_STREAMED_WRITES", "1") != "0"
+_band = threading.local()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,11 +235,17 @@ def mapped_outputs(mapped: list, outputs: dict[str, torch.Tensor]) -> list:
 
 
 def compute(piece: Piece, inputs: dict[str, torch.Tensor], recipe: Recipe, device: torch.device, stream,
-            pool: BufferPool, writer: ShardWriter, bufs: list, in_place: bool = True) -> dict[str, torch.Tensor]:
+            pool: BufferPool, writer: ShardWriter, bufs: list, in_place: bool = True,
+            writes: bool = False) -> dict[str, torch.Tensor]:
     """Run a piece on `device`; outputs come back in host memory: where the job can fill them,
     in their place in the output file (a mapped one, unless not `in_place`) or in pooled buffers
-    (listed in `bufs`)."""
+    (listed in `bufs`). `writes`: a CPU worker may write its MXFP8 bytes itself (`streamed`); the
+    outputs it returns are then those left for the writer."""
     job, r0 = piece.job, piece.output_row
+    if device.type == "cpu" and in_place and writes:
+        outputs = streamed(piece, inputs, recipe, pool, writer, bufs)
+        if outputs is not None:
+            return outputs
     if device.type == "cpu" or job.action == COPY:  # copies never need the accelerator
         out = None
         if job.action in _FILLS_OUT:
@@ -258,3 +273,45 @@ def compute(piece: Piece, inputs: dict[str, torch.Tensor], recipe: Recipe, devic
         done.record(stream)
         done.synchronize()
     return host
+
+
+def _band_buffer(nbytes: int) -> torch.Tensor:
+    """This worker thread's band buffer, at least `nbytes` (one per thread: it stays in its core's cache)."""
+    buf = getattr(_band, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _band.buf = torch.empty(nbytes, dtype=torch.uint8)
+    return buf[:nbytes]
+
+
+def streamed(piece: Piece, inputs: dict[str, torch.Tensor], recipe: Recipe, pool: BufferPool,
+             writer: ShardWriter, bufs: list) -> dict[str, torch.Tensor] | None:
+    """An MXFP8 job (from FP8 or BF16) where its shard is written with write(2): this worker writes
+    its e4m3 bytes itself, a band of rows at a time, as the kernel makes them (`numerics.streamed`,
+    which says why), and returns its scales alone for the writer. None where that does not apply
+    (another job or file, the kernels declining): then nothing of it counts as written yet."""
+    job = piece.job
+    if (not _STREAMED or job.action != MXFP8 or recipe.allow_nonfinite
+            or ScaleZeroBlocks(recipe.scale_zero_blocks) is not ScaleZeroBlocks.EXACT):
+        return None
+    op, (data, scale) = job.operands[0], job.outputs
+    weight, r0 = inputs[op.weight], piece.output_row
+    target = writer.stream_target(data.name, r0)
+    if target is None or weight.dim() != 2 or op.prep not in (FROM_FP8, FROM_HIGH_PRECISION):
+        return None
+    n, k = weight.shape
+    shape = _sub_rows(scale.shape, piece.rows) if piece.rows else scale.shape
+    scales = pool.take(PlannedTensor(scale.name, scale.dtype, shape).nbytes, writer.phase(scale.name, r0), bufs)
+    try:
+        if op.prep == FROM_FP8:
+            rows = max(_TILE, BAND_BYTES // max(1, k) // _TILE * _TILE)
+            done = requantize_fp8_to_file(weight, inputs[op.scale], recipe.scale_rule, *target, scales,
+                                          _band_buffer(rows * k))
+        else:
+            done = quantize_bf16_to_file(weight, recipe.scale_rule, *target, scales,
+                                         _band_buffer(max(1, BAND_BYTES // max(1, k)) * k))
+    except OSError as e:
+        raise OutputError(f"write failed: {e.strerror}", file=writer.tmp_path, tensor=data.name) from e
+    if not done:
+        return None
+    writer.record_rows(data.name, r0, n)
+    return {scale.name: scales.view(DTYPES[scale.dtype]).view(shape)}

@@ -9,6 +9,9 @@ shards, the source (its canonical view, as the parent planned from it, or how to
 recipe and this process's devices. It runs the one-machine
 executor on them and reports back, all as pickled tuples:
 
+    ("ready", perf_counter) once its imports are done (before its first job only; the parent
+    reads it after sending the job and passes it over: it is for `scripts/timeline.py`, whose
+    clock, CLOCK_MONOTONIC, is this process's too)
     ("progress", bytes)  ("reading", path)  ("warning", Warning)
     then one of: ("done",)  ("interrupted",)  ("error", module, class, message, file, tensor)
     ("crash", traceback)
@@ -161,6 +164,7 @@ def main(fd: int, warm: list[str]) -> int:
     except Exception:  # a broken installation: the parent reads this once it has sent the job
         sender.send("crash", traceback.format_exc())
         return 1
+    sender.send("ready", time.perf_counter())
     inbox = _start_watcher(conn)
     warnings.showwarning = lambda message, category, *a, **k: sender.send("warning", category(str(message)))
     wait = None  # the first job: as long as it takes the parent to plan

@@ -280,6 +280,7 @@ def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[
                         reading(Path(message[1]))
                     elif message[0] == "warning":
                         warnings.warn(message[1], stacklevel=1)
+                    # ("ready", when): its imports were done then (for scripts/timeline.py)
             except KeyboardInterrupt as e:  # passed on; wait for them to remove their unfinished shards
                 first = first or e
                 stop_all()

@@ -181,11 +181,7 @@ class ShardWriter:
             raise OutputError(f"got {tensor.dtype} {tuple(tensor.shape)} at row {row}, planned {plan.dtype} "
                               f"{plan.shape}", file=self.path, tensor=name)
         span = (row, row + (len(tensor) if plan.shape else 1))
-        with self.lock:
-            spans = self.parts.setdefault(name, [])
-            if name in self.written or any(a < span[1] and span[0] < b for a, b in spans):
-                raise OutputError("tensor written twice", file=self.path, tensor=name)
-            spans.append(span)
+        self._claim(name, span)
         offset = self._span(name, row, 0)[0]
         try:
             if self.mapped:
@@ -204,9 +200,38 @@ class ShardWriter:
                 self._pwrite(tensor_bytes(tensor), offset)
         except OSError as e:
             raise OutputError(f"write failed: {e.strerror}", file=self.tmp_path, tensor=name) from e
+        self._count(name, span)
+
+    def stream_target(self, name: str, row: int = 0) -> tuple[int, int] | None:
+        """(file descriptor, file offset of row `row` of `name`) where this file is written with
+        write(2) (`one_at_a_time`): a worker may write rows there itself as it makes them
+        (`numerics.streamed`), then `record_rows`. None where it is not (O_DIRECT writes go
+        through aligned blocks, a mapped file is filled in place) or `name` is not planned here."""
+        if not self.one_at_a_time or self.fd is None or name not in self.planned or not self.planned[name].shape:
+            return None
+        return self.fd, self._span(name, row, 0)[0]
+
+    def record_rows(self, name: str, row: int, rows: int) -> None:
+        """Rows [row, row + rows) of `name`, written by the caller at `stream_target`'s place, count
+        as `write_rows` counts what it writes."""
+        plan = self.planned.get(name)
+        if plan is None or not plan.shape or row < 0 or rows < 1 or row + rows > plan.shape[0]:
+            raise OutputError(f"rows {row}-{row + rows} are not planned here", file=self.path, tensor=name)
+        self._claim(name, (row, row + rows))
+        self._count(name, (row, row + rows))
+
+    def _claim(self, name: str, span: tuple[int, int]) -> None:
+        with self.lock:
+            spans = self.parts.setdefault(name, [])
+            if name in self.written or any(a < span[1] and span[0] < b for a, b in spans):
+                raise OutputError("tensor written twice", file=self.path, tensor=name)
+            spans.append(span)
+
+    def _count(self, name: str, span: tuple[int, int]) -> None:
+        plan = self.planned[name]
         with self.lock:
             self.covered[name] = self.covered.get(name, 0) + span[1] - span[0]
-            if self.covered[name] == rows or not plan.shape:
+            if not plan.shape or self.covered[name] == plan.shape[0]:
                 self.written.add(name)
 
     def _unmap_all(self) -> None:
