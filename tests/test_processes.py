@@ -17,7 +17,7 @@ from test_interrupt import SHARD, reference, src  # noqa: F401  (the FP8 source,
 from test_reliability import assert_same_tree, finished_shards, leftovers
 
 from converter.files import MANIFEST_FILE, PROVENANCE_FILE, STATE_DIR
-from converter.run import processes
+from converter.run import process_child, processes
 from converter.run.pipeline import convert
 from converter.run.summary import describe_result
 
@@ -234,7 +234,7 @@ def test_a_process_that_cannot_be_started_is_a_clean_error(monkeypatch):
     def no_more(*args, **kwargs):
         raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
 
-    monkeypatch.setattr(processes.subprocess, "Popen", no_more)
+    monkeypatch.setattr(process_child.subprocess, "Popen", no_more)
     with pytest.raises(MxconvError, match="cannot start a conversion process: Resource temporarily unavailable"):
         processes._Child()
 
@@ -382,3 +382,41 @@ def test_a_kept_process_gives_its_cached_gpu_memory_back():
     assert torch.cuda.memory_reserved() >= before + (64 << 20)  # cached by the allocator, not given back
     _let_go_of_gpu_memory()
     assert torch.cuda.memory_reserved() <= before
+
+
+_WARM_RUN = """
+import json, os, sys
+from pathlib import Path
+os.environ["OPENBLAS_NUM_THREADS"] = sys.argv[1]  # more than 1: numpy's BLAS starts a thread on import
+from converter.run import processes
+from converter.run.pipeline import convert
+
+processes.warm_up(3, "cpu", 3)
+pids = [c.proc.pid for c in processes._warm]  # once the zygote has started them and exited
+cmdlines = [Path(f"/proc/{p}/cmdline").read_bytes() for p in pids]
+parents = [int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) for p in pids]
+result = convert(sys.argv[2], sys.argv[3], max_shard_size=sys.argv[4], quiet=True, processes=3, workers=3)
+print(json.dumps({"forked": [b"import zygote" in c for c in cmdlines], "ours": [p == os.getpid() for p in parents],
+                  "processes": result.processes, "taken": not processes._warm,
+                  "left": [p for p in pids if Path(f"/proc/{p}").exists()]}))
+"""
+
+
+@pytest.mark.parametrize("blas_threads, forked", [("1", True), ("2", False)])
+def test_warm_processes_come_from_one_zygote_and_are_ours_to_wait_for(tiny_sources, tmp_path, blas_threads, forked):
+    """`warm_up` (the CLI's) starts one process that imports, forks the run's processes and exits:
+    they are then this process's children (its subreaper), take the run's jobs, write the bytes
+    one process writes, and are waited for (none left, not even as zombies). A zygote with a
+    thread of a library's own (numpy's BLAS, unless OPENBLAS_NUM_THREADS=1 as the CLI sets it)
+    starts them as new interpreters instead of forking."""
+    import json
+    import subprocess
+    import sys
+
+    convert(tiny_sources["fp8"], tmp_path / "one", max_shard_size=SHARD, quiet=True, processes=1, workers=3)
+    run = subprocess.run([sys.executable, "-c", _WARM_RUN, blas_threads, str(tiny_sources["fp8"]),
+                          str(tmp_path / "many"), SHARD], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen == {"forked": [forked] * 3, "ours": [True] * 3, "processes": 3, "taken": True, "left": []}
+    assert_same_tree(tmp_path / "many", tmp_path / "one")

@@ -1,8 +1,9 @@
 """One conversion process of a run that `processes.py` spreads over several (this is its side).
 
-Started by `processes.py` as `python -c` with the parent's sys.path, running `entry` with FD
-[DEVICE WORKERS COUNT INDEX], in its own session (a terminal's Ctrl-C reaches the parent only,
-which passes it on), FD being one end of a socket pair to the parent. It imports torch, the
+Started by `processes.py` as `python -c` with the parent's sys.path (`spawn`), running `entry`
+with FD [DEVICE WORKERS COUNT INDEX], in its own session (a terminal's Ctrl-C reaches the parent
+only, which passes it on), FD being one end of a socket pair to the parent; or forked with the
+others of a run by one process that imported everything once (`zygote`). It imports torch, the
 executor and what a job unpickles into, and loads the compiled kernels at once (a parent that
 started it early overlaps that with its own start-up), then waits for a job: a list of the plan's
 shards, the source (its canonical view, as the parent planned from it, or how to open it), the
@@ -27,6 +28,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -149,16 +151,20 @@ def _import_ahead() -> None:
     from converter.sources import dcp  # noqa: F401  (a PyTorch DCP source's; pipeline imports it late)
 
 
+def _imports() -> None:
+    import converter.run.execute  # noqa: F401  (torch, the pipeline: before the job comes)
+    from converter.numerics import native
+
+    native.load()
+    _import_ahead()
+
+
 def main(fd: int, warm: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     conn = Connection(fd)
     sender = _Sender(conn)
     try:
-        import converter.run.execute  # noqa: F401  (torch, the pipeline: before the job comes)
-        from converter.numerics import native
-
-        native.load()
-        _import_ahead()
+        _imports()
         if warm and warm[0].startswith("cuda"):
             _warm_gpus(warm[0], *map(int, warm[1:]))
     except Exception:  # a broken installation: the parent reads this once it has sent the job
@@ -238,8 +244,54 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
+def spawn(function: str, args: list[str], fds: list[int]) -> subprocess.Popen:
+    """`python -c` running `function(args)` of this module, with this process's sys.path (not
+    `python -m`'s, which puts the working directory first: a `converter/` folder there would be
+    imported instead of this package), the file descriptors `fds` passed on, in a session of
+    its own (a terminal's Ctrl-C reaches the parent alone, which passes it on)."""
+    boot = (f"import sys; sys.path[:] = {sys.path!r}; "
+            f"from converter.run.process_child import {function}; {function}(sys.argv[1:])")
+    return subprocess.Popen([sys.executable, "-c", boot, *args], pass_fds=fds, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def zygote(argv: list[str]) -> None:
+    """A run's warm processes, forked from one that imported once (`processes.warm_up`). argv:
+    REPORT DEVICE WORKERS COUNT FIRST FD... It imports what every process imports, forks one
+    process per FD (its socket to the parent; its index is FIRST plus its place), writes their
+    pids to REPORT and exits: they become the parent's children then (it is their subreaper).
+    Four processes importing torch each, beside the parent's own import and the source hash, were
+    ready up to 0.75 s apart on 16 cores, and in 8 of 12 runs the last was still importing when
+    its job came. Where this process has a thread besides its own (a library started one), a
+    fork could inherit a lock that thread holds: the processes are spawned as new interpreters."""
+    report, device, workers, count, first, *fds = argv
+    try:
+        _imports()
+    except Exception:  # each process runs into it again and reports it as its own (main)
+        pass
+    try:
+        alone = len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        alone = False
+    pids = []
+    for i, fd in enumerate(fds):
+        warm = [device, workers, count, str(int(first) + i)]
+        if not alone:
+            pids.append(spawn("entry", [fd, *warm], [int(fd)]).pid)
+            continue
+        pid = os.fork()
+        if pid == 0:
+            for other in (report, *fds):
+                if other != fd:
+                    os.close(int(other))
+            entry([fd, *warm])
+        pids.append(pid)
+    os.write(int(report), " ".join(map(str, pids)).encode())
+    _exit(0)
+
+
 def entry(argv: list[str]) -> None:
-    """`processes.py` starts `python -c` with its own sys.path, then this."""
+    """`processes.py` (or the zygote) starts this with FD [DEVICE WORKERS COUNT INDEX]."""
     try:
         code = main(int(argv[0]), argv[1:])
     except (BrokenPipeError, EOFError, OSError):  # the parent went away while we reported

@@ -33,8 +33,6 @@ import atexit
 import importlib
 import os
 import signal
-import subprocess
-import sys
 import time
 import warnings
 from multiprocessing import Pipe
@@ -43,6 +41,8 @@ from pathlib import Path
 from typing import Callable
 
 from converter.errors import MxconvError
+from converter.run.forked import Forked, Zygote, subreaper
+from converter.run.process_child import spawn
 
 WORKERS_PER_PROCESS = 4  # 4 x 4 beat 2 x 8 and 1 x 16 on the 16-core H200 VM
 MAX_PROCESSES = 8  # each costs about a torch import's memory (see the README's peak RSS)
@@ -68,23 +68,27 @@ def process_count(device: str, workers: int | None) -> int:
     return min(MAX_PROCESSES, cpu // WORKERS_PER_PROCESS)
 
 
+def _cannot_start(e: OSError) -> MxconvError:  # out of processes or memory
+    return MxconvError(f"cannot start a conversion process: {e.strerror or e}; rerun the same command "
+                       "to resume (or pass --processes 1)")
+
+
 class _Child:
-    def __init__(self, warm: tuple = ()):
-        ours, theirs = Pipe()
-        # this process's sys.path, not `python -m`'s (which puts the working directory first: a
-        # `converter/` folder there would be imported instead of this package)
-        boot = (f"import sys; sys.path[:] = {sys.path!r}; "
-                "from converter.run.process_child import entry; entry(sys.argv[1:])")
-        try:
-            self.proc = subprocess.Popen([sys.executable, "-c", boot, str(theirs.fileno()), *map(str, warm)],
-                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
-        except OSError as e:  # out of processes or memory
-            ours.close()
-            raise MxconvError(f"cannot start a conversion process: {e.strerror or e}; rerun the same command "
-                              "to resume (or pass --processes 1)") from None
-        finally:
-            theirs.close()
-        self.conn: Connection = ours
+    def __init__(self, warm: tuple = (), forked: tuple | None = None):
+        """A new process (`warm`: its DEVICE WORKERS COUNT INDEX), or, with `forked` (connection,
+        `_Forked`), one that a zygote starts."""
+        if forked is not None:
+            self.conn, self.proc = forked
+        else:
+            ours, theirs = Pipe()
+            try:
+                self.proc = spawn("entry", [str(theirs.fileno()), *map(str, warm)], [theirs.fileno()])
+            except OSError as e:
+                ours.close()
+                raise _cannot_start(e) from None
+            finally:
+                theirs.close()
+            self.conn: Connection = ours
         self.environment = _environment()
         self.reused = False  # taken from an earlier run (`keep`) for the current one
 
@@ -114,10 +118,29 @@ reused = 0  # processes the last run took from an earlier one (`keep`)
 
 def warm_up(count: int, device: str = "cpu", workers: int | None = None) -> None:
     """Start `count` processes now, so that their imports overlap the caller's own start-up and
-    planning; `run` takes them. With `--device cuda`, each also creates the CUDA contexts of the
-    GPUs it is likely to be dealt (that took about a second). Unused ones are dismissed at exit."""
-    while count > 1 and len(_warm) < count:
-        _warm.append(_Child((device, workers or 0, count, len(_warm))))
+    planning; `run` takes them. They are forked by one process that imports once (`forked.py`;
+    this process becomes a subreaper for that, for good: meant for a command's own process),
+    so that they are ready together. With `--device cuda`, each also creates the CUDA contexts of
+    the GPUs it is likely to be dealt (that took about a second). Unused ones are dismissed at
+    exit."""
+    need = count - len(_warm) if count > 1 else 0
+    if need <= 0:
+        return
+    if not subreaper():
+        while len(_warm) < count:
+            _warm.append(_Child((device, workers or 0, count, len(_warm))))
+        return
+    pairs = [Pipe() for _ in range(need)]
+    try:
+        zygote = Zygote([theirs.fileno() for _, theirs in pairs], (device, workers or 0, count, len(_warm)))
+    except OSError as e:
+        for ours, _ in pairs:
+            ours.close()
+        raise _cannot_start(e) from None
+    finally:
+        for _, theirs in pairs:
+            theirs.close()
+    _warm.extend(_Child(forked=(ours, Forked(zygote, i))) for i, (ours, _) in enumerate(pairs))
 
 
 @atexit.register
