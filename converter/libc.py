@@ -1,6 +1,7 @@
 """The C library through ctypes, for the calls Python lacks or makes while holding the GIL:
 madvise (Python's mmap.madvise holds the GIL), mincore (not in Python), the mmap/munmap by
-address that mincore needs, and memcmp (10x torch.equal on bytes, for verify); and, on top of
+address that mincore needs, memcmp (10x torch.equal on bytes, for verify), a pthread mutex that
+Python code and the compiled kernels share (`Mutex`), prctl; and, on top of
 mincore, whether a mapped range is all in memory and whether the kernel tells us so for a file.
 Free of torch: the source hasher uses it before torch is imported."""
 
@@ -26,6 +27,10 @@ def libc() -> ctypes.CDLL:
         lib.munmap.argtypes = [p, size]
         lib.mincore.argtypes = [p, size, p]
         lib.memcmp.argtypes = [p, p, size]
+        try:
+            lib.pthread_mutex_lock.argtypes = lib.pthread_mutex_unlock.argtypes = [p]
+        except AttributeError:  # (a C library without them: `Mutex` says so)
+            pass
         _lib = lib
     return _lib
 
@@ -57,3 +62,22 @@ def mincore_tells(path: os.PathLike, st: os.stat_result) -> bool:
     euid = os.geteuid()
     effective = os.access in os.supports_effective_ids
     return euid == 0 or st.st_uid == euid or os.access(path, os.W_OK, effective_ids=effective)
+
+
+class Mutex:
+    """A pthread mutex in memory of its own, for threads that also take it in C (given its
+    `address`): zeroed memory is an unlocked default mutex (PTHREAD_MUTEX_INITIALIZER is all zeros
+    in glibc and musl). A waiter sleeps on it; taken through ctypes, without the GIL."""
+
+    def __init__(self):
+        self.memory = ctypes.create_string_buffer(64)  # sizeof(pthread_mutex_t) is 40 on x86-64 and aarch64
+        self.address = ctypes.addressof(self.memory)
+        self.lib = libc()
+        self.lib.pthread_mutex_lock  # AttributeError here where there is none
+
+    def __enter__(self) -> "Mutex":
+        self.lib.pthread_mutex_lock(self.address)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lib.pthread_mutex_unlock(self.address)

@@ -17,7 +17,7 @@ from test_interrupt import SHARD, reference, src  # noqa: F401  (the FP8 source,
 from test_reliability import assert_same_tree, finished_shards, leftovers
 
 from converter.files import MANIFEST_FILE, PROVENANCE_FILE, STATE_DIR
-from converter.run import process_child, processes
+from converter.run import forked, processes
 from converter.run.pipeline import convert
 from converter.run.summary import describe_result
 
@@ -234,7 +234,7 @@ def test_a_process_that_cannot_be_started_is_a_clean_error(monkeypatch):
     def no_more(*args, **kwargs):
         raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
 
-    monkeypatch.setattr(process_child.subprocess, "Popen", no_more)
+    monkeypatch.setattr(forked.subprocess, "Popen", no_more)
     with pytest.raises(MxconvError, match="cannot start a conversion process: Resource temporarily unavailable"):
         processes._Child()
 

@@ -162,8 +162,9 @@ def test_rows_a_worker_wrote_count_once_and_only_where_write2_writes(tmp_path):
     mapped.abort()
     w = ShardWriter(tmp_path / "a.safetensors", tmp_path / "a.partial", planned, direct=False, mapped=False)
     with w:
-        fd, at = w.stream_target("w", 2)
+        fd, at, lock = w.stream_target("w", 2)
         assert fd == w.fd and at == w.offsets["w"] + 2 * 64 and w.stream_target("nope") is None
+        assert lock == w.turn.address
         os.pwrite(fd, bytes(range(128)), at)
         w.record_rows("w", 2, 2)
         with pytest.raises(OutputError, match="written twice"):
@@ -180,3 +181,30 @@ def test_rows_a_worker_wrote_count_once_and_only_where_write2_writes(tmp_path):
             w.record_rows("w", 0, 3)  # one row short
             w.write("s", torch.ones(4, 2, dtype=torch.uint8))
     assert not (tmp_path / "b.safetensors").exists() and not (tmp_path / "b.partial").exists()
+
+
+def test_workers_writing_one_file_take_turns_on_its_mutex(lib, tmp_path):  # noqa: F811
+    """The kernels hold the shard's mutex for each write: while it is held elsewhere, they do not
+    write (they wait asleep, not spinning on the file's lock in the kernel), then they do."""
+    import threading
+
+    from converter.run.writer import ShardWriter
+    from converter.sources.safetensors import PlannedTensor
+
+    w, s = _fp8(256, 128, 3)
+    planned = [PlannedTensor("w", "F8_E4M3", (256, 128)), PlannedTensor("s", "U8", (256, 4))]
+    with ShardWriter(tmp_path / "a.safetensors", tmp_path / "a.partial", planned, direct=False, mapped=False) as out:
+        fd, at, lock = out.stream_target("w")
+        scales = torch.empty(256 * 4, dtype=torch.uint8)
+        job = threading.Thread(target=requantize_fp8_to_file,
+                               args=(w, s, "rceil", fd, at, scales, torch.empty(128 * 128, dtype=torch.uint8), lock))
+        with out.turn:
+            job.start()
+            job.join(0.5)
+            assert job.is_alive() and (tmp_path / "a.partial").read_bytes()[at:].count(0) == 256 * 132
+        job.join(30)
+        out.record_rows("w", 0, 256)
+        out.write("s", scales.view(256, 4))
+    q, sc = requantize_fp8_block(w, s)
+    data = (tmp_path / "a.safetensors").read_bytes()
+    assert data[at:at + 256 * 128] == q.view(torch.uint8).numpy().tobytes() and torch.equal(scales.view(256, 4), sc)

@@ -286,7 +286,7 @@ typedef struct {
 int mx_requantize_fp8(const uint8_t *restrict w, int64_t n, int64_t k, const float *restrict s,
                       int64_t scols, const float *restrict mult, const uint8_t *restrict exp,
                       int clamp, uint8_t *restrict q, uint8_t *restrict scales) {
-    mx_sink none = {-1, 0, 0};
+    mx_sink none = {-1, 0, 0, NULL};
     return mx_requantize_fp8_into(w, n, k, s, scols, mult, exp, clamp, q, scales, &none);
 }
 

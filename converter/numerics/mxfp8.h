@@ -31,6 +31,8 @@
 typedef struct {
     int fd;
     int64_t offset, rows;
+    void *lock; /* a pthread mutex held around each write (NULL: none): the file's writers take
+                   turns asleep, where the kernel's own lock has a second writer spin */
 } mx_sink;
 
 /* Write rows [r0, r1) of a band to the sink: 0, or -errno of the write that failed. */

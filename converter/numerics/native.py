@@ -125,8 +125,8 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mx_error_stats_bf16.argtypes = [p, i64, i64, p, p, ctypes.c_float, p, p]
     lib.mx_error_stats_bf16.restype = None
     lib.mx_quantize_bf16.restype = lib.mx_requantize_fp8.restype = lib.mx_dequantize_fp8.restype = i
-    lib.mx_requantize_fp8_to_fd.argtypes = [p, i64, i64, p, i64, p, p, i, p, i64, i, i64, p]
-    lib.mx_quantize_bf16_to_fd.argtypes = [p, i64, i64, p, p, i, p, i64, i, i64, p]
+    lib.mx_requantize_fp8_to_fd.argtypes = [p, i64, i64, p, i64, p, p, i, p, i64, i, i64, p, p]
+    lib.mx_quantize_bf16_to_fd.argtypes = [p, i64, i64, p, p, i, p, i64, i, i64, p, p]
     lib.mx_requantize_fp8_to_fd.restype = lib.mx_quantize_bf16_to_fd.restype = i
     lib.mx_note_sigbus.argtypes = [ctypes.c_char_p]
     lib.mx_note_sigbus.restype = i

@@ -38,10 +38,11 @@ def _scales_fit(scales: torch.Tensor, n: int, k: int) -> bool:
 
 
 def requantize_fp8_to_file(weight: torch.Tensor, scale_inv: torch.Tensor, rule: ScaleRule | str, fd: int,
-                           offset: int, scales: torch.Tensor, band: torch.Tensor) -> bool:
+                           offset: int, scales: torch.Tensor, band: torch.Tensor, lock: int | None = None) -> bool:
     """requantize_fp8_block(weight, scale_inv, rule): its e4m3 bytes written to `fd` at `offset`
     (row 0 there, rows one after another), 128-row multiples at a time through `band` (uint8,
-    at least 128 rows' bytes), its scales into `scales`."""
+    at least 128 rows' bytes), its scales into `scales`. `lock`: the address of a pthread mutex
+    held around each write (the file's writers take turns on it asleep), or None."""
     lib = kernels._native(weight.device)  # (tests swap in each instruction-set build there)
     if lib is None or weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn:
         return False
@@ -56,13 +57,14 @@ def requantize_fp8_to_file(weight: torch.Tensor, scale_inv: torch.Tensor, rule: 
     w, s = weight.contiguous(), s.contiguous()
     return _status(lib.mx_requantize_fp8_to_fd(w.data_ptr(), n, k, s.data_ptr(), s.shape[1], mult.data_ptr(),
                                                exp.data_ptr(), int(rule != "rceil"), band.data_ptr(), rows, fd,
-                                               offset, scales.data_ptr()))
+                                               offset, lock, scales.data_ptr()))
 
 
 def quantize_bf16_to_file(x: torch.Tensor, rule: ScaleRule | str, fd: int, offset: int, scales: torch.Tensor,
-                          band: torch.Tensor) -> bool:
+                          band: torch.Tensor, lock: int | None = None) -> bool:
     """quantize_mxfp8(x, rule) of BF16 x [N, K]: its e4m3 bytes written to `fd` at `offset`, whole
-    rows at a time through `band` (uint8, at least one row's bytes), its scales into `scales`."""
+    rows at a time through `band` (uint8, at least one row's bytes), its scales into `scales`;
+    `lock` as requantize_fp8_to_file's."""
     lib = kernels._native(x.device)
     if lib is None or x.dim() != 2 or x.dtype != torch.bfloat16:
         return False
@@ -74,5 +76,5 @@ def quantize_bf16_to_file(x: torch.Tensor, rule: ScaleRule | str, fd: int, offse
     mult, exp = kernels.scale_tables(rule, x.device)
     x = x.contiguous()
     return _status(lib.mx_quantize_bf16_to_fd(x.data_ptr(), n, k, mult.data_ptr(), exp.data_ptr(),
-                                              int(rule != "rceil"), band.data_ptr(), rows, fd, offset,
+                                              int(rule != "rceil"), band.data_ptr(), rows, fd, offset, lock,
                                               scales.data_ptr()))

@@ -7,9 +7,21 @@ process is started as a new interpreter instead."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 from converter.libc import libc
-from converter.run.process_child import spawn
+
+
+def spawn(function: str, args: list[str], fds: list[int]) -> subprocess.Popen:
+    """`python -c` running `function(args)` of `process_child`, with this process's sys.path (not
+    `python -m`'s, which puts the working directory first: a `converter/` folder there would be
+    imported instead of this package), the file descriptors `fds` passed on, in a session of
+    its own (a terminal's Ctrl-C reaches the parent alone, which passes it on)."""
+    boot = (f"import sys; sys.path[:] = {sys.path!r}; "
+            f"from converter.run.process_child import {function}; {function}(sys.argv[1:])")
+    return subprocess.Popen([sys.executable, "-c", boot, *args], pass_fds=fds, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
 
 
 class Zygote:

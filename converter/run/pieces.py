@@ -301,14 +301,15 @@ def streamed(piece: Piece, inputs: dict[str, torch.Tensor], recipe: Recipe, pool
     n, k = weight.shape
     shape = _sub_rows(scale.shape, piece.rows) if piece.rows else scale.shape
     scales = pool.take(PlannedTensor(scale.name, scale.dtype, shape).nbytes, writer.phase(scale.name, r0), bufs)
+    fd, offset, lock = target
     try:
         if op.prep == FROM_FP8:
             rows = max(_TILE, BAND_BYTES // max(1, k) // _TILE * _TILE)
-            done = requantize_fp8_to_file(weight, inputs[op.scale], recipe.scale_rule, *target, scales,
-                                          _band_buffer(rows * k))
+            done = requantize_fp8_to_file(weight, inputs[op.scale], recipe.scale_rule, fd, offset, scales,
+                                          _band_buffer(rows * k), lock)
         else:
-            done = quantize_bf16_to_file(weight, recipe.scale_rule, *target, scales,
-                                         _band_buffer(max(1, BAND_BYTES // max(1, k)) * k))
+            done = quantize_bf16_to_file(weight, recipe.scale_rule, fd, offset, scales,
+                                         _band_buffer(max(1, BAND_BYTES // max(1, k)) * k), lock)
     except OSError as e:
         raise OutputError(f"write failed: {e.strerror}", file=writer.tmp_path, tensor=data.name) from e
     if not done:

@@ -1,6 +1,6 @@
 """One conversion process of a run that `processes.py` spreads over several (this is its side).
 
-Started by `processes.py` as `python -c` with the parent's sys.path (`spawn`), running `entry`
+Started by `processes.py` as `python -c` with the parent's sys.path (`forked.spawn`), running `entry`
 with FD [DEVICE WORKERS COUNT INDEX], in its own session (a terminal's Ctrl-C reaches the parent
 only, which passes it on), FD being one end of a socket pair to the parent; or forked with the
 others of a run by one process that imported everything once (`zygote`). It imports torch, the
@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import queue
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -244,17 +243,6 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
-def spawn(function: str, args: list[str], fds: list[int]) -> subprocess.Popen:
-    """`python -c` running `function(args)` of this module, with this process's sys.path (not
-    `python -m`'s, which puts the working directory first: a `converter/` folder there would be
-    imported instead of this package), the file descriptors `fds` passed on, in a session of
-    its own (a terminal's Ctrl-C reaches the parent alone, which passes it on)."""
-    boot = (f"import sys; sys.path[:] = {sys.path!r}; "
-            f"from converter.run.process_child import {function}; {function}(sys.argv[1:])")
-    return subprocess.Popen([sys.executable, "-c", boot, *args], pass_fds=fds, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-
-
 def zygote(argv: list[str]) -> None:
     """A run's warm processes, forked from one that imported once (`processes.warm_up`). argv:
     REPORT DEVICE WORKERS COUNT FIRST FD... It imports what every process imports, forks one
@@ -264,6 +252,8 @@ def zygote(argv: list[str]) -> None:
     ready up to 0.75 s apart on 16 cores, and in 8 of 12 runs the last was still importing when
     its job came. Where this process has a thread besides its own (a library started one), a
     fork could inherit a lock that thread holds: the processes are spawned as new interpreters."""
+    from converter.run.forked import spawn
+
     report, device, workers, count, first, *fds = argv
     try:
         _imports()

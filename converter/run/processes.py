@@ -41,8 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 from converter.errors import MxconvError
-from converter.run.forked import Forked, Zygote, subreaper
-from converter.run.process_child import spawn
+from converter.run.forked import Forked, Zygote, spawn, subreaper
 
 WORKERS_PER_PROCESS = 4  # 4 x 4 beat 2 x 8 and 1 x 16 on the 16-core H200 VM
 MAX_PROCESSES = 8  # each costs about a torch import's memory (see the README's peak RSS)
