@@ -18,7 +18,11 @@ On tmpfs, every output page is allocated as it is written: write(2) does that fo
 CPU-s per GB, a shared mapping filled in place for 0.7-0.77 (a page fault per 4 KB; 2-core EPYC
 VM), but write(2)s to one file take turns on its lock. So several shards are written at once with
 write(2), and only a run that writes one shard at a time with at least 4 writers maps it
-(MXCONV_MAPPED_WRITES=1 maps always, 0 never: read here only; see ShardWriter).
+(MXCONV_MAPPED_WRITES=1 maps always, 0 never: read here only; see ShardWriter). Where a shard is
+written with write(2) and the CPU workers are as many as the process's cores (`workers_write`),
+a worker writes an MXFP8 job's e4m3 bytes itself, a cache-sized band at a time as its kernel
+makes them (`pieces.streamed`), and hands the writers only the scales: the bytes no longer go to
+memory and back between the kernel and write(2).
 
 torch ops, file reads and writes and sha256 all release the GIL, so on a 2-core machine the
 readers, the workers, the writers and the source hasher keep both cores busy. Taking it back

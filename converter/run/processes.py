@@ -25,6 +25,10 @@ that dies is reported as such. A parent killed outright closes its end of the so
 its processes stop on their own. A caller that runs again soon in the same process (a Ray node's
 next task) may `keep` the processes of a run that succeeded: they wait that long for the next
 run's jobs, which then skip the start-up (about 2 s: a torch import, CUDA contexts).
+
+The command starts its processes as it starts (`warm_up`), forked by one process that imports
+once (`forked.py`), so that they are ready together while the parent plans; each job carries the
+canonical view the parent planned from, so a process opens no source of its own.
 """
 
 from __future__ import annotations
