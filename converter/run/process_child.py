@@ -249,8 +249,8 @@ def zygote(argv: list[str]) -> None:
     process per FD (its socket to the parent; its index is FIRST plus its place), writes their
     pids to REPORT and exits: they become the parent's children then (it is their subreaper).
     Four processes importing torch each, beside the parent's own import and the source hash, were
-    ready up to 0.75 s apart on 16 cores, and in 8 of 12 runs the last was still importing when
-    its job came. Where this process has a thread besides its own (a library started one), a
+    ready up to 0.88 s apart on 16 cores, and in 10 of 12 runs one was still importing when its
+    job came; forked, they were ready within 0.04 s of each other. Where this process has a thread besides its own (a library started one), a
     fork could inherit a lock that thread holds: the processes are spawned as new interpreters."""
     from converter.run.forked import spawn
 

@@ -87,8 +87,8 @@ class ShardWriter:
         self.placed: dict[tuple[str, int], tuple[int, int]] = {}  # regions handed out: (address, bytes)
         # write(2): the workers that write their own bytes (`stream_target`) hold this for each
         # write, in C, so that a second one sleeps until its turn instead of spinning on the file's
-        # lock. Not the writer threads (Turns keeps them apart): taken from Python, a mutex was
-        # held across the GIL's hand-over after the write, and a 2-core conversion took 2-3x as long.
+        # lock. Not the writer threads (Turns keeps them apart): taken from Python, it would stay
+        # held until the thread had the GIL back after its write, and the C writers would wait on that.
         self.turn: Mutex | None = None
 
     def __enter__(self) -> "ShardWriter":
