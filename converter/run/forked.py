@@ -67,7 +67,8 @@ class Forked:
         return pids[self.index] if self.index < len(pids) else self.zygote.proc.pid
 
     def poll(self) -> int | None:
-        if self.returncode is None and self.zygote.gone():  # not yet: it is still importing
+        """None while it runs, and while the zygote has not forked it yet (it is importing)."""
+        if self.returncode is None and self.zygote.gone():
             self._reap(os.WNOHANG)
         return self.returncode
 
@@ -83,8 +84,8 @@ class Forked:
             return
         try:
             got, status = os.waitpid(pids[self.index], flags)
-        except ChildProcessError:  # waited for already
-            self.returncode = self.returncode if self.returncode is not None else 0
+        except ChildProcessError:  # reaped by someone else: its status is lost
+            self.returncode = 0
             return
         if got:
             self.returncode = os.waitstatus_to_exitcode(status)
