@@ -70,7 +70,7 @@ class Mutex:
     in glibc and musl). A waiter sleeps on it; taken through ctypes, without the GIL."""
 
     def __init__(self):
-        self.memory = ctypes.create_string_buffer(64)  # sizeof(pthread_mutex_t) is 40 on x86-64 and aarch64
+        self.memory = ctypes.create_string_buffer(64)  # sizeof(pthread_mutex_t): 40 on x86-64, 48 on aarch64
         self.address = ctypes.addressof(self.memory)
         self.lib = libc()
         self.lib.pthread_mutex_lock  # AttributeError here where there is none

@@ -5,7 +5,7 @@ parent (what `profile_pipeline.py` cannot see: it times the stages of one proces
 Runs one conversion as `mxconv convert` does (the early source hash, the warm processes, then
 `convert`), recording when each process is sent its job, when it first reports reading a file,
 every byte of progress it reports, and when it says it is done, when its imports were done
-(ready_s: before its job is negative), and when the source hash ran;
+(ready_s: negative if before the conversion began), and when the source hash ran;
 then prints as JSON, in seconds from the moment the conversion began (`write_shards`):
 
     planning_s          from this script's start to the conversion's: start-up and planning
@@ -40,10 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from profile_pipeline import report  # noqa: E402  (this folder is on the path: the script's own)
 
 T0 = time.perf_counter()
-EVENTS: list[tuple[float, int, str, int]] = []  # (seconds since T0, process id, kind, bytes)
+EVENTS: list[tuple[float, object, str, int]] = []  # (seconds since T0, the process's _Child, kind, bytes)
 PROGRESS: list[tuple[float, int]] = []  # (seconds since T0, bytes): all processes together
 HASHED: list[tuple[float, float]] = []  # (start, end) of each source file's sha256, since T0
-_pid_of: dict[int, int] = {}  # id(connection) -> process id
+_child_of: dict[int, object] = {}  # id(connection) -> its _Child (its pid is looked up at the end:
+# a forked one's pid is known only once the zygote has exited, and asking would wait for that)
 
 
 def instrument() -> None:
@@ -64,18 +65,18 @@ def instrument() -> None:
     tell, recv = processes._Child.tell, Connection.recv
 
     def timed_tell(self, message):
-        _pid_of[id(self.conn)] = self.proc.pid
+        _child_of[id(self.conn)] = self
         if isinstance(message, dict):
-            EVENTS.append((time.perf_counter() - T0, self.proc.pid, "job", 0))
+            EVENTS.append((time.perf_counter() - T0, self, "job", 0))
         return tell(self, message)
 
     def timed_recv(self):
         message = recv(self)
-        if id(self) in _pid_of and isinstance(message, tuple) and message:
+        if id(self) in _child_of and isinstance(message, tuple) and message:
             nbytes = message[1] if message[0] == "progress" else 0
             # "ready" says when it was sent: perf_counter is CLOCK_MONOTONIC in every process
             at = message[1] if message[0] == "ready" else time.perf_counter()
-            EVENTS.append((at - T0, _pid_of[id(self)], message[0], nbytes))
+            EVENTS.append((at - T0, _child_of[id(self)], message[0], nbytes))
         return message
 
     processes._Child.tell, Connection.recv = timed_tell, timed_recv
@@ -91,7 +92,7 @@ def _at_fraction(progress: list[tuple[float, int]], fraction: float, total: int)
 
 
 def summarize(began: float, ended: float, finished: float, total: int) -> dict:
-    rel = [(t - began, pid, kind, n) for t, pid, kind, n in EVENTS]
+    rel = [(t - began, child.proc.pid, kind, n) for t, child, kind, n in EVENTS]
     pids = sorted({pid for _, pid, _, _ in rel})
     progress = [(t - began, n) for t, n in PROGRESS]
     per = {}

@@ -56,7 +56,6 @@ def test_a_conversion_process_converts_from_the_view_it_is_sent(cold, monkeypatc
     src = tiny_sources[source]
     convert(src, tmp_path / "one", max_shard_size="2MB", quiet=True, processes=1)
     _, view, _, plan = plan_conversion(src, max_shard_size="2MB")
-    sent = pickle.loads(pickle.dumps(view))
 
     def refuse(*args, **kwargs):
         raise AssertionError("read the source's headers or parsed YAML in the process")
@@ -65,7 +64,7 @@ def test_a_conversion_process_converts_from_the_view_it_is_sent(cold, monkeypatc
     monkeypatch.setattr(yaml_data, "safe_load", refuse)
     monkeypatch.setattr(checkpoint.SourceCheckpoint, "open", classmethod(refuse))
     (tmp_path / "many" / ".mxconv").mkdir(parents=True)
-    job = {"view": sent, "opener": functools.partial(open_view, str(src), "hf"), "shards": plan.shards,
+    job = {"view": pickle.dumps(view), "opener": functools.partial(open_view, str(src), "hf"), "shards": plan.shards,
            "dst": str(tmp_path / "many"), "recipe": plan.recipe, "devices": ["cpu", "cpu"], "cores": 2}
     ours, theirs = Pipe()
     process_child._run(job, process_child._Sender(theirs))

@@ -158,13 +158,14 @@ def test_rows_a_worker_wrote_count_once_and_only_where_write2_writes(tmp_path):
 
     planned = [PlannedTensor("w", "F8_E4M3", (4, 64)), PlannedTensor("s", "U8", (4, 2))]
     mapped = ShardWriter(tmp_path / "m.safetensors", tmp_path / "m.partial", planned, mapped=True).__enter__()
-    assert mapped.mapped and mapped.stream_target("w") is None  # filled in place instead
+    assert mapped.mapped and mapped.stream_target("w", 0, 4, 64) is None  # filled in place instead
     mapped.abort()
     w = ShardWriter(tmp_path / "a.safetensors", tmp_path / "a.partial", planned, direct=False, mapped=False)
     with w:
-        fd, at, lock = w.stream_target("w", 2)
-        assert fd == w.fd and at == w.offsets["w"] + 2 * 64 and w.stream_target("nope") is None
-        assert lock == w.turn.address
+        fd, at, lock = w.stream_target("w", 2, 2, 64)
+        assert fd == w.fd and at == w.offsets["w"] + 2 * 64 and lock == w.turn.address
+        for wrong in (("nope", 0, 1, 64), ("w", 3, 2, 64), ("w", 0, 1, 32), ("s", 0, 1, 64)):
+            assert w.stream_target(*wrong) is None  # not planned; past the end; other row widths
         os.pwrite(fd, bytes(range(128)), at)
         w.record_rows("w", 2, 2)
         with pytest.raises(OutputError, match="written twice"):
@@ -194,7 +195,7 @@ def test_workers_writing_one_file_take_turns_on_its_mutex(lib, tmp_path):  # noq
     w, s = _fp8(256, 128, 3)
     planned = [PlannedTensor("w", "F8_E4M3", (256, 128)), PlannedTensor("s", "U8", (256, 4))]
     with ShardWriter(tmp_path / "a.safetensors", tmp_path / "a.partial", planned, direct=False, mapped=False) as out:
-        fd, at, lock = out.stream_target("w")
+        fd, at, lock = out.stream_target("w", 0, 256, 128)
         scales = torch.empty(256 * 4, dtype=torch.uint8)
         job = threading.Thread(target=requantize_fp8_to_file,
                                args=(w, s, "rceil", fd, at, scales, torch.empty(128 * 128, dtype=torch.uint8), lock))

@@ -86,7 +86,7 @@ def test_packed_experts_follow_the_spec_layout(conversions, kind):
 
 @pytest.mark.parametrize("kind, processes", [("bf16", "1"), ("fp8_ue8m0", "1"), ("bf16", "3")])
 def test_unshuffle_restores_the_canonical_checkpoint(conversions, tmp_path, kind, processes, monkeypatch):
-    """(In 3 conversion processes too: the packed source opens again in each of them.)"""
+    """(In 3 conversion processes too: the packed source's view is sent to each of them.)"""
     monkeypatch.setenv("MXCONV_PROCESSES", processes)
     canonical, shuffled = conversions[kind]
     restored = tmp_path / "restored"

@@ -36,18 +36,17 @@ class Zygote:
             raise
         finally:
             os.close(w)
-        self.report, self.pids = r, None
+        self.report, self.read, self.pids = r, bytearray(), None
 
     def started(self) -> list[int]:
-        """The pids of the processes it forked, once it has exited (waits for that: its imports);
-        fewer than asked if it died first."""
-        if self.pids is None:
-            data = b""
+        """The pids of the processes it forked, in order, once it has exited (waits for that: its
+        imports); fewer than asked if it died first or could not start them all."""
+        if self.pids is None:  # (kept across a Ctrl-C in here: called again, it goes on reading)
             while chunk := os.read(self.report, 4096):
-                data += chunk
-            os.close(self.report)
+                self.read += chunk
             self.proc.wait()  # gone: the processes it forked are this one's children now
-            self.pids = [int(p) for p in data.split()]
+            self.pids = [int(p) for p in self.read.split()]
+            os.close(self.report)
         return self.pids
 
     def gone(self) -> bool:

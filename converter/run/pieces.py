@@ -295,10 +295,13 @@ def streamed(piece: Piece, inputs: dict[str, torch.Tensor], recipe: Recipe, pool
         return None
     op, (data, scale) = job.operands[0], job.outputs
     weight, r0 = inputs[op.weight], piece.output_row
-    target = writer.stream_target(data.name, r0)
-    if target is None or weight.dim() != 2 or op.prep not in (FROM_FP8, FROM_HIGH_PRECISION):
+    wanted = {FROM_FP8: torch.float8_e4m3fn, FROM_HIGH_PRECISION: torch.bfloat16}.get(op.prep)
+    if weight.dtype != wanted or weight.dim() != 2 or data.dtype != "F8_E4M3":
         return None
     n, k = weight.shape
+    target = writer.stream_target(data.name, r0, n, k)
+    if target is None:
+        return None
     shape = _sub_rows(scale.shape, piece.rows) if piece.rows else scale.shape
     scales = pool.take(PlannedTensor(scale.name, scale.dtype, shape).nbytes, writer.phase(scale.name, r0), bufs)
     fd, offset, lock = target

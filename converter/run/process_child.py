@@ -26,6 +26,7 @@ next job, so the next task on the node skips the start-up; anything else ends it
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import signal
 import sys
@@ -117,7 +118,7 @@ def _run(job: dict, sender: _Sender) -> None:
     from converter.run.execute import execute
 
     os.environ["MXCONV_CORE_SHARE"] = str(job["cores"])  # devices.cores(): this process's threads
-    view = job["view"] if "view" in job else job["opener"]()
+    view = pickle.loads(job["view"]) if "view" in job else job["opener"]()
     devices = [torch.device(d) for d in job["devices"]]
     execute(job["shards"], view, Path(job["dst"]), job["recipe"], devices, sender.progress,
             reading=lambda path: sender.send("reading", str(path)),
@@ -144,8 +145,7 @@ def _import_ahead() -> None:
     """Import what the job unpickles into (the canonical view, its checkpoint and derivations,
     the plan and the recipe) while it has not come. The view comes as the parent planned from it
     (`processes.write`); opening the source again here parsed the built-in model families and
-    namings and read every header: 27-39 ms for the bench's 1760-tensor FP8 source on a 2-core VM,
-    where unpickling the view takes 5 ms."""
+    namings and read every header (`processes.write` has the costs)."""
     from converter.run import pipeline  # noqa: F401  (the checkpoint, mappings, plan and recipe classes)
     from converter.sources import dcp  # noqa: F401  (a PyTorch DCP source's; pipeline imports it late)
 
@@ -250,8 +250,9 @@ def zygote(argv: list[str]) -> None:
     pids to REPORT and exits: they become the parent's children then (it is their subreaper).
     Four processes importing torch each, beside the parent's own import and the source hash, were
     ready up to 0.88 s apart on 16 cores, and in 10 of 12 runs one was still importing when its
-    job came; forked, they were ready within 0.04 s of each other. Where this process has a thread besides its own (a library started one), a
-    fork could inherit a lock that thread holds: the processes are spawned as new interpreters."""
+    job came; forked, they were ready within 0.04 s of each other. Where this process has a
+    thread besides its own (a library started one), a fork could inherit a lock that thread
+    holds: the processes are spawned as new interpreters then."""
     from converter.run.forked import spawn
 
     report, device, workers, count, first, *fds = argv
@@ -263,20 +264,25 @@ def zygote(argv: list[str]) -> None:
         alone = len(os.listdir("/proc/self/task")) == 1
     except OSError:
         alone = False
-    pids = []
     for i, fd in enumerate(fds):
         warm = [device, workers, count, str(int(first) + i)]
-        if not alone:
-            pids.append(spawn("entry", [fd, *warm], [int(fd)]).pid)
-            continue
-        pid = os.fork()
-        if pid == 0:
-            for other in (report, *fds):
-                if other != fd:
-                    os.close(int(other))
-            entry([fd, *warm])
-        pids.append(pid)
-    os.write(int(report), " ".join(map(str, pids)).encode())
+        try:
+            if alone:
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        for other in (report, *fds):
+                            if other != fd:
+                                os.close(int(other))
+                        entry([fd, *warm])
+                    finally:  # never back into this loop
+                        os._exit(1)
+            else:
+                pid = spawn("entry", [fd, *warm], [int(fd)]).pid
+            # each pid as it is known: if a later one cannot be started, these are still waited for
+            os.write(int(report), f"{pid}\n".encode())
+        except OSError:  # out of processes or memory, or the parent gone (its end of REPORT closed):
+            break        # those not started see their socket close and are reported as such
     _exit(0)
 
 

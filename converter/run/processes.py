@@ -36,6 +36,7 @@ from __future__ import annotations
 import atexit
 import importlib
 import os
+import pickle
 import signal
 import time
 import warnings
@@ -79,7 +80,7 @@ def _cannot_start(e: OSError) -> MxconvError:  # out of processes or memory
 class _Child:
     def __init__(self, warm: tuple = (), forked: tuple | None = None):
         """A new process (`warm`: its DEVICE WORKERS COUNT INDEX), or, with `forked` (connection,
-        `_Forked`), one that a zygote starts."""
+        `forked.Forked`), one that a zygote starts."""
         if forked is not None:
             self.conn, self.proc = forked
         else:
@@ -242,8 +243,9 @@ def run(shards: list, count: int, job: dict, devices: list, progress: Callable[[
         reading: Callable[[Path], None], keep: float = 0.0) -> int:
     """Write `shards` with `count` processes (at most one per shard, and only as many as `deal`
     gives workers to). `job`: what every process gets besides its shards and devices: dst, recipe,
-    and the source as `view` (the canonical view itself, pickled) or as `opener` (a picklable
-    callable each process calls to open it); `devices`: the run's workers (torch devices). Returns the number of processes once
+    and the source as `view` (the canonical view, pickled once into bytes, see `write`) or as
+    `opener` (a picklable callable each process calls to open it; tests use it); `devices`: the
+    run's workers (torch devices). Returns the number of processes once
     every one has finished; raises the first error (or KeyboardInterrupt) after all have stopped.
     `keep` > 0: if every process succeeds, they wait that many seconds for the next run's jobs
     (see `_take`) instead of exiting."""
@@ -334,12 +336,16 @@ def write(shards: list, count: int, job: dict, devices: list, progress: Callable
           keep: float = 0.0) -> int:
     """Write `shards` in `count` processes (`run`) where more than one would have work, else in
     this one (`partial_tag` marks its temporary files there). `view()` gives the source's canonical
-    view, which the processes get with their job, as planned from (opening the source again in
-    each read every header and parsed the built-in data: 27-39 ms for the bench's 1760-tensor FP8
-    source on a 2-core VM, unpickling the view 5 ms). Returns the number of processes that wrote them."""
+    view, which the processes get with their job, as planned from, pickled once: opening the
+    source again in each reads every header and parses the built-in data. On the 2-core VM, for
+    a 259-tensor FP8 source, opening took 4.1 ms, pickling 1.0 and unpickling 1.1; for a
+    1760-tensor one, opening 27-39 ms and unpickling 5. At a DeepSeek V3's 92k tensors that is
+    about 1.4 s to open against 0.4 s to unpickle (each process) and 0.35 s to pickle (once).
+    Returns the number of processes that wrote them."""
     global reused
     if min(count, len(shards), len(devices)) > 1:
-        return run(shards, count, dict(job, view=view()), devices, progress, reading, keep=keep)
+        return run(shards, count, dict(job, view=pickle.dumps(view(), protocol=pickle.HIGHEST_PROTOCOL)),
+                   devices, progress, reading, keep=keep)
     reused = 0
     dismiss_warm()  # started by the CLI, or kept by an earlier run, for nothing: let them go now
     from converter.run.execute import execute

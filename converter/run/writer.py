@@ -216,13 +216,16 @@ class ShardWriter:
             raise OutputError(f"write failed: {e.strerror}", file=self.tmp_path, tensor=name) from e
         self._count(name, span)
 
-    def stream_target(self, name: str, row: int = 0) -> tuple[int, int, int | None] | None:
+    def stream_target(self, name: str, row: int, rows: int, row_bytes: int) -> tuple[int, int, int | None] | None:
         """(file descriptor, file offset of row `row` of `name`, address of the mutex to hold for
         each write or None) where this file is written with write(2) (`one_at_a_time`): a worker
-        may write rows there itself as it makes them (`numerics.streamed`), then `record_rows`.
-        None where it is not (O_DIRECT writes go through aligned blocks, a mapped file is filled
-        in place) or `name` is not planned here."""
-        if not self.one_at_a_time or self.fd is None or name not in self.planned or not self.planned[name].shape:
+        may write rows [row, row + rows) of `row_bytes` bytes each there itself as it makes them
+        (`numerics.streamed`), then `record_rows`. None where it is not (O_DIRECT writes go
+        through aligned blocks, a mapped file is filled in place), or where the plan has no such
+        rows (then `write_rows` says what is wrong)."""
+        plan = self.planned.get(name)
+        if (not self.one_at_a_time or self.fd is None or plan is None or not plan.shape or row < 0 or rows < 1
+                or row + rows > plan.shape[0] or plan.nbytes != plan.shape[0] * row_bytes):
             return None
         return self.fd, self._span(name, row, 0)[0], self.turn.address if self.turn else None
 
