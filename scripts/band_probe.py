@@ -10,7 +10,8 @@ writing the result to its own tmpfs file with pwrite(2), in one of these ways:
 
 On the 16-core H100 VM (README "ninth session"), 16 processes: copy 8.2 GB/s of input, compute
 16.9, piece 10.4, band of 128 rows 12.3; with 8 processes piece and band were the same (6.8-7.4):
-the output buffer's trip through memory costs only where memory is the limit.
+the output buffer's trip through memory costs only where memory is the limit. (Those numbers
+came from a first draft of this script with the same loops and output format of its own.)
 
     python scripts/band_probe.py [FOLDER [PROCS]]   (default /dev/shm/mxconv-band-probe, 1,8,16)
 """
