@@ -1,7 +1,7 @@
 """The C library through ctypes, for the calls Python lacks or makes while holding the GIL:
 madvise (Python's mmap.madvise holds the GIL), mincore (not in Python), the mmap/munmap by
-address that mincore needs, memcmp (10x torch.equal on bytes, for verify), a pthread mutex that
-Python code and the compiled kernels share (`Mutex`), prctl; and, on top of
+address that mincore needs, memcmp (10x torch.equal on bytes, for verify), memory for a pthread
+mutex the compiled kernels take (`Mutex`), prctl; and, on top of
 mincore, whether a mapped range is all in memory and whether the kernel tells us so for a file.
 Free of torch: the source hasher uses it before torch is imported."""
 
@@ -65,19 +65,13 @@ def mincore_tells(path: os.PathLike, st: os.stat_result) -> bool:
 
 
 class Mutex:
-    """A pthread mutex in memory of its own, for threads that also take it in C (given its
-    `address`): zeroed memory is an unlocked default mutex (PTHREAD_MUTEX_INITIALIZER is all zeros
-    in glibc and musl). A waiter sleeps on it; taken through ctypes, without the GIL."""
+    """A pthread mutex in memory of its own, for C code given its `address` (the compiled kernels
+    take it around their writes): zeroed memory is an unlocked default mutex
+    (PTHREAD_MUTEX_INITIALIZER is all zeros in glibc and musl). AttributeError where the C library
+    has no pthread mutex to take it with."""
 
     def __init__(self):
+        if not hasattr(libc(), "pthread_mutex_lock"):
+            raise AttributeError("this C library has no pthread_mutex_lock")
         self.memory = ctypes.create_string_buffer(64)  # sizeof(pthread_mutex_t): 40 on x86-64, 48 on aarch64
         self.address = ctypes.addressof(self.memory)
-        self.lib = libc()
-        self.lib.pthread_mutex_lock  # AttributeError here where there is none
-
-    def __enter__(self) -> "Mutex":
-        self.lib.pthread_mutex_lock(self.address)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.lib.pthread_mutex_unlock(self.address)

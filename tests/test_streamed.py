@@ -14,6 +14,7 @@ from test_native import lib  # noqa: F401  (the kernels of every instruction-set
 from test_reliability import assert_same_tree
 
 from converter.errors import OutputError
+from converter.libc import libc
 from converter.numerics.dispatch import quantize_mxfp8, requantize_fp8_block
 from converter.numerics.streamed import quantize_bf16_to_file, requantize_fp8_to_file
 from converter.run import execute, pieces
@@ -199,10 +200,14 @@ def test_workers_writing_one_file_take_turns_on_its_mutex(lib, tmp_path):  # noq
         scales = torch.empty(256 * 4, dtype=torch.uint8)
         job = threading.Thread(target=requantize_fp8_to_file,
                                args=(w, s, "rceil", fd, at, scales, torch.empty(128 * 128, dtype=torch.uint8), lock))
-        with out.turn:
+        c = libc()
+        c.pthread_mutex_lock(lock)  # held here, as by another worker writing
+        try:
             job.start()
             job.join(0.5)
             assert job.is_alive() and (tmp_path / "a.partial").read_bytes()[at:].count(0) == 256 * 132
+        finally:
+            c.pthread_mutex_unlock(lock)
         job.join(30)
         out.record_rows("w", 0, 256)
         out.write("s", scales.view(256, 4))

@@ -243,6 +243,14 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, out: torch.Ten
     return out
 
 
+def fp8_tiles_fit(weight: torch.Tensor, scale_inv: torch.Tensor) -> bool:
+    """Whether the compiled FP8 kernels take these: one-byte codes [N, K] with K a multiple of 32,
+    and float32 tile scales covering every 128x128 tile."""
+    n, k = weight.shape
+    return (scale_inv.dtype == torch.float32 and not k % _BLOCK and weight.element_size() == 1
+            and scale_inv.dim() == 2 and scale_inv.shape[0] >= -(-n // _TILE) and scale_inv.shape[1] >= -(-k // _TILE))
+
+
 def requantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, rule: str, out: Out = None
                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """quantize_mxfp8(dequantize_fp8_block(weight, scale_inv)) without the BF16 tensor in memory;
@@ -251,8 +259,7 @@ def requantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, rule: str, out
     n, k = weight.shape
     lib = _native(weight.device)
     if lib is not None:
-        if (scale_inv.dtype != torch.float32 or k % _BLOCK or weight.element_size() != 1 or scale_inv.dim() != 2
-                or scale_inv.shape[0] < -(-n // _TILE) or scale_inv.shape[1] < -(-k // _TILE)):
+        if not fp8_tiles_fit(weight, scale_inv):
             return None  # the reference path says what is wrong
         mult_table, exp_table = scale_tables(rule, weight.device)
         q, scales = _outputs(out, n, k, weight.device)

@@ -37,6 +37,8 @@ typedef struct {
 
 /* Write rows [r0, r1) of a band to the sink: 0, or -errno of the write that failed. */
 int mx_sink_write(const mx_sink *sink, const uint8_t *q, int64_t r0, int64_t r1, int64_t k);
+int mx_quantize_bf16(const uint16_t *restrict x, int64_t n, int64_t k, const float *restrict mult,
+                     const uint8_t *restrict exp, int clamp, uint8_t *restrict q, uint8_t *restrict scales);
 int mx_requantize_fp8_into(const uint8_t *restrict w, int64_t n, int64_t k, const float *restrict s,
                            int64_t scols, const float *restrict mult, const uint8_t *restrict exp,
                            int clamp, uint8_t *restrict q, uint8_t *restrict scales, const mx_sink *sink);

@@ -15,9 +15,6 @@
 
 #include "mxfp8.h"
 
-int mx_quantize_bf16(const uint16_t *restrict x, int64_t n, int64_t k, const float *restrict mult,
-                     const uint8_t *restrict exp, int clamp, uint8_t *restrict q, uint8_t *restrict scales);
-
 int mx_sink_write(const mx_sink *sink, const uint8_t *q, int64_t r0, int64_t r1, int64_t k) {
     int64_t total = (r1 - r0) * k, done = 0;
     int status = 0;

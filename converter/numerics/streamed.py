@@ -49,8 +49,7 @@ def requantize_fp8_to_file(weight: torch.Tensor, scale_inv: torch.Tensor, rule: 
     n, k = weight.shape
     s = tile_scales(scale_inv)
     rows = band.numel() // max(1, k) // FP8_TILE * FP8_TILE
-    if (s is None or not n or k % MX_BLOCK or rows == 0 or not _scales_fit(scales, n, k) or s.dim() != 2
-            or s.shape[0] < -(-n // FP8_TILE) or s.shape[1] < -(-k // FP8_TILE)):
+    if s is None or not n or rows == 0 or not _scales_fit(scales, n, k) or not kernels.fp8_tiles_fit(weight, s):
         return False
     rule = ScaleRule(rule).value
     mult, exp = kernels.scale_tables(rule, weight.device)

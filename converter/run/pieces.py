@@ -251,12 +251,7 @@ def compute(piece: Piece, inputs: dict[str, torch.Tensor], recipe: Recipe, devic
         if job.action in _FILLS_OUT:
             out = {}
             for t in job.outputs:
-                shape = _sub_rows(t.shape, piece.rows) if piece.rows else t.shape
-                planned = PlannedTensor(t.name, t.dtype, shape)
-                buf = writer.region(t.name, r0, shape[0] if piece.rows else None) if in_place else None
-                if buf is None or buf.numel() != planned.nbytes:
-                    buf = pool.take(planned.nbytes, writer.phase(t.name, r0), bufs)
-                out[t.name] = buf.view(DTYPES[t.dtype]).view(shape)
+                out[t.name] = _output_buffer(t, piece, pool, writer, bufs, in_place)
         return run_job(job, inputs.__getitem__, recipe, out=out)
     with torch.cuda.stream(stream):
         on_device = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
@@ -273,6 +268,19 @@ def compute(piece: Piece, inputs: dict[str, torch.Tensor], recipe: Recipe, devic
         done.record(stream)
         done.synchronize()
     return host
+
+
+def _output_buffer(t: PlannedTensor, piece: Piece, pool: BufferPool, writer: ShardWriter, bufs: list,
+                   in_place: bool) -> torch.Tensor:
+    """Where the piece's rows of planned output `t` are made: their place in a mapped shard (if
+    `in_place`), or a pooled buffer at that place's phase (listed in `bufs`)."""
+    r0 = piece.output_row
+    shape = _sub_rows(t.shape, piece.rows) if piece.rows else t.shape
+    nbytes = PlannedTensor(t.name, t.dtype, shape).nbytes
+    buf = writer.region(t.name, r0, shape[0] if piece.rows else None) if in_place else None
+    if buf is None or buf.numel() != nbytes:
+        buf = pool.take(nbytes, writer.phase(t.name, r0), bufs)
+    return buf.view(DTYPES[t.dtype]).view(shape)
 
 
 def _band_buffer(nbytes: int) -> torch.Tensor:
@@ -302,8 +310,7 @@ def streamed(piece: Piece, inputs: dict[str, torch.Tensor], recipe: Recipe, pool
     target = writer.stream_target(data.name, r0, n, k)
     if target is None:
         return None
-    shape = _sub_rows(scale.shape, piece.rows) if piece.rows else scale.shape
-    scales = pool.take(PlannedTensor(scale.name, scale.dtype, shape).nbytes, writer.phase(scale.name, r0), bufs)
+    scales = _output_buffer(scale, piece, pool, writer, bufs, in_place=False)
     fd, offset, lock = target
     try:
         if op.prep == FROM_FP8:
@@ -318,4 +325,4 @@ def streamed(piece: Piece, inputs: dict[str, torch.Tensor], recipe: Recipe, pool
     if not done:
         return None
     writer.record_rows(data.name, r0, n)
-    return {scale.name: scales.view(DTYPES[scale.dtype]).view(shape)}
+    return {scale.name: scales}
