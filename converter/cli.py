@@ -104,15 +104,15 @@ def convert(
                                              "from a moved or copied source redoes its shards"),
 ) -> None:
     """Convert SRC into an MXFP8 (or BF16) checkpoint in DST."""
-    if not dry_run and ray is None and not no_source_hash:  # hash the source on a spare core while torch imports
-        from converter.sources.hashing import start_early
-
-        start_early(src)
-    if not dry_run and ray is None:  # their torch imports overlap ours and the planning
-        from converter.run.processes import process_count, warm_up
+    if not dry_run and ray is None:  # their torch imports overlap ours and the planning; started first:
+        from converter.run.processes import process_count, warm_up  # theirs is the start's longest wait
 
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as _import_quietly says, for them too
         warm_up(processes or process_count(device, workers), device, workers)
+    if not dry_run and ray is None and not no_source_hash:  # hash the source on spare cores while torch imports
+        from converter.sources.hashing import start_early
+
+        start_early(src)
     with _interruptible(_RERUN):
         _import_quietly()
         if not dry_run and ray is None:  # a Ray driver reads no tensor

@@ -2,7 +2,7 @@
 """When each conversion process does its work: a timeline of a multi-process run, seen from the
 parent (what `profile_pipeline.py` cannot see: it times the stages of one process).
 
-Runs one conversion as `mxconv convert` does (the early source hash, the warm processes, then
+Runs one conversion as `mxconv convert` does (the warm processes, the early source hash, then
 `convert`), recording when each process is sent its job, when it first reports reading a file,
 every byte of progress it reports, and when it says it is done, when its imports were done
 (ready_s: negative if before the conversion began), and when the source hash ran;
@@ -15,6 +15,8 @@ then prints as JSON, in seconds from the moment the conversion began (`write_sha
     first/last_done_s   the first and the last process done; convert_tail_s, from the end of the
                         conversion to the end of `convert` (hashes, index, config, provenance)
     hash_s              when the source hash began and ended (before 0: during the start-up)
+    warm_up_s           when the processes were started, and imported_s when this process's imports
+                        were done (torch, the pipeline): both before 0
     gb_done_every_100ms the curve; and for each process its job, first read, first and last
                         progress and done times; peak RSS of the parent and the largest process
 
@@ -146,17 +148,18 @@ def main() -> int:
     if Path(args.dst).exists():
         shutil.rmtree(args.dst)
     instrument()
+    from converter.run import processes
+
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    marks: dict[str, float] = {"warm_up": time.perf_counter() - T0}
+    processes.warm_up(processes.process_count("cpu", args.workers), "cpu", args.workers)
     if not args.no_source_hash:
         from converter.sources.hashing import start_early
 
         start_early(args.src)
-    from converter.run import processes
-
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    processes.warm_up(processes.process_count("cpu", args.workers), "cpu", args.workers)
     from converter.run import pipeline
 
-    marks: dict[str, float] = {}
+    marks["imported"] = time.perf_counter() - T0
     write_shards = pipeline.write_shards
 
     def timed_write_shards(todo, count, job, devices, progress, *a, **k):
@@ -179,6 +182,8 @@ def main() -> int:
     out = {"label": args.label, "workers": args.workers, "max_shard_size": args.max_shard_size,
            "hash": not args.no_source_hash, "result_seconds": round(result.seconds, 3),
            "peak_rss_gb": {"parent": round(rss[0], 2), "largest_process": round(rss[1], 2)},
+           "warm_up_s": round(marks["warm_up"] - marks["began"], 3),  # processes started (negative: before)
+           "imported_s": round(marks["imported"] - marks["began"], 3),  # this process's imports done
            **summarize(marks["began"], marks["ended"], finished, total)}
     report(out, args.json, args.dst, indent=1)
     return 0
