@@ -100,8 +100,8 @@ def test_a_hub_download_converts_without_hashing_its_files(tiny_sources, tmp_pat
         edited = dl / shards[-1].name
         os.utime(edited, (time.time() + 60, time.time() + 60))
     hashed = []
-    real = hashing.SourceHasher._hash
-    monkeypatch.setattr(hashing.SourceHasher, "_hash", lambda self, path, ahead=False: hashed.append(path.name)
+    real = hashing.SourceHasher._begin
+    monkeypatch.setattr(hashing.SourceHasher, "_begin", lambda self, path, ahead: hashed.append(path.name)
                         or real(self, path, ahead))
     converter.convert(dl, tmp_path / "out", quiet=True)
     assert hashed == ([edited.name] if edited else [])
@@ -135,8 +135,8 @@ def test_a_freshness_check_reuses_the_early_hashes_and_hashes_the_rest_once(tiny
     for p in files[1:]:  # only the first keeps its download record
         (tmp_path / "local" / ".cache" / "huggingface" / "download" / f"{p.name}.metadata").unlink()
     hashed = []
-    real = hashing.SourceHasher._hash
-    monkeypatch.setattr(hashing.SourceHasher, "_hash", lambda self, path, ahead=False: hashed.append(path.name)
+    real = hashing.SourceHasher._begin
+    monkeypatch.setattr(hashing.SourceHasher, "_begin", lambda self, path, ahead: hashed.append(path.name)
                         or real(self, path, ahead))
     hashing.start_early(local)
     got = hashing.sha256_files(files, files)

@@ -1,6 +1,6 @@
 """The compiled CPU kernels (`converter/numerics/mxfp8.c`, `stream.c` (the same, writing their
-output to a file as they make it), `fp8_block.c`, `mx_stats.c`, `mxfp8.h`; and `guard.c`, a
-SIGBUS note):
+output to a file as they make it), `fp8_block.c`, `mx_stats.c`, `mxfp8.h`; `guard.c`, a SIGBUS
+note; and `sha256.c`, two sha256s at once on one core, for the source hasher):
 built once per machine with the system C compiler into one library, cached, loaded with ctypes.
 
 Why compiled code: on a CPU the conversion must keep pace with copying the files, and torch's
@@ -10,7 +10,8 @@ ctypes releases the GIL for the call, so worker threads run them in parallel.
 
 Nothing depends on them: without a compiler, with MXCONV_NATIVE=0, or when a build fails, `load()`
 returns None and the torch kernels (`converter.numerics.kernels`) produce the same bytes, about 7x slower
-on FP8 sources and 3x on BF16. The tests run both and compare them with the reference byte for byte.
+on FP8 sources and 3x on BF16 (and the source is hashed with hashlib, one file per thread). The tests
+run both and compare them with the reference byte for byte.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import threading
 import warnings
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("mxfp8.c", "stream.c", "fp8_block.c", "mx_stats.c", "guard.c"))
+SOURCES = tuple(Path(__file__).with_name(f)
+                for f in ("mxfp8.c", "stream.c", "fp8_block.c", "mx_stats.c", "guard.c", "sha256.c"))
 HEADER = Path(__file__).with_name("mxfp8.h")
 # -ffp-contract=off: no fused multiply-add (it would skip a rounding the reference does);
 # -march=native: the cache key holds the CPU's feature flags, so a shared cache stays correct.
@@ -128,6 +130,8 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mx_requantize_fp8_to_fd.argtypes = [p, i64, i64, p, i64, p, p, i, p, i64, i, i64, p, p]
     lib.mx_quantize_bf16_to_fd.argtypes = [p, i64, i64, p, p, i, p, i64, i, i64, p, p]
     lib.mx_requantize_fp8_to_fd.restype = lib.mx_quantize_bf16_to_fd.restype = i
+    lib.mx_sha256_blocks.argtypes = [p, p, p, p, i64]
+    lib.mx_sha256_blocks.restype = i
     lib.mx_note_sigbus.argtypes = [ctypes.c_char_p]
     lib.mx_note_sigbus.restype = i
     return lib

@@ -1,0 +1,115 @@
+"""The source hasher's two files at once (`sources/sha256_pairs.py`, `numerics/sha256.c`): every
+digest equal to hashlib's, for lengths around every padding case and across mapped windows;
+pairs only where more files wait than threads are free; hashlib wherever the compiled rounds or
+a mapping are missing."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import struct
+
+import pytest
+
+from converter.sources import hashing, sha256_pairs
+
+_COMPRESS = sha256_pairs.compressor()
+needs_compiled = pytest.mark.skipif(_COMPRESS is None, reason="no compiled sha256 rounds here (no C compiler, "
+                                    "MXCONV_NATIVE=0, or a CPU without the SHA extensions)")
+# around the padding's edges (55/56: the length still fits the last block), block and window edges
+_LENGTHS = [0, 1, 55, 56, 63, 64, 65, 119, 120, 127, 128, 4095, 4096, 4097, 65536, 65536 * 3 + 77, 200_001]
+
+
+def _files(tmp_path, lengths):
+    out = []
+    for i, n in enumerate(lengths):
+        (p := tmp_path / f"model-{i:05d}.safetensors").write_bytes(os.urandom(n))
+        out.append(p)
+    return out
+
+
+def _digests(files):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@needs_compiled
+def test_the_compiled_rounds_one_and_two_messages_at_once():
+    """mx_sha256_blocks over padded messages, alone and two by two (of different contents, the
+    same block count): hashlib's digests."""
+    def padded(data: bytes) -> bytes:
+        return data + b"\x80" + bytes((55 - len(data)) % 64) + struct.pack(">Q", len(data) * 8)
+
+    def state():
+        return (ctypes.c_uint32 * 8)(*sha256_pairs._H0)
+
+    for n in _LENGTHS[:12]:
+        a, b = os.urandom(n), os.urandom(n)
+        pa, pb = padded(a), padded(b)
+        sa, sb, alone = state(), state(), state()
+        assert _COMPRESS(sa, pa, sb, pb, len(pa) // 64) == 0
+        assert _COMPRESS(alone, pa, None, None, len(pa) // 64) == 0
+        assert struct.pack(">8I", *sa).hex() == struct.pack(">8I", *alone).hex() == hashlib.sha256(a).hexdigest()
+        assert struct.pack(">8I", *sb).hex() == hashlib.sha256(b).hexdigest()
+
+
+@needs_compiled
+@pytest.mark.parametrize("threads", [1, 2])
+def test_files_hashed_two_at_a_time_give_hashlibs_digests(tmp_path, monkeypatch, threads):
+    """Fewer threads than files: the threads take files two at a time (seen in the steps they
+    run), over windows of 64 KB, files of every length pairing with every other as they end."""
+    monkeypatch.setattr(sha256_pairs, "WINDOW", 1 << 16)
+    steps = []
+    real = sha256_pairs.step
+    monkeypatch.setattr(sha256_pairs, "step", lambda messages, c: steps.append(len(messages)) or real(messages, c))
+    files = _files(tmp_path, _LENGTHS)
+    got = hashing.SourceHasher(files, threads=threads, use_recorded=False).start()
+    got.release_all()
+    assert got.result() == _digests(files)
+    assert 2 in steps
+
+
+@needs_compiled
+def test_no_pairs_while_a_thread_is_free(tmp_path, monkeypatch):
+    """As many threads as files: each takes one (paired, a file would take longer to finish)."""
+    steps = []
+    real = sha256_pairs.step
+    monkeypatch.setattr(sha256_pairs, "step", lambda messages, c: steps.append(len(messages)) or real(messages, c))
+    files = _files(tmp_path, [300_000] * 4)
+    h = hashing.SourceHasher(files, threads=4, use_recorded=False).start()
+    h.release_all()
+    assert h.result() == _digests(files)
+    assert steps and set(steps) == {1}
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_file_that_cannot_be_mapped_is_read(tmp_path, monkeypatch, compiled):
+    """Where no window maps (some special file systems), neither for the compiled rounds nor for
+    hashlib, the files are read instead: the same digests."""
+    def refuse(*args, **kwargs):
+        raise OSError("mmap refused")
+
+    class NoMaps:  # the C library, less mmap
+        def __getattr__(self, name):
+            real = getattr(hashing.libc(), name)
+            return (lambda *a: ctypes.c_void_p(-1).value) if name == "mmap" else real
+
+    if not compiled:
+        monkeypatch.setattr(sha256_pairs, "compressor", lambda: None)
+    monkeypatch.setattr(sha256_pairs, "libc", NoMaps)
+    monkeypatch.setattr(hashing.mmap, "mmap", refuse)
+    files = _files(tmp_path, [0, 70_000, 5, 130_000])
+    h = hashing.SourceHasher(files, threads=1, use_recorded=False).start()
+    h.release_all()
+    assert h.result() == _digests(files)
+
+
+def test_a_file_gone_before_its_turn_is_the_hashers_error(tmp_path, monkeypatch):
+    """A file removed before its turn: result() names the failure (no hang, no digest)."""
+    monkeypatch.setattr(hashing, "cached", lambda path: False)  # nothing hashed ahead of release_all
+    files = _files(tmp_path, [1000, 2000, 3000])
+    h = hashing.SourceHasher(files, threads=1, use_recorded=False)._launch()
+    files[1].unlink()
+    h.release_all()
+    with pytest.raises(Exception, match="hashing the source failed"):
+        h.result()
