@@ -177,6 +177,8 @@ class SourceHasher:
                 queued = [self.futures[path] for path, _ in self.pending]
                 self.pending.clear()
                 self.wake.notify_all()
+            for m, _ in held:
+                m.close()
             for future in [f for _, f in held] + queued:
                 if not future.done():
                     future.set_exception(e)
