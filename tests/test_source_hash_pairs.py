@@ -9,6 +9,8 @@ import ctypes
 import hashlib
 import os
 import struct
+import threading
+import time
 
 import pytest
 
@@ -113,3 +115,79 @@ def test_a_file_gone_before_its_turn_is_the_hashers_error(tmp_path, monkeypatch)
     h.release_all()
     with pytest.raises(Exception, match="hashing the source failed"):
         h.result()
+
+
+def _result_within(h, seconds=20):
+    """h.result() run in a thread: ("ok", digests), ("error", exception), or ("hang", None)."""
+    out = []
+
+    def run():
+        try:
+            out.append(("ok", h.result()))
+        except Exception as e:
+            out.append(("error", e))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    return out[0] if out else ("hang", None)
+
+
+@pytest.mark.parametrize("where", ["begin", "message"])
+def test_a_thread_that_fails_fails_its_files_instead_of_hanging(tmp_path, monkeypatch, where):
+    """A bug in a hashing thread (here an injected error where it takes a file): result() says so
+    at once, for the file taken and for those still queued, instead of waiting forever."""
+    monkeypatch.setattr(hashing, "cached", lambda path: False)
+    files = _files(tmp_path, [100_000] * 4)
+    if where == "begin":
+        real = hashing.SourceHasher._begin
+        monkeypatch.setattr(hashing.SourceHasher, "_begin", lambda self, path, ahead: (
+            _raise(RuntimeError("injected")) if path == files[0] else real(self, path, ahead)))
+    else:
+        real_init = sha256_pairs.Message.__init__
+        monkeypatch.setattr(sha256_pairs.Message, "__init__", lambda self, path: (
+            _raise(MemoryError("injected")) if path == files[0] else real_init(self, path)))
+        monkeypatch.setattr(sha256_pairs, "compressor", lambda: _COMPRESS or (lambda *a: 0))
+    h = hashing.SourceHasher(files, threads=1, use_recorded=False)._launch()
+    h.release_all()
+    outcome, error = _result_within(h)
+    assert outcome == "error" and "injected" in str(error)
+
+
+def _raise(e):
+    raise e
+
+
+def test_a_burst_of_files_starts_threads_beside_a_waiting_one(tmp_path, monkeypatch):
+    """Files queued while a thread waits (notified, not yet running): more threads start, up to
+    the limit, rather than leaving every file to the one thread."""
+    monkeypatch.setattr(hashing, "cached", lambda path: False)  # the files come as released below
+    files = _files(tmp_path, [200_000] * 20)
+    h = hashing.SourceHasher(files, threads=4, use_recorded=False)._launch()
+    h.release(files[0])
+    h.futures[files[0]].result(timeout=20)
+    deadline = time.monotonic() + 20
+    while h.idle != 1 and time.monotonic() < deadline:  # the thread waits for more
+        time.sleep(0.01)
+    assert h.running == 1 and h.idle == 1
+    wake = h.wake.notify
+    h.wake.notify = lambda n=1: None  # the waiting thread does not run before the burst is queued
+    for p in files[1:]:
+        h.release(p)
+    assert h.running == 4
+    h.wake.notify = wake
+    assert h.result() == _digests(files)
+
+
+@needs_compiled
+def test_a_file_cut_short_before_its_last_block_is_an_error(tmp_path):
+    """A file that shrinks after its whole blocks were hashed: finish() says so instead of padding
+    a shorter tail into a digest of neither content."""
+    (p := tmp_path / "f").write_bytes(os.urandom(100))
+    m = sha256_pairs.Message(p)
+    assert sha256_pairs.step([m], _COMPRESS) == []
+    assert m.pos == 64 and sha256_pairs.step([m], _COMPRESS) == [m]
+    os.truncate(p, 70)
+    with pytest.raises(OSError, match="cut short"):
+        m.finish(_COMPRESS)
+    assert m.fd == -1

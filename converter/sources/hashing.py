@@ -121,7 +121,8 @@ class SourceHasher:
                 self.pending.append((path, ahead))
                 if self.idle:
                     self.wake.notify()
-                elif self.running < self.threads:
+                # more queued than waiting threads (a woken one counts as waiting until it runs): one more
+                if len(self.pending) > self.idle and self.running < self.threads:
                     self.running += 1
                     threading.Thread(target=self._work, name="mxconv-hash", daemon=True).start()
 
@@ -177,11 +178,11 @@ class SourceHasher:
                 queued = [self.futures[path] for path, _ in self.pending]
                 self.pending.clear()
                 self.wake.notify_all()
-            for m, _ in held:
-                m.close()
             for future in [f for _, f in held] + queued:
                 if not future.done():
                     future.set_exception(e)
+            for m, _ in held:
+                m.close()
 
     def _hash_files(self, held: list) -> None:
         compress = sha256_pairs.compressor()
@@ -191,7 +192,12 @@ class SourceHasher:
                 if got is None and not held:
                     return
                 if got is not None:
-                    self._take(*got, held, compress)
+                    try:
+                        self._take(*got, held, compress)
+                    except BaseException as e:  # (taken from the queue, not held yet: failed here)
+                        if not got[2].done():
+                            got[2].set_exception(e)
+                        raise
                     if not held:  # hashed at once (hashlib), or not to be hashed now
                         self._holds_none()
                     continue  # a second one, where files wait
@@ -205,8 +211,16 @@ class SourceHasher:
                 ended = []
             for m in ended:
                 future = next(f for n, f in held if n is m)
+                try:
+                    digest = m.finish(compress)
+                except OSError:  # cut short meanwhile: hashlib hashes what is there (the run sees the change)
+                    digest = None
                 held.remove((m, future))
-                self._settle(future, lambda path: self._record(path, m.finish(compress)), m.path)
+                if digest is None:
+                    self._settle(future, self._hash_alone, m.path)
+                else:
+                    self._record(m.path, digest)
+                    future.set_result(None)
             if not held:
                 self._holds_none()
 

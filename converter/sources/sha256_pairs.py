@@ -63,7 +63,9 @@ class Message:
     def span(self) -> tuple[int, int]:
         """(address, length) of the whole blocks mapped from `pos` on, mapping the next window
         once the current one is used up; length 0 once only the last, partial block is left.
-        OSError where the file cannot be mapped, or was cut short."""
+        OSError where the file cannot be mapped, or is found cut short as a window is mapped
+        (Linux 5.14 and later; a cut inside a mapped window ends the process with SIGBUS, as
+        hashlib's windows in `hashing.py` would)."""
         left = (self.size - self.pos) // 64 * 64
         if not left:
             return 0, 0
@@ -80,9 +82,12 @@ class Message:
         return self.address + self.pos - self.start, min(self.start + self.length - self.pos, left)
 
     def finish(self, compress: Compress) -> str:
-        """The digest, from the last partial block and the padding; closes the file."""
+        """The digest, from the last partial block and the padding; closes the file. OSError
+        where the file has been cut short."""
         try:
             tail = os.pread(self.fd, self.size - self.pos, self.pos)
+            if len(tail) != self.size - self.pos:
+                raise OSError(errno.EIO, f"{self.path} was cut short while it was hashed")
             padded = tail + b"\x80" + bytes((55 - len(tail)) % 64) + struct.pack(">Q", self.size * 8)
             compress(self.state, ctypes.create_string_buffer(padded, len(padded)), None, None, len(padded) // 64)
             return struct.pack(">8I", *self.state).hex()
@@ -90,10 +95,14 @@ class Message:
             self.close()
 
     def close(self) -> None:
+        """Unmap and close; never raises (a read-only file's close has nothing to report)."""
         self._unmap()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _unmap(self) -> None:
         if self.address is not None:
