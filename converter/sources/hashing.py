@@ -24,7 +24,6 @@ sixth less on Intel Xeon. Without the compiled library, files are hashed with ha
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import mmap
@@ -35,7 +34,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from converter.files import INDEX_FILE, SINGLE_FILE  # files.py imports nothing: still light
-from converter.libc import libc, mincore_tells, resident
+from converter.libc import libc, map_file, mincore_tells, resident
 from converter.sources import sha256_pairs
 from converter.sources.hub_digests import recorded_sha256s
 
@@ -63,8 +62,8 @@ def cached(path: Path) -> bool:
                 return False
             if not size:
                 return True
-            address = c.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
-            if address in (None, ctypes.c_void_p(-1).value):
+            address = map_file(f.fileno(), 0, size)
+            if address is None:
                 return False
             try:
                 return resident(address, size)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from converter.errors import SourceError
-from converter.libc import MADV_POPULATE_READ, libc
+from converter.libc import MADV_POPULATE_READ, libc, map_file
 
 DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
@@ -168,9 +168,6 @@ def read_tensor(info: TensorInfo, pin: bool = False, out: torch.Tensor | None = 
     return buf.view(info.torch_dtype).reshape(info.shape)
 
 
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
 class _Unmap:
     """munmap(2) of a mapping when the buffer that holds this goes (with the last tensor over it)."""
 
@@ -219,12 +216,12 @@ def map_tensor(info: TensorInfo) -> torch.Tensor | None:
             os.posix_fadvise(fd, at, length, os.POSIX_FADV_WILLNEED)
         except OSError:  # advice only: the faults read what it would have
             pass
-        address = c.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, at)
+        address = map_file(fd, at, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE)
     except OSError:
         return None
     finally:
         os.close(fd)
-    if address in (None, _MAP_FAILED):
+    if address is None:
         return None
     region = (ctypes.c_ubyte * length).from_address(address)
     region.unmap = _Unmap(address, length)  # torch holds `region` as long as any tensor over it lives

@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import mmap
 import os
 import struct
 from pathlib import Path
 from typing import Callable
 
-from converter.libc import MADV_POPULATE_READ, libc
+from converter.libc import MADV_POPULATE_READ, libc, map_file
 
 WINDOW = 16 << 20  # bytes of a file mapped at a time (a multiple of the page size): RSS stays bounded
 _H0 = (0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A, 0x510E527F, 0x9B05688C, 0x1F83D9AB, 0x5BE0CD19)
-_MAP_FAILED = ctypes.c_void_p(-1).value
 
 Compress = Callable[..., int]  # mx_sha256_blocks(state_a, a, state_b | None, b | None, nblocks)
 
@@ -72,12 +70,11 @@ class Message:
         if self.address is None or self.pos >= self.start + self.length:
             self._unmap()
             length = min(WINDOW, self.size - self.pos)  # windows start at multiples of WINDOW
-            c = libc()
-            address = c.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, self.fd, self.pos)
-            if address in (None, _MAP_FAILED):
+            address = map_file(self.fd, self.pos, length)
+            if address is None:
                 raise OSError(ctypes.get_errno(), f"cannot map {self.path}")
             self.address, self.start, self.length = address, self.pos, length
-            if c.madvise(address, length, MADV_POPULATE_READ) != 0 and ctypes.get_errno() == errno.EFAULT:
+            if libc().madvise(address, length, MADV_POPULATE_READ) != 0 and ctypes.get_errno() == errno.EFAULT:
                 raise OSError(errno.EIO, f"{self.path} was cut short while it was hashed")
         return self.address + self.pos - self.start, min(self.start + self.length - self.pos, left)
 
