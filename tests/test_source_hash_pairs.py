@@ -167,13 +167,23 @@ def test_a_burst_of_files_starts_threads_beside_a_waiting_one(tmp_path, monkeypa
     while h.idle != 1 and time.monotonic() < deadline:  # the thread waits for more
         time.sleep(0.01)
     assert h.running == 1 and h.idle == 1
-    wake = h.wake.notify
-    h.wake.notify = lambda n=1: None  # the waiting thread does not run before the burst is queued
+    # Until the burst is queued, neither the waiting thread nor a new one runs: its wake-ups are
+    # held back (and delivered after), and new threads wait at a gate. (Without the gate a new
+    # thread could hash the queue empty mid-burst and wait, and the burst's later files rightly
+    # start no thread: the count below would depend on the scheduler.)
+    wake, held_back = h.wake.notify, []
+    h.wake.notify = lambda n=1: held_back.append(n)
+    gate, work = threading.Event(), h._work
+    h._work = lambda: gate.wait(20) and work()
     for p in files[1:]:
         h.release(p)
     assert h.running == 4
     h.wake.notify = wake
-    assert h.result() == _digests(files)
+    with h.lock:
+        for n in held_back:
+            wake(n)
+    gate.set()
+    assert _result_within(h) == ("ok", _digests(files))
 
 
 @needs_compiled
