@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bench  # noqa: E402  (scripts/ is on sys.path when bench.py runs)
+import bench_report  # noqa: E402
 import bench_sources  # noqa: E402
 
 from converter.files import INDEX_FILE  # noqa: E402
@@ -121,7 +122,7 @@ def summarize(rows: dict[str, list[dict]], weight_bytes: int) -> list[dict]:
             out.append({"name": name, "error": (rows[name][-1]["stderr"].strip().splitlines() or ["failed"])[-1]})
             continue
         wall = statistics.median(r["wall_s"] for r in runs)
-        inside = [float(m.group(1)) for r in runs if (m := bench._CONVERT_TIME.search(r["stdout"]))]
+        inside = [float(m.group(1)) for r in runs if (m := bench_report.CONVERT_TIME.search(r["stdout"]))]
         conv = statistics.median(inside) if inside else None
         out.append({"name": name, "runs": len(runs), "wall_s": round(wall, 2),
                     "walls": [r["wall_s"] for r in runs],
