@@ -430,7 +430,10 @@ def test_a_file_evicted_while_queued_waits_for_the_conversion(tiny_sources, tmp_
     monkeypatch.setattr(source_hash, "cached", cached_then_evicted)
     h = source_hash.SourceHasher(files, threads=1)._launch()
     deadline = time.monotonic() + 10
-    while any(n < 2 for n in seen.values()) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # each file checked again at its turn, and the thread back waiting:
+        with h.lock:                    # done with the last one (seen at 2 comes before its future goes)
+            if all(n == 2 for n in seen.values()) and h.idle == 1:
+                break
         time.sleep(0.01)
     assert all(n == 2 for n in seen.values()) and not h.hashes and not h.futures  # none hashed ahead
     h.release(files[1])

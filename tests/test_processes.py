@@ -301,6 +301,12 @@ def _started(dst: Path, proc: MxconvProcess, shards: int = 1) -> bool:
     return False
 
 
+# One CPU (a 1-core runner, taskset): one worker by default, which converts in the command's own
+# process (processes.write), so there is no conversion process to kill
+needs_two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: the run stays in one process")
+
+
+@needs_two_cpus
 def test_a_conversion_process_that_dies_is_named_and_the_rerun_resumes(src, reference, tmp_path):
     """Killed outright (the kernel's OOM killer does that), it cannot clean up: the run says which
     process died, exits non-zero, stops the others; the rerun removes what it left and resumes."""
@@ -333,6 +339,7 @@ def _is_converter(pid: int) -> bool:
         return False
 
 
+@needs_two_cpus
 def test_a_killed_parent_stops_its_processes_and_the_rerun_resumes(src, reference, tmp_path):
     """SIGKILL to mxconv itself: its conversion processes see their socket close, remove their
     unfinished shards and exit instead of writing on unwatched."""

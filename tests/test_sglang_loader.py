@@ -30,7 +30,7 @@ pytestmark = pytest.mark.sglang
 REPO = Path(__file__).resolve().parent.parent
 HARNESS = REPO / "tests" / "sglang_harness"
 PYTHON = Path(os.environ.get("MXCONV_SGLANG_PYTHON") or REPO / ".venv-sglang" / "bin" / "python")
-TIMEOUT_S = 600
+TIMEOUT_S = 300  # a harness takes 8-20 s on 2 cores; below pytest-timeout's 600 s, so a hang names the harness
 
 
 def consumers_python() -> Path:
