@@ -1,8 +1,8 @@
 """The C library through ctypes, for the calls Python lacks or makes while holding the GIL:
 madvise (Python's mmap.madvise holds the GIL), mincore (not in Python), the mmap/munmap by
-address that mincore needs (`map_file`), memcmp (10x torch.equal on bytes, for verify), memory for a pthread
-mutex the compiled kernels take (`Mutex`), prctl; and, on top of
-mincore, whether a mapped range is all in memory and whether the kernel tells us so for a file.
+address that mincore needs (`map_file`), memcmp (10x torch.equal on bytes, for verify), memory
+for a pthread mutex the compiled kernels take (`Mutex`), prctl; and, on top of mincore, whether
+a mapped range is all in memory and whether the kernel tells us so for a file.
 Free of torch: the source hasher uses it before torch is imported."""
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def map_file(fd: int, offset: int, length: int, prot: int = mmap.PROT_READ, flag
     or None where the file cannot be mapped (errno says why). munmap it with libc().munmap."""
     address = libc().mmap(None, length, prot, flags, fd, offset)
     return None if address in (None, _MAP_FAILED) else address
+
+
 _LOW_BIT = bytes(i & 1 for i in range(256))
 
 

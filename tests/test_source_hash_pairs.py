@@ -198,3 +198,23 @@ def test_a_file_cut_short_before_its_last_block_is_an_error(tmp_path):
     with pytest.raises(OSError, match="cut short"):
         m.finish(_COMPRESS)
     assert m.fd == -1
+
+
+@needs_compiled
+def test_the_hasher_hashes_a_file_cut_short_at_its_end_again(tmp_path, monkeypatch):
+    """The hasher's side of the above: a file cut inside its last block once its whole blocks
+    were hashed gets hashlib's digest of what is there now (the run then sees the change), not
+    a digest padded from the shorter tail."""
+    files = _files(tmp_path, [1000, 3000])
+    real = sha256_pairs.Message.finish
+
+    def cut_then_finish(self, compress):
+        if self.path == files[0] and os.path.getsize(self.path) == 1000:
+            os.truncate(self.path, 970)  # whole blocks end at 960: the 40-byte tail is now 10
+        return real(self, compress)
+
+    monkeypatch.setattr(sha256_pairs.Message, "finish", cut_then_finish)
+    h = hashing.SourceHasher(files, threads=1, use_recorded=False).start()
+    h.release_all()
+    assert _result_within(h) == ("ok", _digests(files))
+    assert os.path.getsize(files[0]) == 970
