@@ -60,6 +60,34 @@ def child(lib, tables, root: str, mode: str, index: int, band: int, ready: int, 
     os.close(fd)
 
 
+def timed(procs: int, target, *args) -> tuple[float, float]:
+    """Fork `procs` children running target(index, *args, ready, go, report): each readies itself
+    (writes to `ready`), waits for `go`, works, and reports its own seconds. (wall, slowest)."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    report_r, report_w = os.pipe()
+    pids = []
+    for i in range(procs):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                target(i, *args, ready_w, go_r, report_w)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    for _ in range(procs):
+        os.read(ready_r, 1)
+    t0 = time.perf_counter()
+    os.write(go_w, b"g" * procs)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    wall = time.perf_counter() - t0
+    slowest = max(map(float, os.read(report_r, 65536).decode().split()))
+    for fd in (ready_r, ready_w, go_r, go_w, report_r, report_w):
+        os.close(fd)
+    return wall, slowest
+
+
 def main() -> None:
     root = sys.argv[1] if len(sys.argv) > 1 else "/dev/shm/mxconv-band-probe"
     counts = [int(c) for c in (sys.argv[2] if len(sys.argv) > 2 else "1,8,16").split(",")]
@@ -68,33 +96,12 @@ def main() -> None:
     try:
         for procs in counts:
             for mode, band in MODES:
-                ready_r, ready_w = os.pipe()
-                go_r, go_w = os.pipe()
-                report_r, report_w = os.pipe()
-                pids = []
-                for i in range(procs):
-                    pid = os.fork()
-                    if pid == 0:
-                        try:
-                            child(lib, tables, root, mode, i, band, ready_w, go_r, report_w)
-                        finally:
-                            os._exit(0)
-                    pids.append(pid)
-                for _ in range(procs):
-                    os.read(ready_r, 1)
-                t0 = time.perf_counter()
-                os.write(go_w, b"g" * procs)
-                for pid in pids:
-                    os.waitpid(pid, 0)
-                wall = time.perf_counter() - t0
-                slowest = max(map(float, os.read(report_r, 65536).decode().split()))
+                wall, slowest = timed(procs, lambda i, *rest: child(lib, tables, root, mode, i, band, *rest))
                 done = ROWS // PIECE * PIECE * K * procs
                 print(f"{procs:2d} processes, {mode:7s} {band or '':>4}: {done / wall / 1e9:6.2f} GB/s of input "
                       f"(slowest {slowest:.2f} s)", flush=True)
                 for name in os.listdir(root):
                     os.unlink(os.path.join(root, name))
-                for fd in (ready_r, ready_w, go_r, go_w, report_r, report_w):
-                    os.close(fd)
     finally:
         for name in os.listdir(root):
             os.unlink(os.path.join(root, name))

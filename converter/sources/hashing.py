@@ -86,7 +86,9 @@ class SourceHasher:
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
         self.hashes: dict[str, str] = dict(self.recorded)
-        self.threads = threads or max(1, min(len(self.files), (os.cpu_count() or 1) // 2))
+        # half the cores unless told (MXCONV_HASH_THREADS), never more than there are files
+        wanted = int(os.environ.get("MXCONV_HASH_THREADS", 0)) or (os.cpu_count() or 1) // 2
+        self.threads = threads or max(1, min(len(self.files), wanted))
         self.started = False  # threads may run (`_launch`)
         self.pending: deque[tuple[Path, bool]] = deque()  # queued, not taken yet: (path, ahead)
         self.running = self.idle = self.busy = 0  # threads started, waiting, holding a file
