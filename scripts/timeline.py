@@ -53,16 +53,19 @@ def instrument() -> None:
     from converter.run import processes
     from converter.sources import hashing
 
-    hash_one = hashing.SourceHasher._hash
+    begin, record, began = hashing.SourceHasher._begin, hashing.SourceHasher._record, {}
 
-    def timed_hash(self, *a, **k):
-        t = time.perf_counter() - T0
-        try:
-            return hash_one(self, *a, **k)
-        finally:
-            HASHED.append((t, time.perf_counter() - T0))
+    def timed_begin(self, path, ahead):  # a file's hash begins (either way it is hashed)...
+        go = begin(self, path, ahead)
+        if go:
+            began[path] = time.perf_counter() - T0
+        return go
 
-    hashing.SourceHasher._hash = timed_hash
+    def timed_record(self, path, digest):  # ...and ends with its digest recorded
+        HASHED.append((began.pop(path, 0.0), time.perf_counter() - T0))
+        return record(self, path, digest)
+
+    hashing.SourceHasher._begin, hashing.SourceHasher._record = timed_begin, timed_record
 
     tell, recv = processes._Child.tell, Connection.recv
 
