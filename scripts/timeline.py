@@ -124,6 +124,7 @@ def summarize(began: float, ended: float, finished: float, total: int) -> dict:
         "gb_done_every_100ms": curve,
         "hash_s": [round(min((a for a, _ in HASHED), default=began) - began, 3),
                    round(max((b for _, b in HASHED), default=began) - began, 3)],  # first start, last end
+        "hashed_files": len(HASHED),
         "planning_s": round(began, 3),  # since this script began: imports, the plan
         "conversion_s": round(conversion, 3),  # write_shards alone
         "convert_tail_s": round(finished - ended, 3),  # after write_shards: hashes, index, config, provenance

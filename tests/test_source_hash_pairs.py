@@ -84,7 +84,6 @@ def test_no_pairs_while_a_thread_is_free(tmp_path, monkeypatch):
     assert steps and set(steps) == {1}
 
 
-
 def test_hash_threads_half_the_cores_at_most_one_a_file_or_as_told(tmp_path, monkeypatch):
     files = _files(tmp_path, [10] * 5)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
@@ -97,6 +96,7 @@ def test_hash_threads_half_the_cores_at_most_one_a_file_or_as_told(tmp_path, mon
     monkeypatch.setenv("MXCONV_HASH_THREADS", "9")
     assert hashing.SourceHasher(files, use_recorded=False).threads == 5
     assert hashing.SourceHasher(files, threads=7, use_recorded=False).threads == 7
+
 
 @pytest.mark.parametrize("compiled", [True, False])
 def test_a_file_that_cannot_be_mapped_is_read(tmp_path, monkeypatch, compiled):
