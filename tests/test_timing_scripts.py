@@ -1,5 +1,5 @@
-"""scripts/timeline.py, the bench's view of a run's processes and hash, still runs: it patches the
-pipeline and the hasher from outside, so a rename there breaks it without breaking anything else."""
+"""The scripts that time a run from outside (timeline.py, profile_pipeline.py) still run: they patch
+the pipeline and the hasher, so a rename there breaks them without breaking anything else."""
 
 import json
 import os
@@ -25,3 +25,15 @@ def test_timeline_sees_every_process_and_every_file_hashed(tiny_sources, tmp_pat
     assert len(run["processes"]) == 2
     assert all(p["done_s"] is not None and p["bytes"] > 0 for p in run["processes"].values())
     assert round(sum(p["bytes"] for p in run["processes"].values()) / 1e9, 3) == run["input_gb"]
+
+
+def test_profile_pipeline_times_every_stage(tiny_sources, tmp_path):
+    """scripts/profile_pipeline.py (one process's stages, the same kind of outside patching)."""
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "profile_pipeline.py"), str(tiny_sources["fp8"]),
+                           str(tmp_path / "out"), "--workers", "2", "--json", str(tmp_path / "p.jsonl")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[-1])
+    assert run["workers"] == 2 and run["input_gb"] > 0
+    assert run["calls"]["compute"] > 0 and run["calls"]["write"] > 0
+    assert {"readers", "workers", "writers"} <= set(run["groups"])
