@@ -114,25 +114,18 @@ def _env(row: dict) -> dict:
 
 
 def summarize(rows: dict[str, list[dict]], weight_bytes: int) -> list[dict]:
-    ok = {n: [r for r in runs if r["returncode"] == 0] for n, runs in rows.items()}
-    pcp = statistics.median(r["wall_s"] for r in ok["parallel cp (one per shard)"])
+    pcp = statistics.median(r["wall_s"] for r in rows["parallel cp (one per shard)"] if r["returncode"] == 0)
     out = []
-    for name, runs in ok.items():
-        if not runs:
-            out.append({"name": name, "error": (rows[name][-1]["stderr"].strip().splitlines() or ["failed"])[-1]})
-            continue
-        wall = statistics.median(r["wall_s"] for r in runs)
-        inside = [float(m.group(1)) for r in runs if (m := bench_report.CONVERT_TIME.search(r["stdout"]))]
-        conv = statistics.median(inside) if inside else None
-        out.append({"name": name, "runs": len(runs), "wall_s": round(wall, 2),
-                    "walls": [r["wall_s"] for r in runs],
-                    "gb_per_s_wall": round(weight_bytes / wall / 1e9, 2),
-                    "convert_s": round(conv, 2) if conv else None,
-                    "gb_per_s_convert": round(weight_bytes / conv / 1e9, 2) if conv else None,
-                    "x_parallel_cp_rate": round(pcp / wall, 2),
-                    "x_parallel_cp_rate_convert": round(pcp / conv, 2) if conv else None,
-                    "peak_rss_gb": round(max(r["peak_rss_bytes"] for r in runs) / 1e9, 2),
-                    "cpu_s": statistics.median(r["cpu_s"] for r in runs)})
+    for name, runs in rows.items():
+        row = bench_report.measured(name, runs)
+        if "error" not in row:
+            wall, conv = row["wall_s"], row["convert_s"]
+            row.update(wall_s=round(wall, 2), gb_per_s_wall=round(weight_bytes / wall / 1e9, 2),
+                       convert_s=round(conv, 2) if conv else None,
+                       gb_per_s_convert=round(weight_bytes / conv / 1e9, 2) if conv else None,
+                       x_parallel_cp_rate=round(pcp / wall, 2),
+                       x_parallel_cp_rate_convert=round(pcp / conv, 2) if conv else None)
+        out.append(row)
     return out
 
 

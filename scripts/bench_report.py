@@ -10,22 +10,30 @@ import statistics
 CONVERT_TIME = re.compile(r" in ([0-9.]+) s \(")
 
 
+def measured(name: str, runs: list[dict]) -> dict:
+    """A row's successful runs: their count, walls and medians (wall; mxconv's own conversion
+    time from its summary line, without Python/torch/CUDA start-up, None where it printed none;
+    CPU), the peak RSS; or the last run's error where none succeeded."""
+    ok = [r for r in runs if r["returncode"] == 0]
+    if not ok:
+        return {"name": name, "error": (runs[-1]["stderr"].strip().splitlines() or ["failed"])[-1]}
+    inside = [float(m.group(1)) for r in ok if (m := CONVERT_TIME.search(r["stdout"]))]
+    return {"name": name, "runs": len(ok), "wall_s": statistics.median(r["wall_s"] for r in ok),
+            "walls": [r["wall_s"] for r in ok], "convert_s": statistics.median(inside) if inside else None,
+            "peak_rss_gb": round(max(r["peak_rss_bytes"] for r in ok) / 1e9, 2),
+            "cpu_s": statistics.median(r["cpu_s"] for r in ok)}
+
+
 def summarize(rows: dict[str, list[dict]], facts: dict) -> list[dict]:
     cp = statistics.median(r["wall_s"] for r in rows["cp -r + sync"] if r["returncode"] == 0)
     out = []
     for name, runs in rows.items():
-        ok = [r for r in runs if r["returncode"] == 0]
-        if not ok:
-            out.append({"name": name, "error": (runs[-1]["stderr"].strip().splitlines() or ["failed"])[-1]})
-            continue
-        wall = statistics.median(r["wall_s"] for r in ok)
-        # mxconv's own summary line: the conversion without Python/torch/CUDA start-up
-        inside = [float(m.group(1)) for r in ok if (m := CONVERT_TIME.search(r["stdout"]))]
-        out.append({"name": name, "wall_s": round(wall, 2), "min_wall_s": min(r["wall_s"] for r in ok),
-                    "convert_s": round(statistics.median(inside), 2) if inside else None,
-                    "runs": len(ok), "input_gb_per_s": round(facts["weight_bytes"] / wall / 1e9, 2),
-                    "ratio_to_cp": round(wall / cp, 2), "peak_rss_gb": round(max(r["peak_rss_bytes"] for r in ok) / 1e9, 2),
-                    "cpu_s": statistics.median(r["cpu_s"] for r in ok)})
+        row = measured(name, runs)
+        if "error" not in row:
+            wall, conv = row["wall_s"], row["convert_s"]
+            row.update(wall_s=round(wall, 2), min_wall_s=min(row["walls"]), convert_s=round(conv, 2) if conv else None,
+                       input_gb_per_s=round(facts["weight_bytes"] / wall / 1e9, 2), ratio_to_cp=round(wall / cp, 2))
+        out.append(row)
     return out
 
 

@@ -88,6 +88,7 @@ def main() -> int:
     ap.add_argument("--no-hash", action="store_true", help="skip the source sha256 (to see the pipeline alone)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--label", default="")
+    ap.add_argument("--keep", action="store_true", help="keep the output (default: removed after the run)")
     args = ap.parse_args()
     instrument()
     from converter.run.pipeline import convert
@@ -104,17 +105,19 @@ def main() -> int:
     out = {"label": args.label, "device": args.device, "workers": args.workers, "input_gb": round(total / 1e9, 3),
            "gb_per_s": round(total / wall / 1e9, 2), "user_s": round(r1.ru_utime - r0.ru_utime, 2),
            "sys_s": round(r1.ru_stime - r0.ru_stime, 2), **summarize(wall)}
-    report(out, args.json, args.dst)
+    report(out, args.json, args.dst, keep=args.keep)
     return 0
 
 
-def report(out: dict, json_path: Path | None, dst: str, indent: int | None = None) -> None:
-    """Print a run's summary, append it to `json_path` (one line per run) and remove its output."""
+def report(out: dict, json_path: Path | None, dst: str, indent: int | None = None, keep: bool = False) -> None:
+    """Print a run's summary, append it to `json_path` (one line per run) and remove its output
+    (unless `keep`)."""
     print(json.dumps(out, indent=indent))
     if json_path:
         with open(json_path, "a") as f:
             f.write(json.dumps(out) + "\n")
-    shutil.rmtree(dst, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(dst, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,7 @@ def main() -> int:
     ap.add_argument("--no-source-hash", action="store_true")
     ap.add_argument("--json", type=Path, help="append the summary here, one line per run")
     ap.add_argument("--label", default="")
+    ap.add_argument("--keep", action="store_true", help="keep the output (default: removed after the run)")
     args = ap.parse_args()
     if Path(args.dst).exists():
         shutil.rmtree(args.dst)
@@ -189,7 +190,7 @@ def main() -> int:
            "warm_up_s": round(marks["warm_up"] - marks["began"], 3),  # processes started (negative: before)
            "imported_s": round(marks["imported"] - marks["began"], 3),  # this process's imports done
            **summarize(marks["began"], marks["ended"], finished, total)}
-    report(out, args.json, args.dst, indent=1)
+    report(out, args.json, args.dst, indent=1, keep=args.keep)
     return 0
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from converter.files import PROVENANCE_FILE
+
 
 def load_all(root: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory, read with the safetensors library."""
@@ -66,3 +68,18 @@ def open_view_failing_once(flag: str, src: str, mapping: str, dst: str, settle: 
         time.sleep(0.01)
     time.sleep(settle)
     raise SourceError("planted failure", file=flag)
+
+
+def same_conversion(got: Path, want: Path, all_hashed: bool = True) -> None:
+    """`got` holds the same conversion as `want`: every file byte-identical, mxconv.json apart
+    from its time and options (which say how it ran), the source hashes among what must be equal
+    (`all_hashed`: every source file has one; a DCP source records the .metadata's only)."""
+    files = sorted(str(p.relative_to(want)) for p in want.rglob("*") if p.is_file())
+    assert sorted(str(p.relative_to(got)) for p in got.rglob("*") if p.is_file()) == files
+    for name in files:
+        if name != PROVENANCE_FILE:
+            assert (got / name).read_bytes() == (want / name).read_bytes(), f"{name} differs"
+    a, b = (json.loads((d / PROVENANCE_FILE).read_text()) for d in (got, want))
+    assert all(v["sha256"] for v in a["source"]["shards"].values()) or not all_hashed
+    for key in ("source", "recipe", "output", "complete"):
+        assert a[key] == b[key], key

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from cli_process import MxconvProcess
+from helpers import same_conversion
 from mutate import clone, edit_tensors, put_nan
 from test_mapping_convert import MEGATRON_ABSENT, rename_checkpoint
 
@@ -86,21 +87,6 @@ def cluster(tmp_path_factory):
     c = SimulatedCluster(tmp_path_factory.mktemp("ray"))
     yield c
     c.shutdown()
-
-
-def same_conversion(got: Path, want: Path, all_hashed: bool = True) -> None:
-    """Every file byte-identical, mxconv.json apart from its time and options (which say how it
-    ran); the source hashes the nodes computed among what must be equal (`all_hashed`: every
-    source file has one; a DCP source records the .metadata's only)."""
-    files = sorted(str(p.relative_to(want)) for p in want.rglob("*") if p.is_file())
-    assert sorted(str(p.relative_to(got)) for p in got.rglob("*") if p.is_file()) == files
-    for name in files:
-        if name != PROVENANCE_FILE:
-            assert (got / name).read_bytes() == (want / name).read_bytes(), f"{name} differs"
-    a, b = (json.loads((d / PROVENANCE_FILE).read_text()) for d in (got, want))
-    assert all(v["sha256"] for v in a["source"]["shards"].values()) or not all_hashed
-    for key in ("source", "recipe", "output", "complete"):
-        assert a[key] == b[key], key
 
 
 @pytest.fixture(scope="module")

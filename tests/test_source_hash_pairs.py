@@ -43,7 +43,7 @@ def test_the_compiled_rounds_one_and_two_messages_at_once():
         return data + b"\x80" + bytes((55 - len(data)) % 64) + struct.pack(">Q", len(data) * 8)
 
     def state():
-        return (ctypes.c_uint32 * 8)(*sha256_pairs._H0)
+        return (ctypes.c_uint32 * 8)(*sha256_pairs.H0)
 
     for n in _LENGTHS[:12]:
         a, b = os.urandom(n), os.urandom(n)

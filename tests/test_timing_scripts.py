@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import same_conversion
+
+from converter.run.pipeline import convert
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "timeline.py"
 
 
@@ -14,7 +18,7 @@ def test_timeline_sees_every_process_and_every_file_hashed(tiny_sources, tmp_pat
     src = tiny_sources["bf16"]
     env = {**os.environ, "MXCONV_PROCESSES": "2"}
     done = subprocess.run([sys.executable, str(SCRIPT), str(src), str(tmp_path / "out"), "--workers", "8",
-                           "--max-shard-size", "1MB", "--json", str(tmp_path / "t.jsonl"), "--label", "t"],
+                           "--max-shard-size", "1MB", "--json", str(tmp_path / "t.jsonl"), "--label", "t", "--keep"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run = json.loads((tmp_path / "t.jsonl").read_text().splitlines()[-1])
@@ -25,15 +29,18 @@ def test_timeline_sees_every_process_and_every_file_hashed(tiny_sources, tmp_pat
     assert len(run["processes"]) == 2
     assert all(p["done_s"] is not None and p["bytes"] > 0 for p in run["processes"].values())
     assert round(sum(p["bytes"] for p in run["processes"].values()) / 1e9, 3) == run["input_gb"]
+    # what it patches only watches: the output is the conversion's own, byte for byte
+    same_conversion(tmp_path / "out", convert(src, tmp_path / "plain", max_shard_size="1MB", quiet=True).dst)
 
 
 def test_profile_pipeline_times_every_stage(tiny_sources, tmp_path):
     """scripts/profile_pipeline.py (one process's stages, the same kind of outside patching)."""
     done = subprocess.run([sys.executable, str(SCRIPT.parent / "profile_pipeline.py"), str(tiny_sources["fp8"]),
-                           str(tmp_path / "out"), "--workers", "2", "--json", str(tmp_path / "p.jsonl")],
+                           str(tmp_path / "out"), "--workers", "2", "--json", str(tmp_path / "p.jsonl"), "--keep"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[-1])
     assert run["workers"] == 2 and run["input_gb"] > 0
     assert run["calls"]["compute"] > 0 and run["calls"]["write"] > 0
     assert {"readers", "workers", "writers"} <= set(run["groups"])
+    same_conversion(tmp_path / "out", convert(tiny_sources["fp8"], tmp_path / "plain", quiet=True).dst)

@@ -25,7 +25,8 @@ from typing import Callable
 from converter.libc import MADV_POPULATE_READ, libc, map_file
 
 WINDOW = 16 << 20  # bytes of a file mapped at a time (a multiple of the page size): RSS stays bounded
-_H0 = (0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A, 0x510E527F, 0x9B05688C, 0x1F83D9AB, 0x5BE0CD19)
+# sha256's initial state H0..H7 (FIPS 180-4)
+H0 = (0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A, 0x510E527F, 0x9B05688C, 0x1F83D9AB, 0x5BE0CD19)
 
 Compress = Callable[..., int]  # mx_sha256_blocks(state_a, a, state_b | None, b | None, nblocks)
 
@@ -39,7 +40,7 @@ def compressor() -> Compress | None:
     if lib is None:
         return None
     fn = lib.mx_sha256_blocks
-    return fn if fn((ctypes.c_uint32 * 8)(*_H0), None, None, None, 0) == 0 else None
+    return fn if fn((ctypes.c_uint32 * 8)(*H0), None, None, None, 0) == 0 else None
 
 
 class Message:
@@ -54,7 +55,7 @@ class Message:
             os.close(self.fd)
             raise
         self.pos = 0
-        self.state = (ctypes.c_uint32 * 8)(*_H0)
+        self.state = (ctypes.c_uint32 * 8)(*H0)
         self.address: int | None = None
         self.start = self.length = 0
 
