@@ -11,11 +11,14 @@ bandwidth is what runs out. It prints the CPU topology the kernel reports first.
     bf16-mem  quantizes its own 1 GB of BF16, 64 rows at a time, into one cached output band
     sha-l2    sha256 (one chain, the compiled SHA-NI rounds) over the same 1 MB over and over
     sha-mem   sha256 over its own 1 GB
+    ossl-l2   sha256 with hashlib (OpenSSL) over the same 1 MB over and over: the one-chain rate
+              the compiled rounds are to match
 
     python scripts/cpu_probe.py [PROCS]   (default 1,2,4,8,12,16)
 """
 
 import ctypes
+import hashlib
 import os
 import sys
 import time
@@ -51,7 +54,7 @@ def topology() -> None:
 def work(mode: str) -> int:
     """The bytes a process of `mode` hashes or quantizes: WORK rounded up to whole steps (a step
     being the 1 MB, the band or the whole 1 GB buffer that one call goes through)."""
-    step = {"sha-l2": 1 << 20, "bf16-l2": BAND * K * 2}.get(mode, BIG * K * 2)
+    step = {"sha-l2": 1 << 20, "ossl-l2": 1 << 20, "bf16-l2": BAND * K * 2}.get(mode, BIG * K * 2)
     return -(-WORK // step) * step
 
 
@@ -68,7 +71,12 @@ def child(lib, tables, mode: str, index: int, ready: int, go: int, report: int) 
     os.read(go, 1)
     t0 = time.perf_counter()
     done = 0
+    h, l2 = hashlib.sha256(), memoryview(x.view(torch.uint8).numpy()[: 1 << 20])
     while done < work(mode):
+        if mode == "ossl-l2":
+            h.update(l2)
+            done += 1 << 20
+            continue
         if mode.startswith("sha"):
             chunk = min(whole, 1 << 20) if mode == "sha-l2" else whole
             assert lib.mx_sha256_blocks(state, x.data_ptr(), None, None, chunk // 64) == 0
@@ -87,7 +95,7 @@ def main() -> None:
     lib, tables = native.load(), scale_tables("rceil", torch.device("cpu"))
     if lib is None:
         sys.exit("cpu_probe: the compiled kernels did not build here")
-    for mode in ("bf16-l2", "bf16-mem", "sha-l2", "sha-mem"):
+    for mode in ("bf16-l2", "bf16-mem", "sha-l2", "sha-mem", "ossl-l2"):
         base = None
         for procs in counts:
             wall, slowest = timed(procs, lambda i, *rest: child(lib, tables, mode, i, *rest))
