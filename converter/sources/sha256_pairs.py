@@ -5,7 +5,9 @@ the one before it. With the x86 SHA extensions one chain leaves most of the core
 compiled compression (`numerics/sha256.c`) runs two files' chains interleaved: 3.3 GB/s of the
 two together on a 2-core AMD EPYC VM against 1.8 for one file (hashlib's, OpenSSL's), 2.3
 against 1.9 on an Intel Xeon (Emerald Rapids). The hasher pairs files only where more files wait
-than it has threads free to take them: paired, each file takes longer to finish.
+than it has threads free to take them: paired, each file takes longer to finish. Not every
+CPU gains: on the lent machine's Intel Xeon OpenSSL ran one file faster than these rounds did, so
+`choose` measures the three ways once (`rates`) and the hasher runs the fastest.
 
 Files are read through windows mapped from the page cache (each window's pages mapped in one
 madvise), as hashlib is given them (`hashing.py`): reading into a buffer costs a copy. Padding
@@ -17,8 +19,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
+import hashlib
 import os
 import struct
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +46,59 @@ def compressor() -> Compress | None:
         return None
     fn = lib.mx_sha256_blocks
     return fn if fn((ctypes.c_uint32 * 8)(*H0), None, None, None, 0) == 0 else None
+
+
+_PROBE = 1 << 20  # bytes each timed call of `rates` hashes per file: in the core's L2
+_GAIN = 1.1  # how much faster than hashlib the compiled rounds must be to be used
+
+
+@functools.cache
+def rates() -> dict[str, float] | None:
+    """GB/s of input on this core, measured once per process (best of 5 rounds of 1 MB, about
+    15 ms): "openssl" (hashlib, one file), "one" (the compiled rounds, one file), "two" (the
+    compiled rounds, two files together). None without the compiled rounds.
+
+    Which is fastest depends on the CPU: on a 2-core AMD EPYC VM "one" and "openssl" both run
+    at 1.13-1.15 GiB/s and "two" at 2.1, while on the 16-core Intel Xeon VM of the lent GPU
+    machine hashlib ran one file at 1.49 GB/s against 1.18 for the compiled rounds (and 20.9 GB/s
+    against 11.9 in 16 processes at once)."""
+    compress = compressor()
+    if compress is None:
+        return None
+    data = bytearray(os.urandom(_PROBE))
+    other = bytearray(data)
+    a = ctypes.addressof((ctypes.c_char * _PROBE).from_buffer(data))
+    b = ctypes.addressof((ctypes.c_char * _PROBE).from_buffer(other))
+    sa, sb = (ctypes.c_uint32 * 8)(*H0), (ctypes.c_uint32 * 8)(*H0)
+    runs = {"openssl": (lambda: hashlib.sha256(data), _PROBE),
+            "one": (lambda: compress(sa, a, None, None, _PROBE // 64), _PROBE),
+            "two": (lambda: compress(sa, a, sb, b, _PROBE // 64), 2 * _PROBE)}
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(5):  # interleaved: a moment's disturbance does not fall on one of them only
+        for name, (run, nbytes) in runs.items():
+            t = time.perf_counter()
+            run()
+            best[name] = min(best[name], (time.perf_counter() - t) / nbytes)
+    return {name: 1e-9 / max(seconds, 1e-15) for name, seconds in best.items()}
+
+
+def choose(files: int, threads: int) -> Compress | None:
+    """What a hasher of `files` files in `threads` threads runs: the compiled rounds, or None
+    for hashlib. The compiled rounds only where they are at least 10 % faster for what the
+    threads will do: one file each where there are no more files than threads (the hasher pairs
+    files only where more wait than threads are free), two at once otherwise. MXCONV_SHA=compiled
+    or =hashlib decides instead (tests, benches); a CPU without the compiled rounds gets hashlib."""
+    compress = compressor()
+    how = os.environ.get("MXCONV_SHA", "auto")
+    if compress is None or how == "hashlib":
+        return None
+    if how == "compiled":
+        return compress
+    measured = rates()
+    if measured is None:
+        return None
+    ours = measured["one" if files <= threads else "two"]
+    return compress if ours >= _GAIN * measured["openssl"] else None
 
 
 class Message:
