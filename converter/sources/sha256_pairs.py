@@ -7,7 +7,8 @@ two together on a 2-core AMD EPYC VM against 1.8 for one file (hashlib's, OpenSS
 against 1.9 on an Intel Xeon (Emerald Rapids). The hasher pairs files only where more files wait
 than it has threads free to take them: paired, each file takes longer to finish. Not every
 CPU gains: on the lent machine's Intel Xeon OpenSSL ran one file faster than these rounds did, so
-`choose` measures the three ways once (`rates`) and the hasher runs the fastest.
+`choose` measures the three ways once (`rates`), and the hasher runs hashlib where it is
+clearly the faster.
 
 Files are read through windows mapped from the page cache (each window's pages mapped in one
 madvise), as hashlib is given them (`hashing.py`): reading into a buffer costs a copy. Padding
@@ -49,7 +50,7 @@ def compressor() -> Compress | None:
 
 
 _PROBE = 1 << 20  # bytes each timed call of `rates` hashes per file: in the core's L2
-_GAIN = 1.1  # how much faster than hashlib the compiled rounds must be to be used
+_GAIN = 1.1  # how much faster than the compiled rounds hashlib must be to be used instead
 
 
 @functools.cache
@@ -84,9 +85,10 @@ def rates() -> dict[str, float] | None:
 
 def choose(files: int, threads: int) -> Compress | None:
     """What a hasher of `files` files in `threads` threads runs: the compiled rounds, or None
-    for hashlib. The compiled rounds only where they are at least 10 % faster for what the
-    threads will do: one file each where there are no more files than threads (the hasher pairs
-    files only where more wait than threads are free), two at once otherwise. MXCONV_SHA=compiled
+    for hashlib. hashlib only where it is at least 10 % faster than the compiled rounds are for
+    what the threads will do: one file each where there are no more files than threads (the
+    hasher pairs files only where more wait than threads are free), two at once otherwise; a tie
+    keeps the compiled rounds, whose windows are mapped in one madvise each. MXCONV_SHA=compiled
     or =hashlib decides instead (tests, benches); a CPU without the compiled rounds gets hashlib."""
     compress = compressor()
     how = os.environ.get("MXCONV_SHA", "auto")
@@ -98,7 +100,7 @@ def choose(files: int, threads: int) -> Compress | None:
     if measured is None:
         return None
     ours = measured["one" if files <= threads else "two"]
-    return compress if ours >= _GAIN * measured["openssl"] else None
+    return None if measured["openssl"] >= _GAIN * ours else compress
 
 
 class Message:
