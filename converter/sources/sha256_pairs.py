@@ -6,7 +6,7 @@ compiled compression (`numerics/sha256.c`) runs two files' chains interleaved: 3
 two together on a 2-core AMD EPYC VM against 1.8 for one file (hashlib's, OpenSSL's), 2.3
 against 1.9 on an Intel Xeon (Emerald Rapids). The hasher pairs files only where more files wait
 than it has threads free to take them: paired, each file takes longer to finish. Not every
-CPU gains: on the lent machine's Intel Xeon OpenSSL ran one file faster than these rounds did, so
+CPU gains: on one of the lent machines' Intel Xeons OpenSSL ran one file faster than these did, so
 `choose` measures the three ways once (`rates`), and the hasher runs hashlib where it is
 clearly the faster.
 
@@ -60,9 +60,9 @@ def rates() -> dict[str, float] | None:
     compiled rounds, two files together). None without the compiled rounds.
 
     Which is fastest depends on the CPU: on a 2-core AMD EPYC VM "one" and "openssl" both run
-    at 1.13-1.15 GiB/s and "two" at 2.1, while on the 16-core Intel Xeon VM of the lent GPU
-    machine hashlib ran one file at 1.49 GB/s against 1.18 for the compiled rounds (and 20.9 GB/s
-    against 11.9 in 16 processes at once)."""
+    at 1.13-1.15 GiB/s and "two" at 2.1; on one 16-core Intel Xeon VM of the lent GPU machines
+    hashlib ran one file at 1.49 GB/s against 1.18 for the compiled rounds (and 20.9 GB/s against
+    11.9 in 16 processes at once), on another at 1.22 against 1.23."""
     compress = compressor()
     if compress is None:
         return None
