@@ -9,9 +9,9 @@ bandwidth is what runs out. It prints the CPU topology the kernel reports first.
     mode      each process
     bf16-l2   quantizes the same 64 x 7168 BF16 rows (0.9 MB) over and over
     bf16-mem  quantizes its own 1 GB of BF16, 64 rows at a time, into one cached output band
-    sha-l2    sha256 (one chain, the compiled SHA-NI rounds) over the same 1 MB over and over
+    sha-l2    sha256 (one chain, the compiled SHA-NI rounds) over the same 0.9 MB over and over
     sha-mem   sha256 over its own 1 GB
-    ossl-l2   sha256 with hashlib (OpenSSL) over the same 1 MB over and over: the one-chain rate
+    ossl-l2   sha256 with hashlib (OpenSSL) over the same 0.9 MB over and over: the one-chain rate
               the compiled rounds are to match
 
     python scripts/cpu_probe.py [PROCS]   (default 1,2,4,8,12,16)
@@ -53,8 +53,8 @@ def topology() -> None:
 
 def work(mode: str) -> int:
     """The bytes a process of `mode` hashes or quantizes: WORK rounded up to whole steps (a step
-    being the 1 MB, the band or the whole 1 GB buffer that one call goes through)."""
-    step = {"sha-l2": 1 << 20, "ossl-l2": 1 << 20, "bf16-l2": BAND * K * 2}.get(mode, BIG * K * 2)
+    being the 0.9 MB band or the whole 1 GB buffer that one call goes through)."""
+    step = BAND * K * 2 if mode.endswith("l2") else BIG * K * 2  # the L2 modes' buffer: 0.9 MB
     return -(-WORK // step) * step
 
 
@@ -71,14 +71,14 @@ def child(lib, tables, mode: str, index: int, ready: int, go: int, report: int) 
     os.read(go, 1)
     t0 = time.perf_counter()
     done = 0
-    h, l2 = hashlib.sha256(), memoryview(x.view(torch.uint8).numpy()[: 1 << 20])
+    h, l2 = hashlib.sha256(), memoryview(x.view(torch.uint8).numpy())
     while done < work(mode):
         if mode == "ossl-l2":
             h.update(l2)
-            done += 1 << 20
+            done += l2.nbytes
             continue
         if mode.startswith("sha"):
-            chunk = min(whole, 1 << 20) if mode == "sha-l2" else whole
+            chunk = whole
             assert lib.mx_sha256_blocks(state, x.data_ptr(), None, None, chunk // 64) == 0
             done += chunk
             continue

@@ -19,9 +19,7 @@ The threads (half the cores) take the files in the order they are queued, one ea
 files wait than threads are free to take them (a real checkpoint's hundreds of shards; any
 source on 2 cores), a thread takes a second file and hashes the two at once on its core
 (`sha256_pairs.py`, with the compiled SHA-NI rounds): about half the CPU per byte on AMD EPYC, a
-sixth less on Intel Xeon. Whether the threads run those rounds or hashlib (one file each) is
-measured once at the start (`sha256_pairs.choose`): on some Intel Xeons OpenSSL's rounds are the
-faster. Without the compiled library, files are hashed with hashlib, one each.
+sixth less on Intel Xeon. Without the compiled library, files are hashed with hashlib, one each.
 """
 
 from __future__ import annotations
@@ -188,7 +186,7 @@ class SourceHasher:
                 m.close()
 
     def _hash_files(self, held: list) -> None:
-        compress = sha256_pairs.choose(len(self.files), self.threads)
+        compress = sha256_pairs.compressor()
         while True:
             if len(held) < (2 if compress else 1):
                 got = self._next(len(held))

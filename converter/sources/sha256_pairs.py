@@ -5,10 +5,7 @@ the one before it. With the x86 SHA extensions one chain leaves most of the core
 compiled compression (`numerics/sha256.c`) runs two files' chains interleaved: 3.3 GB/s of the
 two together on a 2-core AMD EPYC VM against 1.8 for one file (hashlib's, OpenSSL's), 2.3
 against 1.9 on an Intel Xeon (Emerald Rapids). The hasher pairs files only where more files wait
-than it has threads free to take them: paired, each file takes longer to finish. Not every
-CPU gains: on one of the lent machines' Intel Xeons OpenSSL ran one file faster than these did, so
-`choose` measures the three ways once (`rates`), and the hasher runs hashlib where it is
-clearly the faster.
+than it has threads free to take them: paired, each file takes longer to finish.
 
 Files are read through windows mapped from the page cache (each window's pages mapped in one
 madvise), as hashlib is given them (`hashing.py`): reading into a buffer costs a copy. Padding
@@ -20,11 +17,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
-import hashlib
 import os
 import struct
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -39,7 +33,11 @@ Compress = Callable[..., int]  # mx_sha256_blocks(state_a, a, state_b | None, b 
 
 def compressor() -> Compress | None:
     """The compiled two-message compression, or None where there is none (no C compiler,
-    MXCONV_NATIVE=0, a CPU without the SHA extensions): the hasher uses hashlib then."""
+    MXCONV_NATIVE=0, a CPU without the SHA extensions) or where MXCONV_SHA=hashlib asks for
+    hashlib (a bench knob: on one lent Intel Xeon VM OpenSSL ran one file's chain about 10 %
+    faster than these rounds, on another as fast): the hasher uses hashlib then, one file each."""
+    if os.environ.get("MXCONV_SHA") == "hashlib":
+        return None
     from converter.numerics import native
 
     lib = native.load()
@@ -47,60 +45,6 @@ def compressor() -> Compress | None:
         return None
     fn = lib.mx_sha256_blocks
     return fn if fn((ctypes.c_uint32 * 8)(*H0), None, None, None, 0) == 0 else None
-
-
-_PROBE = 1 << 20  # bytes each timed call of `rates` hashes per file: in the core's L2
-_GAIN = 1.1  # how much faster than the compiled rounds hashlib must be to be used instead
-
-
-@functools.cache
-def rates() -> dict[str, float] | None:
-    """GB/s of input on this core, measured once per process (best of 5 rounds of 1 MB, about
-    15 ms): "openssl" (hashlib, one file), "one" (the compiled rounds, one file), "two" (the
-    compiled rounds, two files together). None without the compiled rounds.
-
-    Which is fastest depends on the CPU: on a 2-core AMD EPYC VM "one" and "openssl" both run
-    at 1.13-1.15 GiB/s and "two" at 2.1; on one 16-core Intel Xeon VM of the lent GPU machines
-    hashlib ran one file at 1.49 GB/s against 1.18 for the compiled rounds (and 20.9 GB/s against
-    11.9 in 16 processes at once), on another at 1.22 against 1.23."""
-    compress = compressor()
-    if compress is None:
-        return None
-    data = bytearray(os.urandom(_PROBE))
-    other = bytearray(data)
-    a = ctypes.addressof((ctypes.c_char * _PROBE).from_buffer(data))
-    b = ctypes.addressof((ctypes.c_char * _PROBE).from_buffer(other))
-    sa, sb = (ctypes.c_uint32 * 8)(*H0), (ctypes.c_uint32 * 8)(*H0)
-    runs = {"openssl": (lambda: hashlib.sha256(data), _PROBE),
-            "one": (lambda: compress(sa, a, None, None, _PROBE // 64), _PROBE),
-            "two": (lambda: compress(sa, a, sb, b, _PROBE // 64), 2 * _PROBE)}
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(5):  # interleaved: a moment's disturbance does not fall on one of them only
-        for name, (run, nbytes) in runs.items():
-            t = time.perf_counter()
-            run()
-            best[name] = min(best[name], (time.perf_counter() - t) / nbytes)
-    return {name: 1e-9 / max(seconds, 1e-15) for name, seconds in best.items()}
-
-
-def choose(files: int, threads: int) -> Compress | None:
-    """What a hasher of `files` files in `threads` threads runs: the compiled rounds, or None
-    for hashlib. hashlib only where it is at least 10 % faster than the compiled rounds are for
-    what the threads will do: one file each where there are no more files than threads (the
-    hasher pairs files only where more wait than threads are free), two at once otherwise; a tie
-    keeps the compiled rounds, whose windows are mapped in one madvise each. MXCONV_SHA=compiled
-    or =hashlib decides instead (tests, benches); a CPU without the compiled rounds gets hashlib."""
-    compress = compressor()
-    how = os.environ.get("MXCONV_SHA", "auto")
-    if compress is None or how == "hashlib":
-        return None
-    if how == "compiled":
-        return compress
-    measured = rates()
-    if measured is None:
-        return None
-    ours = measured["one" if files <= threads else "two"]
-    return None if measured["openssl"] >= _GAIN * ours else compress
 
 
 class Message:
