@@ -1,5 +1,6 @@
 """The scripts that time a run from outside (timeline.py, profile_pipeline.py) still run: they patch
-the pipeline and the hasher, so a rename there breaks them without breaking anything else."""
+the pipeline and the hasher, so a rename there breaks them without breaking anything else. And
+hash_probe.py, which feeds the hasher's compiled rounds its own ways, gives the hasher's digests."""
 
 import json
 import os
@@ -44,3 +45,29 @@ def test_profile_pipeline_times_every_stage(tiny_sources, tmp_path):
     assert run["calls"]["compute"] > 0 and run["calls"]["write"] > 0
     assert {"readers", "workers", "writers"} <= set(run["groups"])
     same_conversion(tmp_path / "out", convert(tiny_sources["fp8"], tmp_path / "plain", quiet=True).dst)
+
+
+def test_hash_probe_gets_the_hashers_digests_every_way(tmp_path):
+    """scripts/hash_probe.py: each way of feeding a chain gives the hasher's digests (and
+    hashlib's), files of every length class included: empty, under a block, windows and a tail."""
+    import hashlib
+
+    import pytest
+
+    from converter.sources import sha256_pairs
+
+    if sha256_pairs.compressor() is None:
+        pytest.skip("no compiled sha256 rounds here (no compiler or no SHA-NI)")
+    sizes = [0, 5, 64, (1 << 20) + 63, (17 << 20) + 4097]
+    data = {f"f{i}.safetensors": os.urandom(n) for i, n in enumerate(sizes)}
+    for name, blob in data.items():
+        (tmp_path / name).write_bytes(blob)
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "hash_probe.py"), str(tmp_path), "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("5 files") and len(lines) == 10
+    from converter.sources.hashing import SourceHasher
+
+    got = SourceHasher(sorted(tmp_path.glob("*.safetensors")), use_recorded=False)._launch().result()
+    assert got == {name: hashlib.sha256(blob).hexdigest() for name, blob in data.items()}
