@@ -7,7 +7,7 @@ so a file's hash takes at least its size over one chain's rate, whatever the wor
 hashes every `*.safetensors` file in DIR at once, one chain a file, in each of these ways, and
 prints the seconds, the GB/s of all chains together and of one chain:
 
-    hasher               the source hasher as the conversion runs it (compiled rounds)
+    hasher               the source hasher (compiled rounds, 16 MB mapped windows), a thread a file
     hasher, hashlib      the same with MXCONV_SHA=hashlib (OpenSSL, 64 MB mapped windows)
     threads, mmap N      a thread a file: N-byte windows mapped, populated, hashed, unmapped
     threads, pread N     a thread a file: N bytes read into a buffer, hashed from there

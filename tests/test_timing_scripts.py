@@ -2,15 +2,19 @@
 the pipeline and the hasher, so a rename there breaks them without breaking anything else. And
 hash_probe.py, which feeds the hasher's compiled rounds its own ways, gives the hasher's digests."""
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import same_conversion
 
 from converter.run.pipeline import convert
+from converter.sources import sha256_pairs
+from converter.sources.hashing import SourceHasher
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "timeline.py"
 
@@ -50,12 +54,6 @@ def test_profile_pipeline_times_every_stage(tiny_sources, tmp_path):
 def test_hash_probe_gets_the_hashers_digests_every_way(tmp_path):
     """scripts/hash_probe.py: each way of feeding a chain gives the hasher's digests (and
     hashlib's), files of every length class included: empty, under a block, windows and a tail."""
-    import hashlib
-
-    import pytest
-
-    from converter.sources import sha256_pairs
-
     if sha256_pairs.compressor() is None:
         pytest.skip("no compiled sha256 rounds here (no compiler or no SHA-NI)")
     sizes = [0, 5, 64, (1 << 20) + 63, (17 << 20) + 4097]
@@ -67,7 +65,5 @@ def test_hash_probe_gets_the_hashers_digests_every_way(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines[0].startswith("5 files") and len(lines) == 10
-    from converter.sources.hashing import SourceHasher
-
     got = SourceHasher(sorted(tmp_path.glob("*.safetensors")), use_recorded=False)._launch().result()
     assert got == {name: hashlib.sha256(blob).hexdigest() for name, blob in data.items()}
