@@ -20,7 +20,7 @@ if [ "${BENCH:-1}" = 1 ]; then
   # Output shards of 2 GB: a 15-30 GB source then has 8-15 of them, like a real checkpoint's window.
   timeout "${BENCH_TIMEOUT:-560}" python3 scripts/bench.py --ceiling --layers "${LAYERS:-16}" \
     --precisions "${PRECISIONS:-fp8,bf16}" --workers "${WORKERS:-4,8,16}" --gpu-workers 1,2 \
-    --repeats 1 --max-shard-size "${SHARD:-2GB}" \
+    --repeats "${REPEATS:-1}" --max-shard-size "${SHARD:-2GB}" \
     --variants "${VARIANTS:-oneproc:MXCONV_PROCESSES=1;nohash:--no-source-hash;readcopy:MXCONV_MAPPED_READS=0;pinned@cuda:MXCONV_PINNED=1}" \
     --json "$OUT/ceiling.json" 2>&1 | tee "$OUT/ceiling.log" | tail -60
 fi

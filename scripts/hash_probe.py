@@ -11,6 +11,8 @@ prints the seconds, the GB/s of all chains together and of one chain:
     hasher, hashlib      the same with MXCONV_SHA=hashlib (OpenSSL, 64 MB mapped windows)
     threads, mmap N      a thread a file: N-byte windows mapped, populated, hashed, unmapped
     threads, pread N     a thread a file: N bytes read into a buffer, hashed from there
+    threads, ahead N     two threads a file: one maps and populates the next N-byte windows, the
+                         other only hashes (the mapping's cost off the chain's path)
     processes, ...       the same in forked processes, one a file (no shared mmap lock)
 
 Every way's digests must equal the hasher's (exit 1 otherwise). Put the files in the page cache
@@ -25,6 +27,7 @@ import argparse
 import ctypes
 import multiprocessing
 import os
+import queue
 import sys
 import threading
 import time
@@ -49,6 +52,38 @@ def via_mmap(path: Path, window: int) -> str:
         compress(m.state, address, None, None, n // 64)
         c.munmap(address, n)
         m.pos += n
+    return m.finish(compress)
+
+
+def via_mmap_ahead(path: Path, window: int) -> str:
+    """One file's digest through mapped windows of `window` bytes that a second thread maps and
+    populates up to two windows ahead, so that the chain's thread only runs the rounds."""
+    m, compress, c = sha256_pairs.Message(path), sha256_pairs.compressor(), libc()
+    ready: queue.Queue = queue.Queue(maxsize=2)
+
+    def mapper() -> None:
+        pos = 0
+        while (whole := (m.size - pos) // 64 * 64):
+            n = min(window, whole)
+            address = map_file(m.fd, pos, n)
+            if address is not None:
+                c.madvise(address, n, MADV_POPULATE_READ)
+            ready.put((address, n))
+            if address is None:
+                return
+            pos += n
+
+    helper = threading.Thread(target=mapper)
+    helper.start()
+    while (m.size - m.pos) // 64:
+        address, n = ready.get()
+        if address is None:
+            helper.join()
+            raise OSError(ctypes.get_errno(), f"cannot map {path}")
+        compress(m.state, address, None, None, n // 64)
+        c.munmap(address, n)
+        m.pos += n
+    helper.join()
     return m.finish(compress)
 
 
@@ -100,6 +135,8 @@ WAYS = {
     "hasher, hashlib": lambda fs: hasher(fs, "hashlib"),
     "threads, mmap 16 MB": lambda fs: in_threads(via_mmap, fs, 16 << 20),
     "threads, mmap 256 MB": lambda fs: in_threads(via_mmap, fs, 256 << 20),
+    "threads, ahead 4 MB": lambda fs: in_threads(via_mmap_ahead, fs, 4 << 20),
+    "threads, ahead 16 MB": lambda fs: in_threads(via_mmap_ahead, fs, 16 << 20),
     "threads, pread 16 MB": lambda fs: in_threads(via_pread, fs, 16 << 20),
     "threads, pread 1 MB": lambda fs: in_threads(via_pread, fs, 1 << 20),
     "threads, pread 256 KB": lambda fs: in_threads(via_pread, fs, 256 << 10),
