@@ -3,7 +3,8 @@
    in mxfp8.h). Made into a buffer of the whole piece and written from there by another thread,
    each output byte went to memory and was read back for write(2): on a 16-core VM whose memory
    gave about 35-40 GB/s, 16 processes converting FP8 and writing to tmpfs ran at 10.4 GB/s of
-   input that way and at 12.3 GB/s in 128-row bands (scripts/band_probe.py, README "ninth session").
+   input that way and at 12.3 GB/s in 128-row bands (scripts/band_probe.py;
+   docs/performance-log.md, "ninth session").
 
    Returns as the kernels do (0, MX_FALLBACK: nothing usable was made, the caller recomputes the
    piece its usual way and writes over whatever bands went out), or the -errno of a write that

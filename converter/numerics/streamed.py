@@ -5,8 +5,8 @@ without a buffer of the whole output in between.
 Why: made into a buffer of the whole piece and written from there by a writer thread, every
 output byte went to memory and was read back by write(2). Made a band of rows at a time into a
 buffer that stays in the core's cache and written from there, it does not: on a 16-core VM whose
-memory gave about 35-40 GB/s, that was 12.3 GB/s of FP8 input against 10.4 (README, "ninth
-session").
+memory gave about 35-40 GB/s, that was 12.3 GB/s of FP8 input against 10.4
+(docs/performance-log.md, "ninth session").
 
 Each function returns True once every byte is written (the scales are in `scales`), False where
 the kernels decline (no compiled library, a NaN or Inf, a scale they do not model, shapes they do
