@@ -63,15 +63,18 @@ def via_mmap_ahead(path: Path, window: int) -> str:
 
     def mapper() -> None:
         pos = 0
-        while (whole := (m.size - pos) // 64 * 64):
-            n = min(window, whole)
-            address = map_file(m.fd, pos, n)
-            if address is not None:
+        try:
+            while (whole := (m.size - pos) // 64 * 64):
+                n = min(window, whole)
+                address = map_file(m.fd, pos, n)
+                if address is None:
+                    break
                 c.madvise(address, n, MADV_POPULATE_READ)
-            ready.put((address, n))
-            if address is None:
-                return
-            pos += n
+                ready.put((address, n))
+                pos += n
+        finally:  # stopped short (cannot map, or raised): the chain must not wait for a window
+            if (m.size - pos) // 64:
+                ready.put((None, ctypes.get_errno()))
 
     helper = threading.Thread(target=mapper)
     helper.start()
@@ -79,7 +82,7 @@ def via_mmap_ahead(path: Path, window: int) -> str:
         address, n = ready.get()
         if address is None:
             helper.join()
-            raise OSError(ctypes.get_errno(), f"cannot map {path}")
+            raise OSError(n, f"cannot map {path}")
         compress(m.state, address, None, None, n // 64)
         c.munmap(address, n)
         m.pos += n
