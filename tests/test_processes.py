@@ -83,11 +83,17 @@ def test_each_process_gets_its_share_of_shards_and_devices(monkeypatch):
     assert [[s.name for s in j["shards"]] for j in jobs] == [["a", "d"], ["b", "e"], ["c"]]
     assert [j["devices"] for j in jobs] == [["cuda:0", "cpu"], ["cpu"], ["cpu"]]
     assert sent.count("stop") == 3
-    # each GPU's workers in one process (one CUDA context per GPU), CPU workers where fewest are
+    # each GPU's workers in one process (one CUDA context per GPU); the CPU workers evenly, as if
+    # there were no GPU workers, the extra ones to processes without a GPU first
     assert processes.deal(["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cpu", "cpu", "cpu"], 3) == [
-        ["cuda:0", "cuda:0", "cpu"], ["cuda:1", "cuda:1"], ["cpu", "cpu"]]
-    assert processes.deal(["cuda:0"] * 2 + ["cpu"] * 6, 4) == [["cuda:0", "cuda:0"], ["cpu"] * 2, ["cpu"] * 2,
-                                                               ["cpu"] * 2]
+        ["cuda:0", "cuda:0", "cpu"], ["cuda:1", "cuda:1", "cpu"], ["cpu"]]
+    assert processes.deal(["cuda:0"] * 2 + ["cpu"] * 6, 4) == [["cuda:0", "cuda:0", "cpu"], ["cpu"] * 2, ["cpu"] * 2,
+                                                               ["cpu"]]
+    # a GPU worker more never takes a CPU worker from its process (16 cores: 14 CPU helpers)
+    one, two = (processes.deal(["cuda:0"] * g + ["cpu"] * 14, 4) for g in (1, 2))
+    assert [p.count("cpu") for p in one] == [p.count("cpu") for p in two] == [3, 4, 4, 3]
+    assert [p.count("cuda:0") for p in two] == [2, 0, 0, 0]
+    assert processes.deal(["cpu"] * 16, 4) == [["cpu"] * 4] * 4
     sent.clear()  # shards of unequal size: dealt by bytes (`share`), not in turn
     with pytest.raises(Stop):
         processes.run([shard("a", 500), *_shards("bcde")], 2, {"dst": "d"}, ["cpu"] * 8, print, print)
