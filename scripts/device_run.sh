@@ -22,5 +22,5 @@ if [ "${BENCH:-1}" = 1 ]; then
     --precisions "${PRECISIONS:-fp8,bf16}" --workers "${WORKERS:-4,8,16}" --gpu-workers 1,2 \
     --repeats "${REPEATS:-1}" --max-shard-size "${SHARD:-2GB}" \
     --variants "${VARIANTS:-oneproc:MXCONV_PROCESSES=1;nohash:--no-source-hash;readcopy:MXCONV_MAPPED_READS=0;pinned@cuda:MXCONV_PINNED=1}" \
-    --json "$OUT/ceiling.json" 2>&1 | tee "$OUT/ceiling.log" | tail -60
+    ${BENCH_ARGS:-} --json "$OUT/ceiling.json" 2>&1 | tee "$OUT/ceiling.log" | tail -60
 fi
