@@ -8,9 +8,9 @@ writing the result to its own tmpfs file with pwrite(2), in one of these ways:
     piece    convert a 16.5 MB piece into a buffer, then pwrite it (what the pipeline did)
     band     convert BAND rows at a time into a buffer that stays in the core's cache, pwrite each
 
-On the 16-core H100 VM (docs/performance-log.md, "ninth session"), 16 processes: copy 8.2 GB/s of input, compute
-16.9, piece 10.4, band of 128 rows 12.3; with 8 processes piece and band were the same (6.8-7.4):
-the output buffer's trip through memory costs only where memory is the limit. (Those numbers
+On the 16-core H100 VM (docs/performance-log.md, "ninth session"), 16 processes: copy 8.2 GB/s
+of input, compute 16.9, piece 10.4, band of 128 rows 12.3; with 8 processes piece and band were
+the same (6.8-7.4): the output buffer's trip through memory costs only where memory is the limit. (Those numbers
 came from a first draft of this script with the same loops and output format of its own.)
 
     python scripts/band_probe.py [FOLDER [PROCS]]   (default /dev/shm/mxconv-band-probe, 1,8,16)

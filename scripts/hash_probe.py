@@ -40,54 +40,64 @@ from converter.sources import sha256_pairs  # noqa: E402
 from converter.sources.hashing import SourceHasher  # noqa: E402
 
 
-def via_mmap(path: Path, window: int) -> str:
-    """One file's digest through mapped windows of `window` bytes."""
-    m, compress, c = sha256_pairs.Message(path), sha256_pairs.compressor(), libc()
-    while (whole := (m.size - m.pos) // 64 * 64):
+def windows(m: sha256_pairs.Message, window: int):
+    """(address, length) of each window of `m`'s whole blocks, `window` bytes at most, mapped and
+    populated in one madvise; OSError where one cannot be mapped. The consumer unmaps them."""
+    pos = 0
+    while (whole := (m.size - pos) // 64 * 64):
         n = min(window, whole)
-        address = map_file(m.fd, m.pos, n)
+        address = map_file(m.fd, pos, n)
         if address is None:
-            raise OSError(ctypes.get_errno(), f"cannot map {path}")
-        c.madvise(address, n, MADV_POPULATE_READ)
+            raise OSError(ctypes.get_errno(), f"cannot map {m.path}")
+        libc().madvise(address, n, MADV_POPULATE_READ)
+        yield address, n
+        pos += n
+
+
+def ahead(items, depth: int = 2):
+    """`items` as a second thread makes them, up to `depth` ahead; its error is raised here."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+
+    def make() -> None:
+        try:
+            for item in items:
+                ready.put(item)
+            ready.put(None)
+        except BaseException as e:  # the consumer must not wait for an item that never comes
+            ready.put(e)
+
+    maker = threading.Thread(target=make)
+    maker.start()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        maker.join()
+
+
+def hash_windows(m: sha256_pairs.Message, spans) -> str:
+    """`m`'s digest from its mapped windows `spans` (each unmapped once hashed) and its tail."""
+    compress = sha256_pairs.compressor()
+    for address, n in spans:
         compress(m.state, address, None, None, n // 64)
-        c.munmap(address, n)
+        libc().munmap(address, n)
         m.pos += n
     return m.finish(compress)
+
+
+def via_mmap(path: Path, window: int) -> str:
+    """One file's digest through mapped windows of `window` bytes."""
+    m = sha256_pairs.Message(path)
+    return hash_windows(m, windows(m, window))
 
 
 def via_mmap_ahead(path: Path, window: int) -> str:
-    """One file's digest through mapped windows of `window` bytes that a second thread maps and
-    populates up to two windows ahead, so that the chain's thread only runs the rounds."""
-    m, compress, c = sha256_pairs.Message(path), sha256_pairs.compressor(), libc()
-    ready: queue.Queue = queue.Queue(maxsize=2)
-
-    def mapper() -> None:
-        pos = 0
-        try:
-            while (whole := (m.size - pos) // 64 * 64):
-                n = min(window, whole)
-                address = map_file(m.fd, pos, n)
-                if address is None:
-                    break
-                c.madvise(address, n, MADV_POPULATE_READ)
-                ready.put((address, n))
-                pos += n
-        finally:  # stopped short (cannot map, or raised): the chain must not wait for a window
-            if (m.size - pos) // 64:
-                ready.put((None, ctypes.get_errno()))
-
-    helper = threading.Thread(target=mapper)
-    helper.start()
-    while (m.size - m.pos) // 64:
-        address, n = ready.get()
-        if address is None:
-            helper.join()
-            raise OSError(n, f"cannot map {path}")
-        compress(m.state, address, None, None, n // 64)
-        c.munmap(address, n)
-        m.pos += n
-    helper.join()
-    return m.finish(compress)
+    """The same with a second thread mapping and populating the windows up to two ahead, so that
+    the chain's thread only runs the rounds."""
+    m = sha256_pairs.Message(path)
+    return hash_windows(m, ahead(windows(m, window)))
 
 
 def via_pread(path: Path, chunk: int) -> str:

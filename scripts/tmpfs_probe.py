@@ -2,8 +2,9 @@
 """How fast a file system in memory takes writes, by files written at once and threads per file:
 threads `pwrite` 16 MB blocks (GIL released) until 12 GB (PROBE_GB) are written, then the files
 go. On tmpfs one file takes one write at a time (its lock is held for the copy), so the rate
-grows with files, not with threads per file. docs/performance-log.md "seventh session" has its numbers from the
-16-core H200 VM, where 8 files at once took 16-18 GB/s: more than a conversion writes.
+grows with files, not with threads per file. docs/performance-log.md "seventh session" has its
+numbers from the 16-core H200 VM, where 8 files at once took 16-18 GB/s: more than a conversion
+writes.
 
     python scripts/tmpfs_probe.py [FOLDER]   (default /dev/shm/mxconv-probe, removed afterwards)
 """
