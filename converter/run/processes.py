@@ -186,8 +186,9 @@ def deal(devices: list, count: int) -> list[list]:
     share of the bytes (`share`), and where a process of 16 workers had 2 GPU + 2 CPU workers
     beside 4 CPU workers in each of the others, a BF16 source took it 13-18 % longer to convert
     than with 1 GPU worker (16-core H100 VMs, `--no-source-hash`): a GPU worker converts less
-    than a core does there. More GPU workers never leave a process fewer CPU workers. (With this
-    deal, on a third such VM: 2.25 s against 2.23 with the hash, 1.52 s against 1.39 without it.)"""
+    than a core does there. More GPU workers never leave a process fewer CPU workers. That was
+    not the whole gap: with this deal, 2 GPU workers still took 9 % (BF16) and 17 % (FP8) longer
+    than 1 without the hash on two more such VMs, as long as 1 with it."""
     parts: list[list] = [[] for _ in range(count)]
     for d in devices:
         if str(d).startswith("cuda"):
